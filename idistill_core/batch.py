@@ -1,0 +1,90 @@
+"""Padded token batches: the one batch type every compute step (embed, gradients, train, eval) consumes.
+
+A tokenized example is a mapping with ``sample_id`` (str), ``input_ids`` (list[int]) and ``labels``
+(list[int], ``-100`` where the token is not supervised). Batches are right-padded; the attention mask
+marks real tokens, so "last real token" of row ``b`` is ``attention_mask[b].sum() - 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch. Shapes: ``(B, S)`` long tensors; ``B = len(sample_ids)``."""
+
+    sample_ids: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(
+            self.sample_ids,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+        )
+
+    def last_token_index(self) -> torch.Tensor:
+        """``(B,)`` index of each row's last real (non-padding) token."""
+        return self.attention_mask.sum(dim=1) - 1
+
+    def select(self, rows: list[int]) -> "TokenBatch":
+        """Rows ``rows`` of this batch, trimmed to their own longest sequence."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        width = int(self.attention_mask[idx].sum(dim=1).max().item())
+        return TokenBatch(
+            [self.sample_ids[i] for i in rows],
+            self.input_ids[idx, :width],
+            self.attention_mask[idx, :width],
+            self.labels[idx, :width],
+        )
+
+
+def collate(examples: list[Mapping], pad_token_id: int) -> TokenBatch:
+    """Right-pad tokenized examples into one ``TokenBatch``."""
+    if not examples:
+        raise ValueError("collate() got no examples")
+    width = max(len(e["input_ids"]) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        length = len(e["input_ids"])
+        input_ids[row, :length] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.as_tensor(e["labels"], dtype=torch.long)
+    return TokenBatch([str(e["sample_id"]) for e in examples], input_ids, attention_mask, labels)
+
+
+def iter_batches(
+    examples: Iterable[Mapping], batch_size: int, pad_token_id: int, sort_by_length: bool = False
+) -> Iterator[TokenBatch]:
+    """Stream ``TokenBatch``es of at most ``batch_size`` rows from tokenized examples.
+
+    With ``sort_by_length`` the examples are read fully and grouped by length to cut padding (results
+    are keyed by ``sample_id`` so order does not matter to callers); without it memory stays at one batch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0; got {batch_size}")
+    if sort_by_length:
+        examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+    buffer: list[Mapping] = []
+    for example in examples:
+        buffer.append(example)
+        if len(buffer) == batch_size:
+            yield collate(buffer, pad_token_id)
+            buffer = []
+    if buffer:
+        yield collate(buffer, pad_token_id)
