@@ -117,7 +117,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         tensor = param.detach().cpu().contiguous()
         digest.update(f"\n{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # a buffer view, no copy
     return digest.hexdigest()[:16]
 
 
@@ -364,11 +364,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     clean.tie_weights()
     del gguf_model
 
+    # GGUF metadata leaves model_max_length unset (1e30); the context length is the honest limit.
+    tokenizer.model_max_length = int(getattr(config, "max_position_embeddings", 2048))
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # mkdtemp/safetensors create owner-only files; the cache is shared by everyone using the checkout.
+        os.chmod(tmp, 0o755)
+        for item in tmp.iterdir():
+            os.chmod(item, 0o644)
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
