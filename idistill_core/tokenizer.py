@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -75,7 +76,7 @@ def _learn_merges(text: str, num_merges: int) -> tuple[tuple[str, str], ...]:
     for _ in range(num_merges):
         pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for word, symbols in words.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pair_counts[pair] += word_counts[word]
         if not pair_counts:
             break

@@ -56,7 +56,9 @@ def test_same_seed_gives_identical_weights_and_fingerprint_other_seed_differs(sp
         assert torch.equal(pa, pb), name
     assert a.fingerprint == b.fingerprint == model_fingerprint(b.model)
     assert c.fingerprint != a.fingerprint
-    assert not torch.equal(a.model.model.layers[0].mlp.down_proj.weight, c.model.model.layers[0].mlp.down_proj.weight)
+    assert not torch.equal(
+        a.model.model.layers[0].mlp.down_proj.weight, c.model.model.layers[0].mlp.down_proj.weight
+    )
 
 
 def test_tiny_llama_and_tiny_qwen2_differ_in_layout():
@@ -165,7 +167,9 @@ def test_local_dir_saved_from_tiny_model_reloads_to_identical_logits_and_fingerp
     ids = torch.tensor([[1, 100, 200, 300, 400, 500]])
     assert torch.equal(_logits(original.model, ids), _logits(reloaded.model, ids))
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
-    assert reloaded.tokenizer.apply_chat_template(messages) == original.tokenizer.apply_chat_template(messages)
+    assert reloaded.tokenizer.apply_chat_template(messages) == original.tokenizer.apply_chat_template(
+        messages
+    )
     assert reloaded.tokenizer.eos_token == IM_END and reloaded.tokenizer.pad_token == PAD
 
 
@@ -204,6 +208,105 @@ def test_unsupported_architecture_names_the_class_and_the_supported_ones(tmp_pat
     message = str(info.value)
     assert "GPT2LMHeadModel" in message and "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message
     assert "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GGUF files
+
+
+def _permute_for_gguf(weight, n_head, n_head_kv):
+    """llama.cpp's convert_hf_to_gguf q/k row permutation (transformers undoes it when reading)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = weight.shape
+    return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _write_llama_gguf(loaded, path):
+    """Write a tiny Llama model and its byte-level BPE tokenizer as an F32 GGUF file, as llama.cpp would."""
+    gguf = pytest.importorskip("gguf")
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    )
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])  # no output.weight: tied
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf, gg = f"model.layers.{i}.", f"blk.{i}."
+        writer.add_tensor(gg + "attn_norm.weight", sd[hf + "input_layernorm.weight"])
+        writer.add_tensor(gg + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"])
+        writer.add_tensor(
+            gg + "attn_q.weight", _permute_for_gguf(sd[hf + "self_attn.q_proj.weight"], heads, heads)
+        )
+        writer.add_tensor(
+            gg + "attn_k.weight", _permute_for_gguf(sd[hf + "self_attn.k_proj.weight"], heads, kv_heads)
+        )
+        writer.add_tensor(gg + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"])
+        writer.add_tensor(gg + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"])
+        writer.add_tensor(gg + "ffn_gate.weight", sd[hf + "mlp.gate_proj.weight"])
+        writer.add_tensor(gg + "ffn_up.weight", sd[hf + "mlp.up_proj.weight"])
+        writer.add_tensor(gg + "ffn_down.weight", sd[hf + "mlp.down_proj.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_file_converts_once_to_a_clean_model_with_identical_logits(tmp_path, monkeypatch):
+    from idistill_core import models
+
+    original = load_model("tiny-llama", seed=4)
+    gguf_path = tmp_path / "tiny.gguf"
+    _write_llama_gguf(original, gguf_path)
+    cache = tmp_path / "cache"
+
+    converted = load_model(str(gguf_path), cache_dir=cache)
+    assert type(converted.model).__name__ == "LlamaForCausalLM"
+    assert getattr(converted.model, "hf_quantizer", None) is None
+    assert "quantization_config" not in converted.model.config.to_dict()
+    assert converted.model.lm_head.weight is converted.model.model.embed_tokens.weight
+    ids = torch.tensor([[1, 100, 200, 300, 400, 500, 7]])
+    assert torch.equal(_logits(original.model, ids), _logits(converted.model, ids))
+    text = "Hello wörld <|im_end|> 12"
+    assert converted.tokenizer(text)["input_ids"] == original.tokenizer(text)["input_ids"]
+    assert converted.tokenizer.eos_token == IM_END and converted.tokenizer.pad_token == PAD
+    messages = [{"role": "user", "content": "hi"}]
+    assert converted.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == (
+        original.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    )
+    assert [p.name for p in (cache / "gguf").iterdir()] != []
+
+    # The second load reads the cached safetensors copy and never converts again.
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    again = load_model(str(gguf_path), cache_dir=cache)
+    assert again.fingerprint == converted.fingerprint
 
 
 # ----------------------------------------------------------------------------------------------------------
