@@ -1,0 +1,638 @@
+"""Step 3: landmark influence, first and second order, and the weight QP (paper §1.3–1.6).
+
+Notation (paper §1): ``G`` holds per-sample gradients of the source samples (here the landmarks),
+``g_T`` is the gradient of the MEAN target loss ``L_T``, ``H_T`` its Hessian, ``η`` the learning rate.
+One weighted step ``θ' = θ − (η/|S|) Gᵀw`` changes the target loss by, to second order,
+
+    ΔL_T ≈ (η/|S|) · (−pᵀw + (η/2) wᵀQw),   p = G g_T,   Q = (1/|S|) G H_T Gᵀ.
+
+For AdamW with frozen second moments the step is ``θ' = θ − η(b + a ⊙ Gᵀw/|S|)`` and (paper §1.6)
+
+    p = G diag(a) (g_T − η H_T b),   Q = (1/|S|) G diag(a) H_T diag(a) Gᵀ,
+    plus a w-independent constant  −η g_Tᵀb + (η²/2) bᵀH_T b.
+
+The weights solve  min −pᵀw + ½wᵀ(ηQ + λI)w  s.t.  w ≥ 0, Σw = total  (paper §1.4), with λ
+binary-searched so that exactly ``k`` weights are non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from idistill_core.batch import IGNORE_INDEX, TokenBatch
+from idistill_core.errors import ConfigError, DataError, ModelError, NumericalError
+
+logger = logging.getLogger("idistill")
+
+QApply = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# First order
+# --------------------------------------------------------------------------------------------------
+
+
+def first_order(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Tensor:
+    """Per-target landmark influences ``P_L = G_L G_Tᵀ`` (paper §4.3).
+
+    Args:
+        landmark_grads: ``(L, P)`` projected landmark gradients (Adam-preconditioned if used).
+        target_grads: ``(T, P)`` projected target gradients.
+
+    Returns:
+        ``(L, T)``; with unit-normalised gradients entry ``(j, i)`` is a cosine similarity.
+    """
+    _check_grads(landmark_grads, target_grads)
+    return landmark_grads @ target_grads.T
+
+
+def aggregated_first_order(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Tensor:
+    """Influence on the mean target loss, ``p = G_L ḡ_T`` (paper §1.3).
+
+    ``ḡ_T`` is the mean of the target gradient rows. With raw gradients that is exactly the gradient of
+    the mean target loss. With unit-normalised gradients (the official code's choice) it is the mean of
+    the unit directions, so ``p`` equals the row mean of ``first_order(...)`` — every target sample gets
+    an equal share regardless of its gradient norm (paper §12, items 1–2).
+
+    Args:
+        landmark_grads: ``(L, P)``.
+        target_grads: ``(T, P)``.
+
+    Returns:
+        ``(L,)``.
+    """
+    _check_grads(landmark_grads, target_grads)
+    return landmark_grads @ target_grads.mean(dim=0)
+
+
+def _check_grads(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> None:
+    if landmark_grads.ndim != 2 or target_grads.ndim != 2:
+        raise DataError(
+            f"landmark_grads and target_grads must be 2-D; got shapes {tuple(landmark_grads.shape)} "
+            f"and {tuple(target_grads.shape)}"
+        )
+    if landmark_grads.shape[1] != target_grads.shape[1]:
+        raise DataError(
+            f"landmark_grads has P={landmark_grads.shape[1]} but target_grads has P={target_grads.shape[1]}; "
+            "both must use the same projection"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Second order (not in the released code; paper §1.3 and §1.6)
+# --------------------------------------------------------------------------------------------------
+
+
+class Preconditioner(Protocol):
+    """What ``warmup.adam_preconditioner`` returns: per-parameter ``a``, ``b`` and the step's lr."""
+
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    lr: float
+
+
+@dataclass
+class SecondOrderTerms:
+    """The quadratic model of the target loss after one weighted step over ``num_source`` samples.
+
+    Attributes:
+        p: ``(L,)`` linear term (GD: ``G g_T``; AdamW: ``G diag(a)(g_T − η H_T b)``).
+        q: ``(L, L)`` ``(1/num_source) U H_T Uᵀ`` with ``U = G`` (GD) or ``G diag(a)`` (AdamW).
+        lr: the ``η`` the terms were built for (enters ``p`` only for AdamW, through ``b``).
+        num_source: ``|S|`` in the step ``θ' = θ − (η/|S|) Gᵀw``.
+        constant: the w-independent change ``−η g_Tᵀb + (η²/2) bᵀH_T b`` (0 for GD).
+        p_first: ``(L,)`` the first-order linear term ``U g_T`` (equals ``p`` for GD).
+        constant_first: the first-order part of ``constant``, ``−η g_Tᵀb``.
+        target_loss: the mean target loss at the current parameters.
+    """
+
+    p: torch.Tensor
+    q: torch.Tensor
+    lr: float
+    num_source: int
+    constant: float = 0.0
+    p_first: torch.Tensor | None = None
+    constant_first: float = 0.0
+    target_loss: float = float("nan")
+
+    def predicted_change(self, weights: torch.Tensor, lr: float | None = None) -> float:
+        """Second-order prediction of ``L_T(θ') − L_T(θ)`` for source weights ``weights`` ``(L,)``.
+
+        ``lr`` may differ from ``self.lr`` only for plain GD (for AdamW ``p`` depends on η).
+        """
+        eta = self.lr if lr is None else lr
+        w = weights.to(self.p.dtype)
+        scale = eta / self.num_source
+        return float(self.constant + scale * (-(self.p @ w) + 0.5 * eta * (w @ (self.q @ w))))
+
+    def predicted_change_first_order(self, weights: torch.Tensor, lr: float | None = None) -> float:
+        """The first-order model alone, ``−η g_Tᵀb − (η/|S|) (U g_T)ᵀw``."""
+        eta = self.lr if lr is None else lr
+        p1 = self.p if self.p_first is None else self.p_first
+        return float(self.constant_first - (eta / self.num_source) * (p1 @ weights.to(p1.dtype)))
+
+
+def sample_losses(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Per-sample mean next-token cross-entropy over supervised tokens (the HF loss, one row at a time).
+
+    Args:
+        model: a causal LM returning ``.logits`` ``(B, S, V)``.
+        batch: right-padded ``TokenBatch``.
+
+    Returns:
+        ``(B,)`` losses, differentiable w.r.t. the model parameters.
+
+    Raises:
+        DataError: a row has no supervised token (its gradient would be zero and its norm NaN).
+    """
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    labels = batch.labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (labels != IGNORE_INDEX).sum(dim=1)
+    if bool((counts == 0).any()):
+        bad = batch.sample_ids[int((counts == 0).nonzero()[0])]
+        raise DataError(f"sample '{bad}' has no supervised token; drop it before computing influence")
+    return token_loss.sum(dim=1) / counts.to(token_loss.dtype)
+
+
+def _named_params(model: torch.nn.Module, param_names: Sequence[str]) -> list[torch.nn.Parameter]:
+    if not param_names:
+        raise ConfigError("param_names must name at least one parameter; got an empty list")
+    named = dict(model.named_parameters())
+    missing = [n for n in param_names if n not in named]
+    if missing:
+        raise ConfigError(f"param_names: model has no parameter '{missing[0]}'")
+    return [named[n] for n in param_names]
+
+
+def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split_like(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in params:
+        out.append(flat[start : start + p.numel()].view_as(p))
+        start += p.numel()
+    return out
+
+
+def per_sample_flat_gradients(
+    model: torch.nn.Module, batch: TokenBatch, param_names: Sequence[str]
+) -> torch.Tensor:
+    """Raw per-sample gradients of the selected parameters, flattened in ``param_names`` order.
+
+    Args:
+        model: causal LM.
+        batch: ``B`` samples.
+        param_names: names from ``model.named_parameters()``.
+
+    Returns:
+        ``(B, d)`` with ``d`` the total size of the selected parameters, in the parameter dtype.
+
+    Raises:
+        NumericalError: a gradient is not finite (names the sample id).
+    """
+    params = _named_params(model, param_names)
+    losses = sample_losses(model, batch)
+    rows = []
+    for i in range(len(batch)):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < len(batch), allow_unused=True)
+        flat = _flat(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+        if not bool(torch.isfinite(flat).all()):
+            raise NumericalError(f"non-finite gradient for sample '{batch.sample_ids[i]}'")
+        rows.append(flat)
+    return torch.stack(rows)
+
+
+def second_order_terms(
+    model: torch.nn.Module,
+    landmark_batches: Iterable[TokenBatch],
+    target_batches: Iterable[TokenBatch],
+    param_names: Sequence[str],
+    preconditioner: Preconditioner | None = None,
+    lr: float | None = None,
+    num_source: int | None = None,
+) -> SecondOrderTerms:
+    """``p`` and ``Q`` for the landmarks via Hessian-vector products of the mean target loss.
+
+    Gradients are raw (no projection, no normalisation): the quadratic model must match the real step.
+    Memory is ``O((L + 2) · d)`` for ``d`` selected parameters, so use a parameter subset (e.g.
+    ``down_proj``). Cost: one backward per landmark plus, per target batch, one double-backward graph and
+    ``L`` (+1 for AdamW) HVPs through it. The model needs an attention kernel with double-backward
+    support (``attn_implementation="eager"`` always works).
+
+    Args:
+        model: causal LM (put it in eval mode: dropout would make H_T random).
+        landmark_batches: the source samples ``S`` (the landmarks), in order.
+        target_batches: the target samples; ``L_T`` is the mean of their per-sample losses.
+        param_names: the parameters the step updates.
+        preconditioner: AdamW ``a``/``b`` (frozen-v, paper §1.6); ``None`` for plain GD.
+        lr: ``η``; defaults to ``preconditioner.lr``. Needed only with a preconditioner.
+        num_source: ``|S|`` in the step; defaults to the number of landmarks.
+
+    Returns:
+        ``SecondOrderTerms`` with ``p (L,)`` and ``q (L, L)`` in the parameter dtype.
+    """
+    params = _named_params(model, param_names)
+    if preconditioner is not None:
+        eta = preconditioner.lr if lr is None else lr
+        missing = [n for n in param_names if n not in preconditioner.a or n not in preconditioner.b]
+        if missing:
+            raise ConfigError(f"preconditioner has no a/b entry for parameter '{missing[0]}'")
+        a = _flat(preconditioner.a[n].to(params[0]) for n in param_names)
+        b = _flat(preconditioner.b[n].to(params[0]) for n in param_names)
+    else:
+        eta = 0.0 if lr is None else lr
+        a = b = None
+    if eta < 0 or not math.isfinite(eta):
+        raise ConfigError(f"lr must be finite and >= 0; got {eta}")
+
+    with torch.enable_grad():
+        grads = [per_sample_flat_gradients(model, batch, param_names) for batch in landmark_batches]
+        if not grads:
+            raise DataError("landmark_batches is empty")
+        directions = torch.cat(grads)
+        if a is not None:
+            directions = directions * a
+        probes = directions if b is None else torch.cat([directions, b[None]])
+
+        # L_T is linear in the per-sample losses, so sums over target batches divided by T at the end
+        # give its gradient and Hessian-vector products without holding all targets at once.
+        g_sum = torch.zeros_like(probes[0])
+        hv_sum = torch.zeros_like(probes)
+        loss_sum, num_targets = 0.0, 0
+        for batch in target_batches:
+            losses = sample_losses(model, batch)
+            total = losses.sum()
+            g = torch.autograd.grad(total, params, create_graph=True)
+            g_sum += _flat(x.detach() for x in g)
+            for j in range(probes.shape[0]):
+                hv = torch.autograd.grad(
+                    g, params, grad_outputs=_split_like(probes[j], params), retain_graph=True
+                )
+                hv_sum[j] += _flat(hv)
+            loss_sum += float(total.detach())
+            num_targets += len(batch)
+            del g, total, losses
+    if num_targets == 0:
+        raise DataError("target_batches is empty")
+
+    g_t = g_sum / num_targets
+    hv = hv_sum / num_targets
+    n_land = directions.shape[0]
+    n_src = n_land if num_source is None else num_source
+    if n_src <= 0:
+        raise ConfigError(f"num_source must be >= 1; got {n_src}")
+    hu = hv[:n_land]
+    q = directions @ hu.T / n_src
+    q = 0.5 * (q + q.T)  # exact symmetry; HVPs are symmetric only up to rounding
+    p_first = directions @ g_t
+    if b is None:
+        p, constant, constant_first = p_first, 0.0, 0.0
+    else:
+        hb = hv[n_land]
+        p = directions @ (g_t - eta * hb)
+        constant_first = float(-eta * (g_t @ b))
+        constant = constant_first + float(0.5 * eta**2 * (b @ hb))
+    if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())):
+        raise NumericalError("second-order terms p/Q are not finite")
+    return SecondOrderTerms(
+        p=p.detach(),
+        q=q.detach(),
+        lr=float(eta),
+        num_source=n_src,
+        constant=constant,
+        p_first=p_first.detach(),
+        constant_first=constant_first,
+        target_loss=loss_sum / num_targets,
+    )
+
+
+def second_order_q(
+    model: torch.nn.Module,
+    landmark_batches: Iterable[TokenBatch],
+    target_batches: Iterable[TokenBatch],
+    param_names: Sequence[str],
+    preconditioner: Preconditioner | None = None,
+) -> torch.Tensor:
+    """``Q (L, L)`` alone (DESIGN contract); see ``second_order_terms``."""
+    return second_order_terms(model, landmark_batches, target_batches, param_names, preconditioner).q
+
+
+# --------------------------------------------------------------------------------------------------
+# Landmarks -> pool
+# --------------------------------------------------------------------------------------------------
+
+
+class PoolQuadratic:
+    """``Q_pool = (L/N) · C Q_L Cᵀ`` as a callable, never formed (``C``: KRR coefficients ``(N, L)``).
+
+    Each pool gradient is modelled as ``g_i ≈ Σ_j C_ij g_j`` (landmark gradients), so
+    ``G_pool ≈ C G_L`` and, with ``Q = (1/|S|) G H Gᵀ``, ``Q_pool = (1/N) C (L·Q_L) Cᵀ``.
+
+    Args:
+        coefficients: ``(N, L)``.
+        terms: landmark ``SecondOrderTerms`` (``q`` scaled by ``1/terms.num_source``).
+    """
+
+    def __init__(self, coefficients: torch.Tensor, terms: SecondOrderTerms):
+        if coefficients.ndim != 2 or coefficients.shape[1] != terms.q.shape[0]:
+            raise DataError(
+                f"coefficients must be (N, {terms.q.shape[0]}); got {tuple(coefficients.shape)}"
+            )
+        self.c = coefficients.to(torch.float64)
+        n = self.c.shape[0]
+        self.core = terms.q.to(torch.float64) * (terms.num_source / n)
+        self.n = n
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.c @ (self.core @ (self.c.T @ v))
+
+    def eig_bounds(self) -> tuple[float, float]:
+        """Exact extreme eigenvalues, from an ``L × L`` problem: the non-zero spectrum of ``C M Cᵀ``
+        equals that of ``Rᵀ M R`` with ``CᵀC = R Rᵀ``; zero is in the spectrum when ``N > rank``."""
+        gram = self.c.T @ self.c
+        evals_g, evecs_g = torch.linalg.eigh(gram)
+        r = evecs_g * evals_g.clamp_min(0).sqrt()
+        evals = torch.linalg.eigvalsh(r.T @ self.core @ r)
+        lo, hi = float(evals.min()), float(evals.max())
+        if self.n > self.core.shape[0]:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        return lo, hi
+
+
+def pool_terms(coefficients: torch.Tensor, terms: SecondOrderTerms) -> tuple[torch.Tensor, PoolQuadratic]:
+    """Lift landmark terms to the pool: ``p_pool = C p_L`` ``(N,)`` and ``Q_pool`` as a callable."""
+    quad = PoolQuadratic(coefficients, terms)
+    return quad.c @ terms.p.to(torch.float64), quad
+
+
+# --------------------------------------------------------------------------------------------------
+# The QP
+# --------------------------------------------------------------------------------------------------
+
+
+def project_simplex(v: torch.Tensor, total: float) -> torch.Tensor:
+    """Euclidean projection of ``v`` ``(n,)`` onto ``{w ≥ 0, Σw = total}`` (sort-based, exact)."""
+    u, _ = torch.sort(v, descending=True)
+    css = torch.cumsum(u, 0) - total
+    idx = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+    rho = int((u - css / idx > 0).nonzero().max())
+    tau = css[rho] / (rho + 1)
+    return (v - tau).clamp_min(0)
+
+
+@dataclass
+class QPSolution:
+    """Result of ``solve_qp``.
+
+    Attributes:
+        weights: ``(n,)`` float64, ``≥ 0``, summing to ``total``.
+        lam: the ridge ``λ`` found by the binary search.
+        num_nonzero: non-zero count of ``weights`` (== k unless ``exact`` is False).
+        exact: False when no λ gives exactly k (ties, or the PSD floor already gives more than k);
+            the solution then has the closest count ≥ k found.
+        lam_floor: ``max(0, −η λ_min(Q))``, the smallest λ keeping the problem convex.
+    """
+
+    weights: torch.Tensor
+    lam: float
+    num_nonzero: int
+    exact: bool
+    lam_floor: float
+
+
+def _eig_bounds(q: torch.Tensor | QApply, n: int, dtype: torch.dtype, seed: int) -> tuple[float, float]:
+    if isinstance(q, torch.Tensor):
+        evals = torch.linalg.eigvalsh(0.5 * (q + q.T).to(dtype))
+        return float(evals.min()), float(evals.max())
+    bounds = getattr(q, "eig_bounds", None)
+    if callable(bounds):
+        return bounds()
+    if n <= 2048:  # small enough to materialise column by column: exact bounds
+        dense = torch.stack([q(col) for col in torch.eye(n, dtype=dtype)], dim=1)
+        return _eig_bounds(dense, n, dtype, seed)
+    # Power iteration for the largest magnitude, then on the shifted operator for the other end; a 10%
+    # margin covers its slow convergence (the bounds only set the step size and the PSD floor).
+    gen = torch.Generator().manual_seed(seed)
+
+    def power(apply: QApply) -> float:
+        x = torch.randn(n, generator=gen, dtype=dtype)
+        x /= x.norm()
+        val = 0.0
+        for _ in range(200):
+            y = apply(x)
+            val = float(x @ y)
+            norm = y.norm()
+            if float(norm) == 0.0:
+                return 0.0
+            x = y / norm
+        return val
+
+    big = power(q)
+    other = power(lambda x: q(x) - big * x) + big
+    lo, hi = min(big, other), max(big, other)
+    span = hi - lo
+    return lo - 0.1 * span - 1e-12, hi + 0.1 * span + 1e-12
+
+
+def _fista(
+    p: torch.Tensor,
+    apply_a: QApply,
+    lipschitz: float,
+    total: float,
+    w0: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> torch.Tensor:
+    """Accelerated projected gradient on ``−pᵀw + ½wᵀAw`` over the scaled simplex, with restarts."""
+    step = 1.0 / lipschitz
+    w = project_simplex(w0, total)
+    y, t = w.clone(), 1.0
+    obj = float(-(p @ w) + 0.5 * (w @ apply_a(w)))
+    for _ in range(max_iter):
+        w_next = project_simplex(y - step * (apply_a(y) - p), total)
+        obj_next = float(-(p @ w_next) + 0.5 * (w_next @ apply_a(w_next)))
+        if obj_next > obj:  # adaptive restart (O'Donoghue & Candès) keeps the method monotone
+            t = 1.0
+            y = w.clone()
+            continue
+        t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+        y = w_next + ((t - 1) / t_next) * (w_next - w)
+        moved = float((w_next - w).norm())
+        w, t, obj = w_next, t_next, obj_next
+        if moved <= tol * total:
+            break
+    return w
+
+
+def solve_qp(
+    p: torch.Tensor,
+    q: torch.Tensor | QApply | None,
+    eta: float,
+    k: int,
+    total: float | None = None,
+    *,
+    max_iter: int = 5000,
+    tol: float = 1e-12,
+    search_steps: int = 100,
+    seed: int = 0,
+) -> QPSolution:
+    """Solve ``min −pᵀw + ½wᵀ(ηQ + λI)w`` s.t. ``w ≥ 0, Σw = total`` with λ set for ``k`` non-zeros.
+
+    λ is binary-searched in log space above ``λ_floor = max(0, −η λ_min(Q))`` (convexity). The support
+    grows with λ (exactly so for ``Q = 0``, paper §1.5; in practice for ``Q ≠ 0``). Each solve is FISTA
+    with exact simplex projection, warm-started from the previous one.
+
+    Limitation: the support cannot shrink below that of the λ → λ_floor solution. With ``ηQ`` indefinite
+    (λ_floor > 0), or PSD of high rank (the curvature itself spreads the weights), that support may
+    exceed ``k``; no convex λ reaches ``k`` and that solution is returned with ``exact=False``
+    (callers then keep the ``k`` largest weights, e.g. ``select.select_from_weights``). Lowering ``η`` or
+    raising ``k`` avoids it.
+
+    Args:
+        p: ``(n,)`` linear term.
+        q: ``(n, n)`` tensor, a callable ``v -> Q v`` (e.g. ``PoolQuadratic``), or None for ``Q = 0``.
+        eta: learning rate ``η ≥ 0``.
+        k: number of non-zero weights wanted, ``1 ≤ k ≤ n``.
+        total: ``Σw``; defaults to ``n`` (paper §1.4).
+        max_iter, tol: FISTA limits per λ.
+        search_steps: binary-search iterations on λ.
+        seed: power-iteration seed (callable ``q`` without ``eig_bounds`` only).
+
+    Returns:
+        ``QPSolution``; if no λ gives exactly ``k`` (ties), the solution with the closest count ≥ k.
+    """
+    p = p.detach().to(torch.float64).reshape(-1)
+    n = p.numel()
+    if not 1 <= k <= n:
+        raise ConfigError(f"k must be in [1, {n}]; got {k}")
+    if eta < 0 or not math.isfinite(eta):
+        raise ConfigError(f"eta must be finite and >= 0; got {eta}")
+    total = float(n if total is None else total)
+    if total <= 0:
+        raise ConfigError(f"total must be > 0; got {total}")
+    if not bool(torch.isfinite(p).all()):
+        raise NumericalError("p has non-finite entries")
+
+    if q is None or eta == 0.0:
+        q_apply: QApply = lambda v: torch.zeros_like(v)  # noqa: E731
+        lo_eig = hi_eig = 0.0
+    elif isinstance(q, torch.Tensor):
+        if q.shape != (n, n):
+            raise DataError(f"Q must be ({n}, {n}); got {tuple(q.shape)}")
+        qd = 0.5 * (q + q.T).detach().to(torch.float64)
+        q_apply = lambda v: qd @ v  # noqa: E731
+        lo_eig, hi_eig = _eig_bounds(qd, n, torch.float64, seed)
+    else:
+        q_apply = lambda v: q(v).to(torch.float64)  # noqa: E731
+        lo_eig, hi_eig = _eig_bounds(q, n, torch.float64, seed)
+    lam_floor = max(0.0, -eta * lo_eig)
+    # p-scale: λ beyond this gives a near-uniform (all non-zero) solution; below the floor it is non-convex.
+    spread = float(p.max() - p.min()) + eta * max(abs(lo_eig), abs(hi_eig)) * total
+    lam_small = max(lam_floor * (1 + 1e-9), 1e-12 * max(spread, 1e-300))
+    w_start = torch.full((n,), total / n, dtype=torch.float64)
+
+    def solve(lam: float, w0: torch.Tensor) -> tuple[torch.Tensor, int]:
+        lip = eta * max(hi_eig, 0.0) + lam
+        w = _fista(p, lambda v: eta * q_apply(v) + lam * v, lip, total, w0, max_iter, tol)
+        return w, int((w > 0).sum())
+
+    best: tuple[float, torch.Tensor, int] | None = None  # (λ, w, nnz) with the smallest nnz ≥ k
+
+    def consider(lam: float, w: torch.Tensor, nnz: int) -> None:
+        nonlocal best
+        if nnz >= k and (best is None or nnz < best[2]):
+            best = (lam, w, nnz)
+
+    w_lo, nnz_lo = solve(lam_small, w_start)
+    consider(lam_small, w_lo, nnz_lo)
+    lam_lo, lam_hi = lam_small, max(lam_small * 2, spread / total * n, 1e-12)
+    w_hi, nnz_hi = solve(lam_hi, w_lo)
+    consider(lam_hi, w_hi, nnz_hi)
+    while nnz_hi < k and lam_hi < 1e300:
+        lam_lo, w_lo, nnz_lo = lam_hi, w_hi, nnz_hi
+        lam_hi *= 16
+        w_hi, nnz_hi = solve(lam_hi, w_hi)
+        consider(lam_hi, w_hi, nnz_hi)
+    if nnz_lo < k:
+        for _ in range(search_steps):
+            if best is not None and best[2] == k:
+                break
+            lam_mid = math.sqrt(lam_lo * lam_hi)
+            if not lam_lo < lam_mid < lam_hi:
+                break
+            w_mid, nnz_mid = solve(lam_mid, w_lo if nnz_lo else w_hi)
+            consider(lam_mid, w_mid, nnz_mid)
+            if nnz_mid < k:
+                lam_lo, w_lo, nnz_lo = lam_mid, w_mid, nnz_mid
+            else:
+                lam_hi, w_hi, nnz_hi = lam_mid, w_mid, nnz_mid
+    assert best is not None
+    lam, w, nnz = best
+    if nnz != k:
+        logger.warning("qp: no lambda gives exactly k=%d non-zero weights; returning %d (lambda=%.3g)", k, nnz, lam)
+    logger.info("qp: k=%d non-zeros at lambda=%.6g (floor %.3g)", nnz, lam, lam_floor)
+    return QPSolution(weights=w, lam=lam, num_nonzero=nnz, exact=nnz == k, lam_floor=lam_floor)
+
+
+def qp_weights(
+    p: torch.Tensor,
+    q: torch.Tensor | QApply | None,
+    eta: float,
+    k: int,
+    total: float | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Weights ``(n,)`` of ``solve_qp`` (DESIGN contract); λ is logged at INFO on ``idistill``."""
+    return solve_qp(p, q, eta, k, total, **kwargs).weights
+
+
+def first_order_weights(p: torch.Tensor, k: int, total: float | None = None) -> torch.Tensor:
+    """Closed-form QP solution for ``Q = 0`` (paper §1.5): simplex projection of ``p/λ``.
+
+    λ is placed mid-way in the interval where the support is exactly the top-``k`` of ``p``; if
+    ``p_(k) == p_(k+1)`` (a tie at the cut) every tied entry joins, so the support is the closest
+    size ≥ k.
+
+    Args:
+        p: ``(n,)``.
+        k: support size, ``1 ≤ k ≤ n``.
+        total: ``Σw``; defaults to ``n``.
+
+    Returns:
+        ``(n,)`` float64 weights, ``≥ 0``, summing to ``total``, non-zero exactly on the top-k.
+    """
+    p = p.detach().to(torch.float64).reshape(-1)
+    n = p.numel()
+    if not 1 <= k <= n:
+        raise ConfigError(f"k must be in [1, {n}]; got {k}")
+    total = float(n if total is None else total)
+    if total <= 0:
+        raise ConfigError(f"total must be > 0; got {total}")
+    u, _ = torch.sort(p, descending=True)
+    m = int((u >= u[k - 1]).sum())  # k plus any entries tied with the k-th
+    top = u[:m]
+    # Support = top-m iff Σ(top − u_m) < λ·total ≤ Σ(top − u_{m+1}).
+    lam_lo = float((top - u[m - 1]).sum()) / total
+    if m < n:
+        lam_hi = float((top - u[m]).sum()) / total
+        lam = 0.5 * (lam_lo + lam_hi)
+    else:
+        lam = 2 * lam_lo + 1.0
+    if lam <= 0:  # all of p equal: any λ gives the uniform solution on the support
+        lam = 1.0
+    w = project_simplex(p / lam, total)
+    return w
