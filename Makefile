@@ -1,0 +1,29 @@
+# The two commands (README): `make run` runs the whole pipeline on the built-in data and model; `make test` runs
+# the tests. Both set up `.venv` first (torch 2.13.0 CPU wheel first, then the project).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test ui clean-state
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/python -m idistill_assets.main --profile profiles/default.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+ui: setup
+	DAGSTER_HOME=$(CURDIR)/.idistill/dagster_home IDISTILL_PROFILE=profiles/default.yaml \
+		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean-state:
+	rm -rf .idistill/artifacts .idistill/lancedb .idistill/dagster_home

@@ -1,0 +1,50 @@
+"""The idistill code location: every asset, check, job, sensor and schedule, wired to one settings profile.
+
+The profile is chosen by ``IDISTILL_PROFILE`` (default ``profiles/default.yaml``) when the code location loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from idistill_assets.defs import automation, finetune, shared, targets
+from idistill_assets.resources import IdistillResource
+
+
+def build_definitions(profile: str | None = None, home: str | None = None) -> dg.Definitions:
+    resource = IdistillResource(
+        profile=profile or os.environ.get("IDISTILL_PROFILE", "profiles/default.yaml"),
+        home=home or os.environ.get("IDISTILL_HOME") or None,
+    )
+    return dg.Definitions(
+        assets=[
+            shared.pool,
+            shared.base_model,
+            shared.embeddings,
+            shared.warmup,
+            shared.landmarks,
+            targets.target_spec,
+            targets.target_gradients,
+            targets.landmark_influence,
+            targets.propagated_weights,
+            targets.selected_subset,
+            finetune.finetuned_checkpoint,
+            finetune.random_checkpoint,
+            finetune.eval_scores,
+        ],
+        jobs=[
+            automation.shared_job,
+            automation.target_job,
+            automation.selection_job,
+            automation.lancedb_maintenance_job,
+        ],
+        sensors=[automation.target_registry_sensor, automation.shared_inputs_sensor],
+        schedules=[automation.daily_refresh_schedule, automation.weekly_maintenance_schedule],
+        resources={"idistill": resource},
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,150 @@
+"""Per-target fine-tuning on the selected subset (and on a random subset of the same size), and evaluation."""
+
+
+import copy
+import time
+
+import dagster as dg
+import numpy as np
+
+from idistill_assets import plots
+from idistill_assets.defs.shared import PREFIX, base_model, load_pool_rows, pool
+from idistill_assets.defs.targets import (
+    _partitioned,
+    selected_subset,
+    target_dir,
+    target_rows,
+    target_spec,
+    target_spec_for,
+)
+from idistill_assets.resources import IdistillResource
+from idistill_core import artifacts
+from idistill_core.hashing import config_fingerprint, ids_hash, stable_hash
+
+
+def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -> dg.MaterializeResult:
+    """Fine-tune a fresh copy of the base model on pool rows ``ids``; checkpoint path = target + data version."""
+    from idistill_core.data import tokenize_rows
+    from idistill_core.train import finetune
+
+    s = res.settings
+    base = res.load_model()
+    rows = load_pool_rows(res)
+    position = {sample_id: i for i, sample_id in enumerate(rows["sample_id"])}
+    subset = rows.select([position[i] for i in ids])
+    examples = tokenize_rows(subset, base.tokenizer, s.recipe.max_length).examples
+    version = stable_hash({"ids": ids_hash(ids), "model": base.fingerprint, "recipe": config_fingerprint(s.finetune)}, 16)
+    out = target_dir(res, spec.name) / "checkpoints" / f"{name}-{version}"
+    model = copy.deepcopy(base.model)
+    model.train()
+    start = time.perf_counter()
+    result = finetune(model, base.tokenizer, examples, s.finetune, out_dir=out, log_every=5)
+    context.log.info(
+        "%s/%s: %d steps, final loss %.4f, %.1f s%s", spec.name, name, result.steps,
+        result.losses[-1] if result.losses else float("nan"), time.perf_counter() - start,
+        " (reused cached checkpoint)" if result.cached else "",
+    )
+    artifacts.write_json(target_dir(res, spec.name) / f"{name}_checkpoint.json", {"path": str(out), "version": version})
+    losses = result.losses or [float("nan")]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "dagster/uri": str(out),
+            "train_samples": len(examples),
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 2),
+            "reused": result.cached,
+            "first_loss": float(losses[0]),
+            "final_loss": float(losses[-1]),
+            "loss_curve": plots.line(losses, f"{spec.name}: {name} loss", "step", "train loss"),
+        },
+    )
+
+
+@_partitioned("finetuned_checkpoint", [selected_subset, base_model], {"pytorch", "safetensors"}, "finetune-v1")
+def finetuned_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """The base model fine-tuned on this target's selected subset (a standard HF directory)."""
+    import polars as pl
+
+    spec = target_spec_for(idistill, context.partition_key)
+    subset = pl.read_parquet(target_dir(idistill, spec.name) / "subset.parquet")
+    return _train_on(context, idistill, subset["sample_id"].to_list(), "selected", spec)
+
+
+@_partitioned("random_checkpoint", [selected_subset, pool, base_model], {"pytorch", "safetensors"}, "finetune-v1")
+def random_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """The baseline: the same recipe on a uniformly random pool subset of the same size (seeded)."""
+    import polars as pl
+
+    spec = target_spec_for(idistill, context.partition_key)
+    size = pl.read_parquet(target_dir(idistill, spec.name) / "subset.parquet").height
+    ids = sorted(load_pool_rows(idistill)["sample_id"])
+    rng = np.random.default_rng(idistill.settings.finetune.seed)
+    picked = [ids[i] for i in rng.choice(len(ids), size=size, replace=False)]
+    return _train_on(context, idistill, picked, "random", spec)
+
+
+@_partitioned(
+    "eval_scores",
+    [finetuned_checkpoint, random_checkpoint, target_spec, base_model],
+    {"pytorch"},
+    "eval-v1",
+    check_specs=[dg.AssetCheckSpec("id_beats_random", asset=[PREFIX, "eval_scores"])],
+)
+def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """Target metric on the test set for the base model, the ID-tuned model and the random-tuned model."""
+    from idistill_core.evaluate import EvalConfig, evaluate
+    from idistill_core.models import load_model
+
+    s = idistill.settings
+    spec = target_spec_for(idistill, context.partition_key)
+    folder = target_dir(idistill, spec.name)
+    rows = target_rows(spec, "test")
+    rows = rows.select(range(min(len(rows), s.eval.max_test)))
+    config = EvalConfig(max_new_tokens=s.eval.max_new_tokens, batch_size=s.eval.batch_size)
+    base = idistill.load_model()
+    models = {
+        "base": lambda: base.model,
+        "influence_distillation": lambda: load_model(artifacts.read_json(folder / "selected_checkpoint.json")["path"]).model,
+        "random": lambda: load_model(artifacts.read_json(folder / "random_checkpoint.json")["path"]).model,
+    }
+    results, seconds = {}, {}
+    for name, get in models.items():
+        start = time.perf_counter()
+        result = evaluate(get(), base.tokenizer, rows, spec.metric, config)
+        seconds[name] = time.perf_counter() - start
+        results[name] = result
+        context.log.info("%s %s: %s = %.4f on %d (%.1f s)", spec.name, name, spec.metric, result.score, result.n, seconds[name])
+    table = [
+        {
+            "model": name,
+            "score": r.score,
+            "n": r.n,
+            **{k: v for k, v in r.details.items() if isinstance(v, (int, float))},
+            "seconds": round(seconds[name], 1),
+        }
+        for name, r in results.items()
+    ]
+    artifacts.write_json(folder / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table})
+    columns = sorted({k for row in table for k in row}, key=lambda k: (k != "model", k != "score", k))
+    id_score, random_score = results["influence_distillation"].score, results["random"].score
+    lower_is_better = spec.metric == "nll"
+    beats = id_score < random_score if lower_is_better else id_score > random_score
+    return dg.MaterializeResult(
+        metadata={
+            "metric": spec.metric,
+            "test_samples": results["base"].n,
+            "scores": plots.markdown_table(table, columns),
+            "comparison": plots.bars({k: r.score for k, r in results.items()}, f"{spec.name}: {spec.metric}", spec.metric),
+            **{f"score_{k}": float(r.score) for k, r in results.items()},
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="id_beats_random",
+                passed=bool(beats),
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"influence_distillation": float(id_score), "random": float(random_score)},
+            )
+        ],
+    )

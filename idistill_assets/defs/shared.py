@@ -1,0 +1,268 @@
+"""Target-independent assets: the pool, the base model, JVP embeddings (LanceDB), warm-up, landmarks.
+
+These are computed once and reused by every target partition.
+"""
+
+
+import time
+from collections import Counter
+
+import dagster as dg
+import numpy as np
+
+from idistill_assets import plots
+from idistill_assets.resources import IdistillResource
+from idistill_core import artifacts
+from idistill_core.hashing import config_fingerprint, file_hash, ids_hash, stable_hash
+
+PREFIX = "idistill"
+SHARED = "shared"
+
+
+def pool_path(res: IdistillResource):
+    return res.artifact_dir("pool") / "pool.parquet"
+
+
+def load_pool_rows(res: IdistillResource):
+    from idistill_core.data import load_rows
+
+    return load_rows(str(pool_path(res)), fmt="chat")
+
+
+def tokenized_pool(res: IdistillResource, tokenizer):
+    """The pool tokenized with the recipe's max length (``TokenizeResult``)."""
+    from idistill_core.data import tokenize_rows
+
+    return tokenize_rows(load_pool_rows(res), tokenizer, res.settings.recipe.max_length)
+
+
+@dg.asset(
+    key=[PREFIX, "pool"],
+    group_name=SHARED,
+    kinds={"parquet", "python"},
+    code_version="pool-v1",
+)
+def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """The training pool, normalised to the chat schema (sample_id, source, messages) as parquet."""
+    from idistill_core.builtin import write_builtin, write_gsm8k
+    from idistill_core.data import load_rows
+
+    s = idistill.settings
+    if s.pool.source == "builtin":
+        out = s.data_root / "builtin"
+        summary = write_builtin(out, pool_size=s.pool.builtin_size, seed=s.pool.builtin_seed)
+        context.log.info("built-in data written to %s: %s", out, summary)
+        if s.pool.include_gsm8k:
+            write_gsm8k(out, cache_dir=s.cache_dir, seed=s.pool.builtin_seed)
+        rows = load_rows(str(out / "pool.jsonl"), fmt="chat", limit=s.pool.limit)
+    else:
+        rows = load_rows(s.pool.source, fmt=s.pool.format, limit=s.pool.limit)
+    target = pool_path(idistill)
+    artifacts.write_with(target, lambda tmp: rows.to_parquet(str(tmp)))
+    counts = Counter(rows["source"])
+    version = stable_hash({"ids": ids_hash(rows["sample_id"]), "file": file_hash(target)}, 16)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "dagster/row_count": len(rows),
+            "dagster/uri": str(target),
+            "sources": plots.markdown_table(
+                [{"source": k, "samples": v, "share": v / len(rows)} for k, v in counts.most_common()],
+                ["source", "samples", "share"],
+            ),
+            "composition": plots.bars(dict(counts.most_common()), "pool composition", "samples"),
+        },
+    )
+
+
+@dg.asset(key=[PREFIX, "base_model"], group_name=SHARED, kinds={"pytorch"}, code_version="model-v1")
+def base_model(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """The base causal LM (resolved from the profile's model spec), identified by its weights fingerprint."""
+    start = time.perf_counter()
+    loaded = idistill.load_model()
+    params = sum(p.numel() for p in loaded.model.parameters())
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(loaded.fingerprint),
+        metadata={
+            "spec": loaded.spec,
+            "fingerprint": loaded.fingerprint,
+            "architecture": type(loaded.model).__name__,
+            "parameters": params,
+            "layers": loaded.model.config.num_hidden_layers,
+            "load_seconds": round(time.perf_counter() - start, 2),
+        },
+    )
+
+
+@dg.asset(
+    key=[PREFIX, "embeddings"],
+    deps=[pool, base_model],
+    group_name=SHARED,
+    kinds={"lancedb", "pytorch"},
+    code_version="embed-v1",
+    pool="lancedb_writer",
+    check_specs=[dg.AssetCheckSpec("embeddings_valid", asset=[PREFIX, "embeddings"], blocking=True)],
+)
+def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """JVP embeddings of every pool sample in LanceDB; only sample ids not yet in the table are computed."""
+    from idistill_core.pipeline import embed_pool
+
+    s = idistill.settings
+    loaded = idistill.load_model(attn_implementation="eager")
+    tokenized = tokenized_pool(idistill, loaded.tokenizer)
+    store = idistill.store()
+
+    def on_commit(done: int, total: int) -> None:
+        context.log.info("embeddings: committed %d / %d new samples", done, total)
+
+    report = embed_pool(
+        loaded.model, loaded.tokenizer, tokenized.examples, store, s.recipe.embed, on_commit=on_commit
+    )
+    pool_ids = list(tokenized.examples["sample_id"])
+    check = _check_embeddings(store, pool_ids)
+    version = stable_hash({"model": loaded.fingerprint, "recipe": store.identity.recipe, "ids": ids_hash(pool_ids)}, 16)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "dagster/row_count": report.row_count,
+            "dagster/uri": f"{store.uri}::{store.name}",
+            "lance_version": report.table_version,
+            "inserted": report.inserted,
+            "already_present": report.already_present,
+            "dimension": store.identity.dim,
+            "recipe": store.identity.recipe,
+            "seconds": round(report.seconds, 2),
+            "samples_per_second": round(report.inserted / report.seconds, 2) if report.inserted else 0.0,
+            "truncated_samples": tokenized.num_truncated,
+            "dropped_samples": len(tokenized.dropped_ids),
+        },
+        check_results=[check],
+    )
+
+
+def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:
+    """Row count = usable pool, ids match, dimension and dtype as declared, every value finite."""
+    import pyarrow as pa
+
+    table_ids = store.sample_ids()
+    field_type = store._table.schema.field("vector").type
+    finite = all(np.isfinite(chunk).all() for _, chunk in store.iter_chunks())
+    problems = []
+    if len(table_ids) != len(set(table_ids)):
+        problems.append("duplicate sample ids")
+    missing = set(pool_ids) - set(table_ids)
+    if missing:
+        problems.append(f"{len(missing)} pool samples without an embedding")
+    if not (pa.types.is_fixed_size_list(field_type) and field_type.list_size == store.identity.dim):
+        problems.append(f"vector type {field_type} is not fixed_size_list[{store.identity.dim}]")
+    if field_type.value_type != pa.float16():
+        problems.append(f"vector dtype {field_type.value_type} is not float16")
+    if not finite:
+        problems.append("non-finite values")
+    return dg.AssetCheckResult(
+        check_name="embeddings_valid",
+        passed=not problems,
+        metadata={"rows": len(table_ids), "pool_samples": len(pool_ids), "problems": "; ".join(problems) or "none"},
+    )
+
+
+def warmup_dir(res: IdistillResource):
+    return res.artifact_dir("warmup")
+
+
+@dg.asset(key=[PREFIX, "warmup"], deps=[pool, base_model], group_name=SHARED, kinds={"pytorch"}, code_version="warmup-v1")
+def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """A warmed-up copy of the model and its Adam preconditioner (paper §1.6); skipped when optimizer is 'gd'."""
+    import copy
+
+    from idistill_core.pipeline import warmup_preconditioner
+    from idistill_core.train import save_checkpoint
+
+    s = idistill.settings
+    out = warmup_dir(idistill)
+    if s.recipe.optimizer != "adam":
+        artifacts.write_json(out / "state.json", {"enabled": False})
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion("disabled"), metadata={"enabled": False, "reason": "recipe.optimizer is 'gd'"}
+        )
+    loaded = idistill.load_model()
+    tokenized = tokenized_pool(idistill, loaded.tokenizer)
+    model = copy.deepcopy(loaded.model)
+    start = time.perf_counter()
+    pre = warmup_preconditioner(model, loaded.tokenizer, tokenized.examples, s.recipe)
+    seconds = time.perf_counter() - start
+    save_checkpoint(model, loaded.tokenizer, out / "model")
+    arrays = {f"a::{k}": v.detach().float().numpy() for k, v in pre.a.items()}
+    arrays.update({f"b::{k}": v.detach().float().numpy() for k, v in pre.b.items()})
+    artifacts.save_arrays(out / "preconditioner.safetensors", arrays, {"lr": pre.lr, "step": getattr(pre, "step", None)})
+    version = stable_hash({"model": loaded.fingerprint, "warmup": config_fingerprint(s.recipe.warmup)}, 16)
+    artifacts.write_json(out / "state.json", {"enabled": True, "version": version})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={"enabled": True, "steps": s.recipe.warmup.steps, "seconds": round(seconds, 2), "lr": pre.lr},
+    )
+
+
+def gradient_model(res: IdistillResource):
+    """(model, tokenizer, preconditioner or None): the warmed model when warm-up is enabled."""
+    from idistill_core.warmup import AdamPreconditioner
+
+    from idistill_core.models import load_model
+
+    state = artifacts.read_json(warmup_dir(res) / "state.json")
+    loaded = res.load_model()
+    if not state.get("enabled"):
+        return loaded.model, loaded.tokenizer, None
+    warmed = load_model(str(warmup_dir(res) / "model"))
+    arrays, meta = artifacts.load_arrays(warmup_dir(res) / "preconditioner.safetensors")
+    import torch
+
+    a = {k[3:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("a::")}
+    b = {k[3:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("b::")}
+    return warmed.model, loaded.tokenizer, AdamPreconditioner(a=a, b=b, lr=meta["lr"], step=meta.get("step"))
+
+
+def landmarks_path(res: IdistillResource):
+    return res.artifact_dir("landmarks") / "landmarks.safetensors"
+
+
+@dg.asset(
+    key=[PREFIX, "landmarks"],
+    deps=[pool, base_model, warmup],
+    group_name=SHARED,
+    kinds={"pytorch", "safetensors"},
+    code_version="landmarks-v1",
+)
+def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """Landmark ids and their exact, projected (optionally Adam-preconditioned) gradients, plus held-out samples."""
+    from idistill_core.pipeline import choose_landmarks, compute_gradients
+
+    s = idistill.settings
+    model, tokenizer, pre = gradient_model(idistill)
+    tokenized = tokenized_pool(idistill, tokenizer)
+    ids = list(tokenized.examples["sample_id"])
+    landmark_ids, holdout_ids = choose_landmarks(ids, s.recipe.num_landmarks, s.recipe.num_holdout, s.recipe.seed)
+    start = time.perf_counter()
+    grads = compute_gradients(model, tokenizer, tokenized.examples, landmark_ids + holdout_ids, s.recipe.gradients, pre)
+    seconds = time.perf_counter() - start
+    g = grads.grads.detach().float().numpy()
+    meta = {"landmark_ids": landmark_ids, "holdout_ids": holdout_ids, "gradients": config_fingerprint(s.recipe.gradients)}
+    artifacts.save_arrays(landmarks_path(idistill), {"landmarks": g[: len(landmark_ids)], "holdout": g[len(landmark_ids) :]}, meta)
+    version = stable_hash({"ids": landmark_ids + holdout_ids, "grads": file_hash(landmarks_path(idistill))}, 16)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "landmarks": len(landmark_ids),
+            "holdout": len(holdout_ids),
+            "projected_dim": int(g.shape[1]),
+            "preconditioned": pre is not None,
+            "seconds": round(seconds, 2),
+            "seconds_per_gradient": round(seconds / max(1, len(g)), 3),
+            "dagster/uri": str(landmarks_path(idistill)),
+        },
+    )
+
+
+def load_landmarks(res: IdistillResource):
+    arrays, meta = artifacts.load_arrays(landmarks_path(res))
+    return meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"]

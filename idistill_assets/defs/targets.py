@@ -1,0 +1,282 @@
+"""Per-target assets (one partition per target task): target gradients → landmark influence →
+propagated weights → selected subset."""
+
+
+import time
+from collections import Counter
+
+import dagster as dg
+import numpy as np
+
+from idistill_assets import plots
+from idistill_assets.defs.shared import (
+    PREFIX,
+    embeddings,
+    gradient_model,
+    landmarks,
+    load_landmarks,
+    load_pool_rows,
+    pool,
+    tokenized_pool,
+    warmup,
+)
+from idistill_assets.partitions import targets
+from idistill_assets.resources import IdistillResource
+from idistill_core import artifacts
+
+TARGET = "target"
+DATA_VERSION_TAG = "dagster/data_version"
+
+
+def target_spec_for(res: IdistillResource, name: str):
+    from idistill_core.targets import load_target_spec
+
+    return load_target_spec(res.settings.targets_dir / f"{name}.yaml", res.settings.data_roots)
+
+
+def target_dir(res: IdistillResource, name: str):
+    return res.artifact_dir("targets", name)
+
+
+def target_rows(spec, which: str = "dev"):
+    from idistill_core.data import load_rows
+
+    return load_rows(str(spec.dev if which == "dev" else spec.test), fmt=spec.format)
+
+
+@dg.observable_source_asset(key=[PREFIX, "target_spec"], partitions_def=targets, group_name=TARGET)
+def target_spec(context, idistill: IdistillResource):
+    """Each target's YAML spec and dev/test files; its data version changes when any of them changes."""
+    from idistill_core.targets import load_registry
+
+    specs = load_registry(idistill.settings.targets_dir, idistill.settings.data_roots)
+    known = set(context.instance.get_dynamic_partitions(targets.name))
+    return dg.DataVersionsByPartition({name: spec.version() for name, spec in specs.items() if name in known})
+
+
+def _partitioned(name: str, deps: list, kinds: set[str], version: str, **kwargs):
+    return dg.asset(
+        key=[PREFIX, name],
+        deps=deps,
+        partitions_def=targets,
+        group_name=TARGET,
+        kinds=kinds,
+        code_version=version,
+        **kwargs,
+    )
+
+
+@_partitioned("target_gradients", [target_spec, warmup], {"pytorch", "safetensors"}, "target-grads-v1")
+def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """Projected, unit-normalised gradients of the target's dev samples (never preconditioned, paper §3.4)."""
+    from idistill_core.data import tokenize_rows
+    from idistill_core.pipeline import compute_gradients
+
+    spec = target_spec_for(idistill, context.partition_key)
+    model, tokenizer, _ = gradient_model(idistill)
+    tokenized = tokenize_rows(target_rows(spec, "dev"), tokenizer, idistill.settings.recipe.max_length)
+    if len(tokenized.examples) == 0:
+        from idistill_core.errors import DataError
+
+        raise DataError(f"target '{spec.name}': no usable dev samples in {spec.dev} (all empty or unsupervised).")
+    start = time.perf_counter()
+    grads = compute_gradients(model, tokenizer, tokenized.examples, None, idistill.settings.recipe.gradients)
+    path = target_dir(idistill, spec.name) / "target_gradients.safetensors"
+    artifacts.save_arrays(path, {"targets": grads.grads.detach().float().numpy()}, {"ids": grads.sample_ids, "spec": spec.version()})
+    return dg.MaterializeResult(
+        metadata={
+            "target_samples": len(grads.sample_ids),
+            "dropped_samples": len(tokenized.dropped_ids),
+            "seconds": round(time.perf_counter() - start, 2),
+            "spec_version": spec.version(),
+            "dagster/uri": str(path),
+        }
+    )
+
+
+@_partitioned("landmark_influence", [landmarks, target_gradients], {"numpy"}, "influence-v1")
+def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """Exact influence of each landmark (and held-out sample) on the target: P_L = G_L G_Tᵀ (paper §4.3)."""
+    import torch
+
+    from idistill_core.pipeline import landmark_values
+
+    spec = target_spec_for(idistill, context.partition_key)
+    lm_ids, lm_grads, ho_ids, ho_grads = load_landmarks(idistill)
+    arrays, _ = artifacts.load_arrays(target_dir(idistill, spec.name) / "target_gradients.safetensors")
+    t = torch.from_numpy(arrays["targets"])
+    values = landmark_values(torch.from_numpy(lm_grads), t, spec.aggregate)
+    holdout = landmark_values(torch.from_numpy(ho_grads), t, spec.aggregate) if len(ho_ids) else np.zeros((0, values.shape[1]))
+    out = {"landmarks": values, "holdout": holdout}
+    extra = {}
+    if spec.order == "second":
+        from idistill_core.data import tokenize_rows
+        from idistill_core.pipeline import second_order_terms_for
+
+        model, tokenizer, pre = gradient_model(idistill)
+        recipe = idistill.settings.recipe
+        dev = tokenize_rows(target_rows(spec, "dev"), tokenizer, recipe.max_length).examples
+        terms = second_order_terms_for(model, tokenizer, tokenized_pool(idistill, tokenizer).examples, dev, lm_ids, recipe, pre)
+        out.update(p_second=terms["p"], q=terms["q"])
+        extra = {"second_order_q_norm": float(np.linalg.norm(terms["q"]))}
+    path = target_dir(idistill, spec.name) / "landmark_influence.safetensors"
+    artifacts.save_arrays(path, out, {"landmark_ids": lm_ids, "holdout_ids": ho_ids, "aggregate": spec.aggregate, "order": spec.order})
+    mean = values.mean(axis=1)
+    return dg.MaterializeResult(
+        metadata={
+            "landmarks": len(lm_ids),
+            "target_columns": int(values.shape[1]),
+            "influence_mean": float(mean.mean()),
+            "influence_std": float(mean.std()),
+            "influence_histogram": plots.histogram(mean, "landmark influence", "mean cosine with target gradients"),
+            "order": spec.order,
+            **extra,
+        }
+    )
+
+
+@_partitioned(
+    "propagated_weights",
+    [embeddings, landmark_influence, pool],
+    {"numpy", "parquet"},
+    "propagate-v1",
+    check_specs=[
+        dg.AssetCheckSpec("weights_valid", asset=[PREFIX, "propagated_weights"], blocking=True),
+        dg.AssetCheckSpec("fidelity", asset=[PREFIX, "propagated_weights"]),
+    ],
+)
+def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """Influence score and weight of every pool sample for this target (KRR propagation for method 'id')."""
+    spec = target_spec_for(idistill, context.partition_key)
+    start = time.perf_counter()
+    result = _score_target(idistill, spec)
+    outcome = result["outcome"]
+    rows = load_pool_rows(idistill)
+    source_of = dict(zip(rows["sample_id"], rows["source"]))
+    table = outcome.to_arrow([source_of.get(s, "") for s in outcome.sample_ids])
+    path = target_dir(idistill, spec.name) / "propagated_weights.parquet"
+    artifacts.write_parquet(path, table)
+    rho = result.get("fidelity")
+    weights = outcome.weights
+    problems = []
+    if not np.isfinite(outcome.scores).all() or not np.isfinite(weights).all():
+        problems.append("non-finite scores or weights")
+    if (weights < 0).any():
+        problems.append("negative weights")
+    if not np.isclose(weights.sum(), len(weights), rtol=1e-6):
+        problems.append(f"weights sum to {weights.sum():.6g}, expected N={len(weights)}")
+    if np.count_nonzero(weights) != len(outcome.selected):
+        problems.append(f"{np.count_nonzero(weights)} non-zero weights but {len(outcome.selected)} selected")
+    threshold = idistill.settings.fidelity_warn_below
+    fidelity_check = dg.AssetCheckResult(
+        check_name="fidelity",
+        passed=bool(rho is None or (np.isfinite(rho) and rho >= threshold)),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"spearman_rho": float(rho) if rho is not None else -2.0, "threshold": threshold},
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(outcome.sample_ids),
+            "dagster/uri": str(path),
+            "method": spec.method,
+            "fidelity_spearman": float(rho) if rho is not None else float("nan"),
+            "seconds": round(time.perf_counter() - start, 2),
+            "score_histogram": plots.histogram(outcome.scores, f"{spec.name}: propagated influence", "score"),
+            **{f"seconds_{k}": round(v, 2) for k, v in result.get("timings", {}).items()},
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="weights_valid", passed=not problems, metadata={"problems": "; ".join(problems) or "none"}
+            ),
+            fidelity_check,
+        ],
+    )
+
+
+def _score_target(res: IdistillResource, spec) -> dict:
+    """Scores and weights of every pool sample for ``spec.method`` (reads the upstream artefacts)."""
+    import dataclasses
+
+    import torch
+
+    from idistill_core.data import tokenize_rows
+    from idistill_core.pipeline import baseline_outcome, exact_outcome, landmark_outcome
+
+    recipe = dataclasses.replace(res.settings.recipe, method=spec.method, order=spec.order, aggregate=spec.aggregate)
+    folder = target_dir(res, spec.name)
+    if spec.method == "id":
+        arrays, meta = artifacts.load_arrays(folder / "landmark_influence.safetensors")
+        second = {"p": arrays["p_second"], "q": arrays["q"]} if "q" in arrays else None
+        outcome, rho, timings = landmark_outcome(
+            res.store(), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
+            spec.budget, recipe, second_order=second,
+        )
+        return {"outcome": outcome, "fidelity": rho, "timings": timings}
+    model, tokenizer, pre = gradient_model(res)
+    examples = tokenized_pool(res, tokenizer).examples
+    if spec.method in ("exact", "less"):
+        grads, _ = artifacts.load_arrays(folder / "target_gradients.safetensors")
+        outcome = exact_outcome(model, tokenizer, examples, torch.from_numpy(grads["targets"]), spec.budget, recipe, pre, method=spec.method)
+        return {"outcome": outcome}
+    base = res.load_model()
+    dev = tokenize_rows(target_rows(spec, "dev"), base.tokenizer, recipe.max_length).examples
+    return {"outcome": baseline_outcome(spec.method, base.model, base.tokenizer, examples, dev, spec.budget, recipe)}
+
+
+@_partitioned(
+    "selected_subset",
+    [propagated_weights, pool],
+    {"parquet"},
+    "subset-v1",
+    check_specs=[dg.AssetCheckSpec("subset_valid", asset=[PREFIX, "selected_subset"], blocking=True)],
+)
+def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """The budgeted subset as HF-loadable parquet and jsonl rows (chat schema) with a ``weight`` column."""
+    import polars as pl
+
+    spec = target_spec_for(idistill, context.partition_key)
+    folder = target_dir(idistill, spec.name)
+    weights = pl.read_parquet(folder / "propagated_weights.parquet")
+    chosen = weights.filter(pl.col("selected")).sort("rank")
+    pool_rows = pl.read_parquet(idistill.artifact_dir("pool") / "pool.parquet")
+    subset = chosen.select("sample_id", "weight", "score", "rank").join(pool_rows, on="sample_id", how="left")
+    subset = subset.sort("rank")
+    artifacts.write_with(folder / "subset.parquet", lambda tmp: subset.write_parquet(tmp))
+    artifacts.write_with(folder / "subset.jsonl", lambda tmp: subset.write_ndjson(tmp))
+    ids = subset["sample_id"].to_list()
+    problems = []
+    expected = min(spec.budget, len(weights))
+    if len(ids) != expected:
+        problems.append(f"{len(ids)} rows, budget {expected}")
+    if len(set(ids)) != len(ids):
+        problems.append("duplicate sample ids")
+    if subset["messages"].null_count():
+        problems.append("ids missing from the pool")
+    counts = Counter(subset["source"].to_list())
+    pool_counts = Counter(pool_rows["source"].to_list())
+    scale = len(ids) / max(1, len(pool_rows))
+    top = subset.head(5).to_dicts()
+    bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left").to_dicts()
+    preview = lambda r: {"sample_id": r["sample_id"], "source": r["source"], "score": r["score"], "prompt": r["messages"][0]["content"][:80]}
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(ids),
+            "dagster/uri": str(folder / "subset.parquet"),
+            "budget": spec.budget,
+            "composition": plots.bars(
+                dict(counts.most_common()), f"{spec.name}: selected subset by source", "samples",
+                compare={k: v * scale for k, v in pool_counts.items()},
+            ),
+            "sources": plots.markdown_table(
+                [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.most_common()],
+                ["source", "selected", "pool"],
+            ),
+            "weight_histogram": plots.histogram(subset["weight"].to_list(), f"{spec.name}: weights of selected", "weight"),
+            "top_samples": plots.markdown_table([preview(r) for r in top], ["sample_id", "source", "score", "prompt"]),
+            "bottom_samples": plots.markdown_table([preview(r) for r in bottom], ["sample_id", "source", "score", "prompt"]),
+            **{f"share_{k}": v / len(ids) for k, v in counts.items()},
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="subset_valid", passed=not problems, metadata={"problems": "; ".join(problems) or "none"})
+        ],
+    )

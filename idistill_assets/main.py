@@ -1,0 +1,129 @@
+"""The main job: materialize every asset for every registered target, then print a per-target summary.
+
+    python -m idistill_assets.main [--profile profiles/default.yaml] [--targets arith,reading]
+
+Runs go into a project-local Dagster instance (``<home>/dagster_home``, sqlite), so ``dagster dev`` afterwards
+shows the same runs, lineage and metadata in the UI. Targets whose YAML says ``finetune: false`` get the
+selection assets only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _instance(home: Path):
+    import dagster as dg
+
+    dagster_home = home / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(
+            "telemetry:\n  enabled: false\n"
+            "concurrency:\n  pools:\n    default_limit: 1\n"
+            "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 60\n"
+        )
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return dg.DagsterInstance.get()
+
+
+def _metadata(instance, key: list[str], partition: str | None, name: str):
+    import dagster as dg
+
+    event = instance.get_latest_materialization_event(dg.AssetKey(key), partition) if partition else None
+    if partition is None:
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get(name)
+    return getattr(value, "value", value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=os.environ.get("IDISTILL_PROFILE", "profiles/default.yaml"))
+    parser.add_argument("--home", default=None, help="override the profile's home folder")
+    parser.add_argument("--targets", default=None, help="comma-separated subset of the registered targets")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from idistill_assets.definitions import build_definitions
+    from idistill_assets.partitions import targets as targets_partitions
+    from idistill_core.settings import load_settings
+    from idistill_core.targets import load_registry
+
+    settings = load_settings(args.profile, args.home)
+    instance = _instance(settings.home)
+    defs = build_definitions(args.profile, str(settings.home))
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    step = time.perf_counter()
+    result = defs.get_job_def("shared_job").execute_in_process(instance=instance)
+    timings["shared"] = time.perf_counter() - step
+    if not result.success:
+        print("shared assets failed; see the log above", file=sys.stderr)
+        return 1
+
+    registry = load_registry(settings.targets_dir, settings.data_roots)
+    names = [n for n in registry if args.targets is None or n in args.targets.split(",")]
+    known = set(instance.get_dynamic_partitions(targets_partitions.name))
+    instance.add_dynamic_partitions(targets_partitions.name, [n for n in names if n not in known])
+    failed = []
+    for name in names:
+        job = "target_job" if registry[name].finetune else "selection_job"
+        step = time.perf_counter()
+        run = defs.get_job_def(job).execute_in_process(instance=instance, partition_key=name, raise_on_error=False)
+        timings[name] = time.perf_counter() - step
+        if not run.success:
+            failed.append(name)
+
+    print("\n" + "=" * 100)
+    print(f"idistill main job — profile {args.profile}, model {settings.model}, home {settings.home}")
+    pool_rows = _metadata(instance, ["idistill", "pool"], None, "dagster/row_count")
+    emb_seconds = _metadata(instance, ["idistill", "embeddings"], None, "seconds")
+    lm_seconds = _metadata(instance, ["idistill", "landmarks"], None, "seconds")
+    print(f"pool: {pool_rows} samples; embeddings {emb_seconds} s; landmark gradients {lm_seconds} s; shared stage {timings['shared']:.0f} s")
+    header = f"{'target':<10} {'metric':<10} {'k':>4} {'fidelity ρ':>10} {'base':>8} {'ID':>8} {'random':>8} {'ID top source share':<28} {'time':>6}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        spec = registry[name]
+        folder = settings.artifacts / "targets" / name
+        size = _metadata(instance, ["idistill", "selected_subset"], name, "dagster/row_count")
+        rho = _metadata(instance, ["idistill", "propagated_weights"], name, "fidelity_spearman")
+        scores = {"base": "-", "influence_distillation": "-", "random": "-"}
+        eval_file = folder / "eval_scores.json"
+        if spec.finetune and eval_file.exists():
+            for row in json.loads(eval_file.read_text())["rows"]:
+                scores[row["model"]] = f"{row['score']:.3f}"
+        shares = {}
+        if size:
+            import polars as pl
+
+            subset = pl.read_parquet(folder / "subset.parquet")
+            counts = subset["source"].value_counts().sort("count", descending=True).head(1).to_dicts()
+            shares = {c["source"]: c["count"] / subset.height for c in counts}
+        top = ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+        rho_text = f"{rho:.3f}" if isinstance(rho, float) else "-"
+        status = " FAILED" if name in failed else ""
+        print(
+            f"{name:<10} {spec.metric:<10} {size or 0:>4} {rho_text:>10} {scores['base']:>8} "
+            f"{scores['influence_distillation']:>8} {scores['random']:>8} {top:<28} {timings[name]:>5.0f}s{status}"
+        )
+    total = time.perf_counter() - started
+    print(f"total wall time {total:.0f} s ({total / 60:.1f} min). Open the UI with: make ui")
+    print("=" * 100)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Plots for Dagster metadata: matplotlib figures embedded in markdown as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+import numpy as np
+
+
+def png_markdown(fig, title: str) -> dg.MetadataValue:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
+
+
+def _figure(width: float = 6.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def histogram(values: Sequence[float], title: str, xlabel: str, marks: Sequence[float] = ()) -> dg.MetadataValue:
+    fig, ax = _figure()
+    ax.hist(np.asarray(values, dtype=float), bins=40, color="#4c72b0")
+    for mark in marks:
+        ax.axvline(mark, color="#c44e52", linestyle="--", linewidth=1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    return png_markdown(fig, title)
+
+
+def bars(counts: Mapping[str, float], title: str, ylabel: str, compare: Mapping[str, float] | None = None) -> dg.MetadataValue:
+    fig, ax = _figure()
+    names = list(counts)
+    x = np.arange(len(names))
+    if compare is None:
+        ax.bar(x, [counts[n] for n in names], color="#4c72b0")
+    else:
+        ax.bar(x - 0.2, [counts[n] for n in names], width=0.4, label="selected", color="#4c72b0")
+        ax.bar(x + 0.2, [compare.get(n, 0) for n in names], width=0.4, label="pool (scaled)", color="#dd8452")
+        ax.legend()
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    return png_markdown(fig, title)
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> dg.MetadataValue:
+    def cell(value: object) -> str:
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")[:120]
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def line(values: Sequence[float], title: str, xlabel: str, ylabel: str) -> dg.MetadataValue:
+    fig, ax = _figure()
+    ax.plot(np.arange(1, len(values) + 1), np.asarray(values, dtype=float), color="#4c72b0")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return png_markdown(fig, title)

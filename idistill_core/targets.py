@@ -1,0 +1,152 @@
+"""Target registry: one YAML file per target task, validated before anything runs.
+
+A target file ``targets/<name>.yaml``::
+
+    name: arith                    # must equal the file stem; [a-z0-9_-], used as the Dagster partition key
+    description: GSM-like word problems
+    metric: em-number              # em-number | squad | mc | nll
+    dev: builtin/targets/arith/dev.jsonl    # target examples used for selection (relative to a data root)
+    test: builtin/targets/arith/test.jsonl  # held-out examples used for evaluation
+    format: auto                   # loader format (auto | chat | gsm8k | squad | mmlu | tulu)
+    budget: 100                    # selected subset size k
+    method: id                     # id | exact | rds | less | random | midppl
+    order: first                   # first | second
+    optimizer: gd                  # gd | adam
+    aggregate: mean                # mean | rr
+    finetune: true                 # also fine-tune and evaluate on the subset
+
+Paths may not escape the configured data roots (no absolute paths outside them, no ``..`` tricks).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from idistill_core.errors import ConfigError
+from idistill_core.hashing import file_hash, stable_hash
+
+METRICS = ("em-number", "squad", "mc", "nll")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_REQUIRED = ("name", "metric", "dev", "test", "budget")
+_OPTIONAL = {
+    "description": "",
+    "format": "auto",
+    "method": "id",
+    "order": "first",
+    "optimizer": "gd",
+    "aggregate": "mean",
+    "finetune": True,
+}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    metric: str
+    dev: Path
+    test: Path
+    budget: int
+    description: str = ""
+    format: str = "auto"
+    method: str = "id"
+    order: str = "first"
+    optimizer: str = "gd"
+    aggregate: str = "mean"
+    finetune: bool = True
+    source_file: Path | None = None
+
+    def version(self) -> str:
+        """Hash of the spec and of its dev/test files' contents: changes when anything the target uses changes."""
+        fields = {k: str(v) for k, v in asdict(self).items() if k != "source_file"}
+        files = {p: (file_hash(p) if Path(p).exists() else "missing") for p in (self.dev, self.test)}
+        return stable_hash({"spec": fields, "files": {str(k): v for k, v in files.items()}}, 16)
+
+
+def _resolve(path_value: object, field_name: str, source: Path, data_roots: list[Path]) -> Path:
+    if not isinstance(path_value, str) or not path_value.strip():
+        raise ConfigError(f"{source}: field '{field_name}' must be a non-empty path string; got {path_value!r}.")
+    raw = Path(path_value)
+    candidates = [raw] if raw.is_absolute() else [root / raw for root in data_roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        for root in data_roots:
+            if resolved.is_relative_to(root.resolve()):
+                return resolved
+    roots = ", ".join(str(r) for r in data_roots)
+    raise ConfigError(f"{source}: field '{field_name}' = {path_value!r} escapes the data roots ({roots}).")
+
+
+def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSpec:
+    """Parse and validate one target YAML; paths are resolved inside ``data_roots``."""
+    path = Path(path)
+    roots = [Path(r) for r in data_roots]
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"target file {path} does not exist.") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}.")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing required field(s) {', '.join(missing)}.")
+    unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
+    name = str(raw["name"])
+    if not _NAME.match(name):
+        raise ConfigError(f"{path}: field 'name' = {name!r} must match [a-z0-9][a-z0-9_-]* (it is a partition key).")
+    if name != path.stem:
+        raise ConfigError(f"{path}: field 'name' = {name!r} must equal the file name stem {path.stem!r}.")
+    metric = raw["metric"]
+    if metric not in METRICS:
+        raise ConfigError(f"{path}: field 'metric' = {metric!r} is unknown; use one of {', '.join(METRICS)}.")
+    budget = raw["budget"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise ConfigError(f"{path}: field 'budget' must be a positive integer; got {budget!r}.")
+    values = {**_OPTIONAL, **{k: raw[k] for k in _OPTIONAL if k in raw}}
+    choices = {
+        "method": ("id", "exact", "rds", "less", "random", "midppl"),
+        "order": ("first", "second"),
+        "optimizer": ("gd", "adam"),
+        "aggregate": ("mean", "rr"),
+    }
+    for field_name, allowed in choices.items():
+        if values[field_name] not in allowed:
+            raise ConfigError(
+                f"{path}: field '{field_name}' = {values[field_name]!r} is unknown; use one of {', '.join(allowed)}."
+            )
+    if not isinstance(values["finetune"], bool):
+        raise ConfigError(f"{path}: field 'finetune' must be true or false; got {values['finetune']!r}.")
+    return TargetSpec(
+        name=name,
+        metric=metric,
+        dev=_resolve(raw["dev"], "dev", path, roots),
+        test=_resolve(raw["test"], "test", path, roots),
+        budget=budget,
+        description=str(values["description"]),
+        format=str(values["format"]),
+        method=values["method"],
+        order=values["order"],
+        optimizer=values["optimizer"],
+        aggregate=values["aggregate"],
+        finetune=values["finetune"],
+        source_file=path,
+    )
+
+
+def load_registry(targets_dir: str | Path, data_roots: list[str | Path]) -> dict[str, TargetSpec]:
+    """All ``*.yaml`` targets in a folder, by name (an invalid file raises with its path)."""
+    folder = Path(targets_dir)
+    if not folder.is_dir():
+        return {}
+    specs = {}
+    for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
+        spec = load_target_spec(path, data_roots)
+        specs[spec.name] = spec
+    return specs

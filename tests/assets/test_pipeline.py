@@ -1,0 +1,110 @@
+"""The asset graph on a tiny project: definitions, a full materialization, and incremental recompute."""
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from idistill_assets.definitions import build_definitions
+from idistill_core.settings import load_settings
+
+from .conftest import write_profile, write_target
+
+PER_TARGET = [
+    "target_gradients",
+    "landmark_influence",
+    "propagated_weights",
+    "selected_subset",
+    "finetuned_checkpoint",
+    "random_checkpoint",
+    "eval_scores",
+]
+SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks"]
+
+
+def key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["idistill", name])
+
+
+def materializations(instance, name: str) -> int:
+    return len(instance.fetch_materializations(key(name), limit=1000).records)
+
+
+def run_shared(defs, instance):
+    result = defs.get_job_def("shared_job").execute_in_process(instance=instance)
+    assert result.success
+
+
+def run_target(defs, instance, name: str, job: str = "target_job"):
+    if name not in instance.get_dynamic_partitions("targets"):
+        instance.add_dynamic_partitions("targets", [name])
+    result = defs.get_job_def(job).execute_in_process(instance=instance, partition_key=name)
+    assert result.success
+    return result
+
+
+def test_definitions_load_with_the_documented_graph():
+    defs = build_definitions("profiles/tiny.yaml")
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {f"idistill/{n}" for n in SHARED + PER_TARGET + ["target_spec"]} <= keys
+    for name in PER_TARGET:
+        node = graph.get(key(name))
+        assert node.partitions_def is not None and node.partitions_def.name == "targets", name
+        assert node.code_version, name
+    for name in SHARED:
+        assert graph.get(key(name)).partitions_def is None, name
+    assert key("embeddings") in graph.get(key("propagated_weights")).parent_keys
+    assert key("landmarks") in graph.get(key("landmark_influence")).parent_keys
+    assert key("target_spec") in graph.get(key("target_gradients")).parent_keys
+    assert key("selected_subset") in graph.get(key("finetuned_checkpoint")).parent_keys
+
+
+def test_whole_graph_materializes_with_consistent_outputs(project, instance):
+    profile, _ = project
+    defs = build_definitions(str(profile))
+    run_shared(defs, instance)
+    run_target(defs, instance, "arith")
+    settings = load_settings(profile)
+    pool_ids = set(pl.read_parquet(settings.artifacts / "pool" / "pool.parquet")["sample_id"])
+    folder = settings.artifacts / "targets" / "arith"
+    weights = pl.read_parquet(folder / "propagated_weights.parquet")
+    assert set(weights["sample_id"]) == pool_ids  # every pool sample gets a score and a weight
+    assert np.isfinite(weights["score"].to_numpy()).all()
+    assert abs(weights["weight"].sum() - len(pool_ids)) < 1e-6 * len(pool_ids)
+    subset = pl.read_parquet(folder / "subset.parquet")
+    assert subset.height == 12 and subset["sample_id"].n_unique() == 12
+    assert set(subset["sample_id"]) <= pool_ids
+    assert (subset["weight"] > 0).all()
+    eval_rows = {row["model"] for row in __import__("json").loads((folder / "eval_scores.json").read_text())["rows"]}
+    assert eval_rows == {"base", "influence_distillation", "random"}
+    checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(key("selected_subset"), "subset_valid"), dg.AssetCheckKey(key("embeddings"), "embeddings_valid")]
+    )
+    assert len(checks) == 2
+
+
+def test_second_target_and_grown_pool_embed_only_what_is_new(project, instance, tmp_path):
+    profile, targets_dir = project
+    defs = build_definitions(str(profile))
+    run_shared(defs, instance)
+    run_target(defs, instance, "arith", job="selection_job")
+    settings = load_settings(profile)
+    from idistill_assets.resources import IdistillResource
+
+    rows_before = IdistillResource(profile=str(profile)).store().count()
+    assert materializations(instance, "embeddings") == 1
+
+    write_target(targets_dir, "reading")
+    run_target(defs, instance, "reading", job="selection_job")
+    assert materializations(instance, "embeddings") == 1  # a new target never re-embeds
+    assert IdistillResource(profile=str(profile)).store().count() == rows_before
+    assert (settings.artifacts / "targets" / "reading" / "subset.parquet").exists()
+
+    grown = write_profile(tmp_path, pool_size=120)
+    defs = build_definitions(str(grown))
+    run_shared(defs, instance)
+    latest = instance.get_latest_materialization_event(key("embeddings")).asset_materialization.metadata
+    grown_rows = IdistillResource(profile=str(grown)).store().count()
+    assert latest["inserted"].value == grown_rows - rows_before > 0  # only the new pool rows were embedded
+    assert latest["already_present"].value == rows_before
