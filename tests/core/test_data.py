@@ -179,9 +179,9 @@ def test_tiny_llama_tokenizer_from_models_masks_labels_token_by_token():
     models_module = pytest.importorskip("idistill_core.models")
     tokenizer = models_module.load_model("tiny-llama").tokenizer
     input_ids, labels = encode_conversation(CONVERSATION, tokenizer)
-    runs = supervised_runs(tokenizer, input_ids, labels)
-    assert [run.startswith(m["content"]) for run, m in zip(runs, CONVERSATION[2::2])] == [True, True]
-    assert len(runs) == 2
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert supervised_runs(tokenizer, input_ids, labels) == ["hi there<|im_end|>", "the end\nof it<|im_end|>"]
 
 
 # ------------------------------------------------------------------------------------------ raw schemas
