@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from idistill_core.batch import IGNORE_INDEX, TokenBatch, collate
+from idistill_core.batch import IGNORE_INDEX, collate
 from idistill_core.errors import ConfigError, DataError, NumericalError, StoreError
 from idistill_core.hashing import config_fingerprint
 from idistill_core.models import model_fingerprint
@@ -62,13 +62,14 @@ class FinetuneConfig:
     seed: int = 0
     """Seed of the shuffling generator (and of LoRA's adapter init)."""
     precision: str = "bf16-autocast"
-    """``"bf16-autocast"`` (fp32 weights and optimizer, bf16 matmuls; ~1.4x faster on this CPU) or ``"fp32"``."""
+    """``"bf16-autocast"`` (fp32 weights and optimizer, bf16 matmuls; ~1.4x faster on this CPU) or
+    ``"fp32"``."""
     use_weights: bool = False
     """Scale each sample's token losses by its weight (``weights`` argument or a ``weight`` column)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     lora_rank: int | None = None
-    """Train rank-r LoRA adapters on all linear layers instead of all weights (needs ``peft``); merged on save."""
+    """Train rank-r LoRA adapters on all linear layers, not all weights (needs ``peft``); merged on save."""
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.max_steps is None):
@@ -103,7 +104,7 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tune did. ``losses[i]`` is the mean supervised-token CE of step ``i`` (before its update)."""
+    """What a fine-tune did. ``losses[i]``: mean supervised-token CE of step ``i`` (before its update)."""
 
     losses: list[float]
     steps: int
@@ -174,7 +175,9 @@ def finetune(
     optimizer = _make_optimizer(train_model, config)
     from transformers import get_linear_schedule_with_warmup
 
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * len(steps)), len(steps))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(config.warmup_ratio * len(steps)), len(steps)
+    )
     generator = torch.Generator().manual_seed(config.seed)
     order = _epoch_orders(len(rows), generator)
 
@@ -219,8 +222,13 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             if log_every and (step + 1) % log_every == 0:
-                logger.info("finetune step %d/%d loss %.4f lr %.2e", step + 1, len(steps), step_loss,
-                            scheduler.get_last_lr()[0])
+                logger.info(
+                    "finetune step %d/%d loss %.4f lr %.2e",
+                    step + 1,
+                    len(steps),
+                    step_loss,
+                    scheduler.get_last_lr()[0],
+                )
     finally:
         if config.gradient_checkpointing:
             _set_checkpointing(train_model, False)
@@ -246,7 +254,9 @@ def finetune(
     return result
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum of next-token cross-entropies over supervised positions, optionally weighted per row.
 
     Args:
@@ -336,7 +346,9 @@ def _read_examples(examples: Iterable[Mapping]) -> list[dict]:
                 f"sample '{sid}' has {len(row['input_ids'])} input_ids but {len(row['labels'])} labels"
             )
         if _num_supervised(row) == 0:
-            raise DataError(f"sample '{sid}' has no supervised token after the first position (labels all -100)")
+            raise DataError(
+                f"sample '{sid}' has no supervised token after the first position (labels all -100)"
+            )
         if "weight" in e and e["weight"] is not None:
             row["weight"] = float(e["weight"])
         rows.append(row)
@@ -355,20 +367,25 @@ def _resolve_weights(
 ) -> dict[str, float] | None:
     if not use_weights:
         if weights is not None:
-            logger.info("finetune: weights passed but FinetuneConfig.use_weights is False; training unweighted")
+            logger.info(
+                "finetune: weights passed but FinetuneConfig.use_weights is False; training unweighted"
+            )
         return None
     resolved: dict[str, float] = {}
     for row in rows:
         sid = row["sample_id"]
         if weights is not None:
             if sid not in weights:
-                raise DataError(f"FinetuneConfig.use_weights is set but sample '{sid}' has no entry in weights")
+                raise DataError(
+                    f"FinetuneConfig.use_weights is set but sample '{sid}' has no entry in weights"
+                )
             w = float(weights[sid])
         elif "weight" in row:
             w = row["weight"]
         else:
             raise DataError(
-                f"FinetuneConfig.use_weights is set but sample '{sid}' has no 'weight' and no weights were passed"
+                f"FinetuneConfig.use_weights is set but sample '{sid}' has no 'weight' column value "
+                "and no weights were passed"
             )
         if not (math.isfinite(w) and w >= 0):
             raise DataError(f"sample '{sid}' has weight {w}; weights must be finite and >= 0")
@@ -412,7 +429,10 @@ def _make_optimizer(model: torch.nn.Module, config: FinetuneConfig) -> torch.opt
         if param.requires_grad:
             # Decaying norm gains and biases pulls them towards 0, which is not a sensible prior for them.
             (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
@@ -449,7 +469,10 @@ def _maybe_wrap_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn
         ) from exc
     torch.manual_seed(config.seed)  # peft initialises adapters from the global RNG; no generator hook
     lora = peft.LoraConfig(
-        r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=config.lora_rank,
+        lora_alpha=2 * config.lora_rank,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, lora)
 
@@ -472,16 +495,22 @@ def _load_cached(out: Path, key: str, model: torch.nn.Module) -> FinetuneResult 
     try:
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError as exc:
-        raise StoreError(f"{summary_path} is not valid JSON ({exc.msg}); delete the directory to retrain") from exc
+        raise StoreError(
+            f"{summary_path} is not valid JSON ({exc.msg}); delete the directory to retrain"
+        ) from exc
     if summary.get("cache_key") != key:
-        logger.info("finetune: %s holds a different run (%s != %s); retraining", out, summary.get("cache_key"), key)
+        logger.info(
+            "finetune: %s holds a different run (%s != %s); retraining", out, summary.get("cache_key"), key
+        )
         return None
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype)
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
     if unexpected or [k for k in missing if k not in _tied_keys(model)]:
-        raise StoreError(f"checkpoint {out} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise StoreError(
+            f"checkpoint {out} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     logger.info("finetune: reusing cached checkpoint %s", out)
     return FinetuneResult(
         losses=list(summary["losses"]),

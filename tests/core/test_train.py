@@ -15,10 +15,18 @@ from idistill_core.train import FinetuneConfig, finetune, save_checkpoint
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = True) -> transformers.LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = True
+) -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -50,7 +58,9 @@ def test_one_step_matches_plain_autograd_adamw_step():
     examples = make_examples(8)
     model = tiny_llama(dtype=torch.float64)
     reference = copy.deepcopy(model)
-    config = FinetuneConfig(lr=1e-2, max_steps=1, batch_size=8, warmup_ratio=0.0, max_grad_norm=0.5, precision="fp32")
+    config = FinetuneConfig(
+        lr=1e-2, max_steps=1, batch_size=8, warmup_ratio=0.0, max_grad_norm=0.5, precision="fp32"
+    )
     result = finetune(model, None, examples, config)
 
     sums, counts = zip(*(per_example_ce_sum(reference, e) for e in examples))
@@ -71,7 +81,7 @@ def test_grad_accumulation_normalises_by_tokens_of_the_whole_step():
     examples = make_examples(8)
     one = tiny_llama(dtype=torch.float64)
     two = copy.deepcopy(one)
-    base = dict(lr=1e-2, max_steps=1, warmup_ratio=0.0, precision="fp32")
+    base = {"lr": 1e-2, "max_steps": 1, "warmup_ratio": 0.0, "precision": "fp32"}
     r1 = finetune(one, None, examples, FinetuneConfig(batch_size=8, grad_accum=1, **base))
     r2 = finetune(two, None, examples, FinetuneConfig(batch_size=2, grad_accum=4, **base))
     assert r1.losses[0] == pytest.approx(r2.losses[0], rel=1e-7)
@@ -92,8 +102,13 @@ def test_sample_weights_scale_each_samples_token_losses():
     expected = sum(weights[e["sample_id"]] * s for e, s in zip(examples, sums)) / sum(counts)
     assert result.losses[0] == pytest.approx(float(expected), rel=1e-7)
 
-    unweighted = finetune(copy.deepcopy(reference), None, examples, FinetuneConfig(
-        max_steps=1, batch_size=6, precision="fp32"), weights=weights)
+    unweighted = finetune(
+        copy.deepcopy(reference),
+        None,
+        examples,
+        FinetuneConfig(max_steps=1, batch_size=6, precision="fp32"),
+        weights=weights,
+    )
     assert unweighted.losses[0] == pytest.approx(float(sum(sums) / sum(counts)), rel=1e-7)
 
 
@@ -101,8 +116,12 @@ def test_weights_column_is_used_and_missing_weights_are_an_error():
     examples = [dict(e, weight=2.0) for e in make_examples(4)]
     config = FinetuneConfig(max_steps=1, batch_size=4, precision="fp32", use_weights=True)
     weighted = finetune(tiny_llama(dtype=torch.float64), None, examples, config)
-    plain = finetune(tiny_llama(dtype=torch.float64), None, examples, FinetuneConfig(
-        max_steps=1, batch_size=4, precision="fp32"))
+    plain = finetune(
+        tiny_llama(dtype=torch.float64),
+        None,
+        examples,
+        FinetuneConfig(max_steps=1, batch_size=4, precision="fp32"),
+    )
     assert weighted.losses[0] == pytest.approx(2 * plain.losses[0], rel=1e-7)
     with pytest.raises(DataError, match="'s0'"):
         finetune(tiny_llama(), None, make_examples(4), config)
@@ -110,8 +129,12 @@ def test_weights_column_is_used_and_missing_weights_are_an_error():
 
 def test_tiny_model_overfits_a_tiny_subset():
     examples = make_examples(8)
-    result = finetune(tiny_llama(), None, examples, FinetuneConfig(
-        lr=1e-2, max_steps=40, batch_size=4, warmup_ratio=0.1, precision="fp32"))
+    result = finetune(
+        tiny_llama(),
+        None,
+        examples,
+        FinetuneConfig(lr=1e-2, max_steps=40, batch_size=4, warmup_ratio=0.1, precision="fp32"),
+    )
     assert len(result.losses) == 40
     first, last = sum(result.losses[:2]) / 2, sum(result.losses[-2:]) / 2
     assert last < 0.5 * first, (first, last)
@@ -121,8 +144,12 @@ def test_epochs_visit_every_sample_once_per_epoch():
     examples = make_examples(7)
     supervised = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
     tokens = sum(len(e["input_ids"]) for e in examples)
-    result = finetune(tiny_llama(), None, examples, FinetuneConfig(
-        epochs=2, max_steps=None, batch_size=3, grad_accum=2, precision="fp32"))
+    result = finetune(
+        tiny_llama(),
+        None,
+        examples,
+        FinetuneConfig(epochs=2, max_steps=None, batch_size=3, grad_accum=2, precision="fp32"),
+    )
     # 3 micro-batches per epoch (3+3+1), grouped in pairs across the whole run -> ceil(6 / 2).
     assert result.steps == 3 and len(result.losses) == 3
     assert result.supervised_tokens == 2 * supervised
@@ -131,7 +158,7 @@ def test_epochs_visit_every_sample_once_per_epoch():
 
 def test_bf16_autocast_first_loss_is_close_to_fp32():
     examples = make_examples(8)
-    cfg = dict(max_steps=1, batch_size=8)
+    cfg = {"max_steps": 1, "batch_size": 8}
     fp32 = finetune(tiny_llama(), None, examples, FinetuneConfig(precision="fp32", **cfg))
     bf16 = finetune(tiny_llama(), None, examples, FinetuneConfig(precision="bf16-autocast", **cfg))
     assert bf16.losses[0] == pytest.approx(fp32.losses[0], rel=2e-2)
@@ -142,7 +169,7 @@ def test_gradient_checkpointing_gives_the_same_update():
     examples = make_examples(4)
     plain = tiny_llama(dtype=torch.float64)
     ckpt = copy.deepcopy(plain)
-    base = dict(lr=1e-2, max_steps=2, batch_size=4, precision="fp32")
+    base = {"lr": 1e-2, "max_steps": 2, "batch_size": 4, "precision": "fp32"}
     finetune(plain, None, examples, FinetuneConfig(**base))
     finetune(ckpt, None, examples, FinetuneConfig(gradient_checkpointing=True, **base))
     for p, q in zip(plain.parameters(), ckpt.parameters()):
@@ -152,8 +179,13 @@ def test_gradient_checkpointing_gives_the_same_update():
 def test_saved_tied_checkpoint_reloads_to_identical_logits(tmp_path):
     model = tiny_llama(tied=True)
     out = tmp_path / "ft"
-    result = finetune(model, None, make_examples(8), FinetuneConfig(
-        lr=1e-2, max_steps=3, batch_size=4, precision="fp32"), out_dir=out)
+    result = finetune(
+        model,
+        None,
+        make_examples(8),
+        FinetuneConfig(lr=1e-2, max_steps=3, batch_size=4, precision="fp32"),
+        out_dir=out,
+    )
     assert result.path == out
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     summary = json.loads((out / "train_summary.json").read_text())
@@ -194,8 +226,13 @@ def test_same_config_and_data_reuses_the_checkpoint_instead_of_retraining(tmp_pa
     for p, q in zip(fresh.parameters(), trained.parameters()):  # the cached weights were loaded
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
-    changed = finetune(tiny_llama(), None, examples, FinetuneConfig(
-        lr=2e-2, max_steps=3, batch_size=4, precision="fp32"), out_dir=out)
+    changed = finetune(
+        tiny_llama(),
+        None,
+        examples,
+        FinetuneConfig(lr=2e-2, max_steps=3, batch_size=4, precision="fp32"),
+        out_dir=out,
+    )
     assert not changed.cached and changed.losses != first.losses
     assert json.loads((out / "train_summary.json").read_text())["config"]["lr"] == 2e-2
 
@@ -206,16 +243,16 @@ def test_same_config_and_data_reuses_the_checkpoint_instead_of_retraining(tmp_pa
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(epochs=2, max_steps=10), "epochs"),
-        (dict(epochs=None, max_steps=None), "epochs"),
-        (dict(max_steps=0), "max_steps"),
-        (dict(lr=0.0), "lr"),
-        (dict(batch_size=0), "batch_size"),
-        (dict(grad_accum=0), "grad_accum"),
-        (dict(warmup_ratio=1.0), "warmup_ratio"),
-        (dict(max_grad_norm=0.0), "max_grad_norm"),
-        (dict(precision="fp16"), "precision"),
-        (dict(lora_rank=0), "lora_rank"),
+        ({"epochs": 2, "max_steps": 10}, "epochs"),
+        ({"epochs": None, "max_steps": None}, "epochs"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"grad_accum": 0}, "grad_accum"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"precision": "fp16"}, "precision"),
+        ({"lora_rank": 0}, "lora_rank"),
     ],
 )
 def test_bad_config_fields_are_rejected_by_name(kwargs, field):
