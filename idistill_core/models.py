@@ -479,11 +479,10 @@ def _cached_dir_fingerprint(directory: Path, model: torch.nn.Module, dtype: torc
     The key is the size and mtime of every file in the directory plus the dtype, so a rewritten directory
     (or another dtype) recomputes it. Hashing 135M parameters costs about a second per load otherwise.
     """
-    files = sorted(p for p in directory.iterdir() if p.is_file())
-    key = json.dumps(
-        {"dtype": str(dtype), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]},
-        sort_keys=True,
-    )
+    files = [
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(directory.iterdir()) if p.is_file()
+    ]
+    key = json.dumps({"dtype": str(dtype), "files": files}, sort_keys=True)
     record_path = directory.parent / f"{directory.name}.fingerprint.json"
     try:
         records = json.loads(record_path.read_text())
@@ -494,6 +493,8 @@ def _cached_dir_fingerprint(directory: Path, model: torch.nn.Module, dtype: torc
     if isinstance(records.get(key), str):
         return records[key]
     fingerprint = model_fingerprint(model.to(dtype))
+    # Keep only entries for the files as they are now (other dtypes), so the record never grows stale.
+    records = {k: v for k, v in records.items() if _record_files(k) == files}
     records[key] = fingerprint
     tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -502,3 +503,10 @@ def _cached_dir_fingerprint(directory: Path, model: torch.nn.Module, dtype: torc
     except OSError:
         logger.warning("cannot write fingerprint cache %s", record_path)
     return fingerprint
+
+
+def _record_files(key: str) -> list | None:
+    try:
+        return json.loads(key).get("files")
+    except (ValueError, AttributeError):
+        return None

@@ -377,6 +377,7 @@ def test_directory_fingerprint_is_cached_and_recomputed_when_files_change(tmp_pa
     stat = config.stat()
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert _cached_dir_fingerprint(directory, other, torch.float32) == model_fingerprint(other)
+    assert list(json.loads(record.read_text()).values()) == [model_fingerprint(other)]
 
 
 def _cached_default_dir():
