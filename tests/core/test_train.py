@@ -283,3 +283,49 @@ def test_bad_examples_are_rejected_naming_the_sample():
     dup[1]["sample_id"] = "s0"
     with pytest.raises(DataError, match="'s0' appears twice"):
         finetune(tiny_llama(), None, dup, FinetuneConfig(max_steps=1))
+
+
+def test_finetuned_tiny_llama_learns_its_answers_and_reloads_with_its_tokenizer(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from idistill_core.data import tokenize_rows
+    from idistill_core.evaluate import EvalConfig, evaluate
+    from idistill_core.models import load_model
+
+    loaded = load_model("tiny-llama", seed=0)
+    questions = [
+        ("Tom has 3 apples and buys 5 more. How many apples?", 8),
+        ("Sara had 24 cookies and ate 9. How many are left?", 15),
+        ("A box holds 6 eggs. How many eggs in 2 boxes?", 12),
+        ("Lena has 7 pens and loses 2. How many pens?", 5),
+    ]
+    rows = [
+        {
+            "sample_id": f"a{i}",
+            "source": "arith",
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": f"The answer is {a}."},
+            ],
+            "answer": str(a),
+        }
+        for i, (q, a) in enumerate(questions)
+    ]
+    examples = tokenize_rows(datasets.Dataset.from_list(rows), loaded.tokenizer, 128).examples
+    before = evaluate(loaded.model, loaded.tokenizer, rows, "em-number", EvalConfig(max_new_tokens=16))
+    out = tmp_path / "ft"
+    config = FinetuneConfig(lr=1e-2, max_steps=60, batch_size=4, precision="fp32")
+    result = finetune(loaded.model, loaded.tokenizer, examples, config, out_dir=out)
+    assert result.losses[-1] < 0.1 * result.losses[0]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == loaded.tokenizer.chat_template
+    ids = torch.tensor([examples[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, loaded.model.eval()(ids).logits, rtol=0, atol=0)
+
+    after = evaluate(model, tokenizer, rows, "em-number", EvalConfig(max_new_tokens=16))
+    assert before.score == 0.0 and after.score == 1.0
+    # Labels cover <|im_end|>, so the tuned model ends its turn and generation stops right there.
+    assert [p["prediction"] for p in after.predictions] == [f"The answer is {a}." for _, a in questions]
+    assert after.details["answer_nll"] < before.details["answer_nll"]
