@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from idistill_core.architecture import eager_attention
 from idistill_core.batch import IGNORE_INDEX, TokenBatch
 from idistill_core.errors import ConfigError, DataError, ModelError, NumericalError
 
@@ -230,8 +231,8 @@ def second_order_terms(
     Gradients are raw (no projection, no normalisation): the quadratic model must match the real step.
     Memory is ``O((L + 2) · d)`` for ``d`` selected parameters, so use a parameter subset (e.g.
     ``down_proj``). Cost: one backward per landmark plus, per target batch, one double-backward graph and
-    ``L`` (+1 for AdamW) HVPs through it. The model needs an attention kernel with double-backward
-    support (``attn_implementation="eager"`` always works).
+    ``L`` (+1 for AdamW) HVPs through it. Runs under eager attention (sdpa/flash kernels have no
+    double-backward rule on CPU); the model's attention setting is restored afterwards.
 
     Args:
         model: causal LM (put it in eval mode: dropout would make H_T random).
@@ -259,7 +260,7 @@ def second_order_terms(
     if eta < 0 or not math.isfinite(eta):
         raise ConfigError(f"lr must be finite and >= 0; got {eta}")
 
-    with torch.enable_grad():
+    with torch.enable_grad(), eager_attention(model):
         grads = [per_sample_flat_gradients(model, batch, param_names) for batch in landmark_batches]
         if not grads:
             raise DataError("landmark_batches is empty")

@@ -379,6 +379,18 @@ def test_pool_quadratic_equals_dense_lift():
     assert hi == pytest.approx(float(evals.max()), abs=1e-9)
 
 
+def test_second_order_terms_work_on_an_sdpa_model_and_restore_it(problem):
+    reference = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+    problem.model.set_attn_implementation("sdpa")
+    try:
+        terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+        assert problem.model.config._attn_implementation == "sdpa"
+    finally:
+        problem.model.set_attn_implementation("eager")
+    torch.testing.assert_close(terms.q, reference.q)
+    torch.testing.assert_close(terms.p, reference.p)
+
+
 def test_bad_inputs_raise_one_line_errors(problem):
     with pytest.raises(ConfigError, match="k must be in"):
         inf.solve_qp(torch.ones(3), None, 0.0, k=4)
