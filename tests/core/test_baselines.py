@@ -1,0 +1,106 @@
+"""Baselines: random is stable per id, RDS+ pooling and mid-ppl NLL match hand computations,
+padding never changes a score, the mid-ppl band and LESS group max are right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from idistill_core import baselines
+from idistill_core.batch import collate
+from idistill_core.errors import ConfigError, DataError
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 3 + i % 5
+        ids = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
+        out.append({"sample_id": f"s{i:02d}", "input_ids": ids, "labels": ids})
+    return out
+
+
+def test_random_scores_are_per_id_and_seeded():
+    ids = [f"id{i}" for i in range(2000)]
+    a = baselines.random_scores(ids, seed=1)
+    assert a.shape == (2000,) and bool(((a >= 0) & (a < 1)).all())
+    np.testing.assert_array_equal(baselines.random_scores(ids[::-1], seed=1), a[::-1])
+    assert not np.array_equal(baselines.random_scores(ids, seed=2), a)
+    assert abs(a.mean() - 0.5) < 0.03 and abs((a < 0.25).mean() - 0.25) < 0.04
+
+
+def test_rds_embedding_is_position_weighted_mean_of_final_hidden_states(model):
+    ex = _examples(4)
+    ids, emb = baselines.rds_embeddings(model, [collate(ex, 0)])
+    assert ids == [e["sample_id"] for e in ex]
+    for row, e in enumerate(ex):
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([e["input_ids"]])).last_hidden_state[0]
+        total = sum(j + 1 for j in range(len(hidden)))
+        pooled = sum((j + 1) / total * hidden[j] for j in range(len(hidden)))
+        expected = (pooled / pooled.norm()).float()
+        torch.testing.assert_close(emb[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rds_scores_are_cosines_and_padding_does_not_change_them(model):
+    pool, targets = _examples(7), _examples(3, seed=5)
+    ids, scores = baselines.rds_scores(model, [collate(pool[:4], 0), collate(pool[4:], 0)], [collate(targets, 0)])
+    assert ids == [e["sample_id"] for e in pool] and scores.shape == (7, 3)
+    singles = np.concatenate(
+        [baselines.rds_scores(model, [collate([e], 0)], [collate([t], 0) for t in targets])[1] for e in pool]
+    )
+    np.testing.assert_allclose(scores, singles, atol=1e-6)
+    _, same = baselines.rds_scores(model, [collate(pool[:1], 0)], [collate(pool[:1], 0)])
+    assert same[0, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_midppl_nll_is_hf_loss_with_all_tokens_and_ignores_padding(model):
+    pool = _examples(6)
+    ids, nll = baselines.midppl_scores(model, [collate(pool, 0)])
+    assert ids == [e["sample_id"] for e in pool]
+    for row, e in enumerate(pool):
+        x = torch.tensor([e["input_ids"]])
+        with torch.no_grad():
+            hf = float(model(input_ids=x, labels=x).loss)
+        assert nll[row] == pytest.approx(hf, rel=1e-6)
+    with pytest.raises(DataError, match="'short'"):
+        baselines.midppl_scores(model, [collate([{"sample_id": "short", "input_ids": [3], "labels": [3]}], 0)])
+
+
+def test_midppl_select_takes_the_band_below_the_top_third():
+    ids = [f"s{i}" for i in range(9)]
+    nll = np.array([9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0])
+    sel = baselines.midppl_select(ids, nll, 3)  # skip floor(9 * 0.33) = 2 (nll 9, 8)
+    assert sel.sample_ids == ["s4", "s6", "s8"]
+    np.testing.assert_array_equal(sel.scores, [7.0, 6.0, 5.0])
+    # ties on the band edge resolve by id
+    tied = baselines.midppl_select(["b", "a", "c"], np.array([1.0, 1.0, 1.0]), 1, skip_fraction=0.34)
+    assert tied.sample_ids == ["b"]
+    with pytest.raises(ConfigError, match=r"k must be in \[1, 7\]"):
+        baselines.midppl_select(ids, nll, 8)
+
+
+def test_less_scores_average_within_groups_then_max():
+    pool = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    ids, s = baselines.less_scores([(["p0", "p1"], pool[:2]), (["p2"], pool[2:])], targets, ["x", "y", "y"])
+    assert ids == ["p0", "p1", "p2"]
+    # p0: x-mean 1, y-mean 0 -> 1; p1: x 0, y 1 -> 1; p2: x 1/√2, y 1/√2 -> 1/√2
+    np.testing.assert_allclose(s, [1.0, 1.0, 2**-0.5])
+    _, one_group = baselines.less_scores([(["p2"], pool[2:])], targets)
+    np.testing.assert_allclose(one_group, [2**-0.5])
