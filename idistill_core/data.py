@@ -83,14 +83,12 @@ _AUTO_ORDER = ("tulu", "chat", "squad", "mmlu", "gsm8k")
 # Hub datasets that need a config name, and their default split.
 _HUB_DEFAULTS = {
     "openai/gsm8k": ("main", "test"),
-    "gsm8k": ("main", "test"),
     "cais/mmlu": ("all", "test"),
     "rajpurkar/squad": (None, "validation"),
     "allenai/tulu-v2-sft-mixture": (None, "train"),
 }
 _HUB_FORMATS = {
     "openai/gsm8k": "gsm8k",
-    "gsm8k": "gsm8k",
     "cais/mmlu": "mmlu",
     "rajpurkar/squad": "squad",
     "allenai/tulu-v2-sft-mixture": "tulu",
@@ -113,9 +111,7 @@ def normalize_number(text: str) -> str:
     value = text.strip().replace(",", "").replace("$", "").rstrip(".")
     if re.fullmatch(r"-?\d+\.\d+", value):
         value = value.rstrip("0").rstrip(".")
-    if value in ("-0", ""):
-        value = value.lstrip("-") or value
-    return value
+    return "0" if value == "-0" else value
 
 
 def prompt_messages(row: Mapping[str, Any]) -> list[dict]:
@@ -196,7 +192,10 @@ def _convert_gsm8k(raw: Mapping, default_source: str) -> dict:
     return {
         "sample_id": raw.get("sample_id"),
         "source": "gsm8k",
-        "messages": [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": response}],
+        "messages": [
+            {"role": "user", "content": question.strip()},
+            {"role": "assistant", "content": response},
+        ],
         "answer": number,
     }
 
@@ -214,7 +213,9 @@ def _convert_squad(raw: Mapping, default_source: str) -> dict:
     texts = list(answers.get("text") or []) if isinstance(answers, Mapping) else list(answers)
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise DataError(f"squad row {raw.get('id')!r} has no answer text (unanswerable rows are not supported)")
+        raise DataError(
+            f"squad row {raw.get('id')!r} has no answer text (unanswerable rows are not supported)"
+        )
     return {
         "sample_id": raw.get("id"),
         "source": "squad",
@@ -342,7 +343,7 @@ def _parquet_columns(path: Path) -> list[str]:
 
     try:
         return list(pq.ParquetFile(path).schema_arrow.names)
-    except Exception as err:  # pyarrow raises several types for corrupt files
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several unrelated types for corrupt files
         raise DataError(f"{path}: not a readable parquet file ({err})") from None
 
 
@@ -360,14 +361,12 @@ def _first_columns(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_columns(path)
-    for _, raw in (_iter_jsonl(path) if suffix == ".jsonl" else _iter_json(path)):
+    for _, raw in _iter_jsonl(path) if suffix == ".jsonl" else _iter_json(path):
         return list(raw)
     raise DataError(f"{path}: empty dataset (no rows)")
 
 
-def _generate_rows(
-    path: str, fmt: str, limit: int | None, default_source: str, stamp: str
-) -> Iterator[dict]:
+def _generate_rows(path: str, fmt: str, limit: int | None, default_source: str, stamp: str) -> Iterator[dict]:
     """Generator behind ``Dataset.from_generator``; ``stamp`` (size, mtime) only busts the datasets cache."""
     file = Path(path)
     suffix = file.suffix.lower()
@@ -399,24 +398,19 @@ def _generate_rows(
         raise DataError(f"{file}: empty dataset (no rows)")
 
 
-def _generate_hub_rows(name: str, config: str | None, split: str, fmt: str, limit: int | None):
-    raw_ds = datasets.load_dataset(name, config, split=split) if config else datasets.load_dataset(
-        name, split=split
-    )
-    fmt = detect_format(raw_ds.column_names, name) if fmt == "auto" else fmt
+def _convert_hub_row(raw: dict, index: int, fmt: str, origin: str, default_source: str) -> dict:
+    return _finish(_CONVERTERS[fmt](raw, default_source), f"{origin} row {index + 1}")
+
+
+def _check_unique_ids(ds: datasets.Dataset, origin: str) -> None:
     seen: dict[str, int] = {}
-    convert = _CONVERTERS[fmt]
-    for number, raw in enumerate(raw_ds, start=1):
-        if limit is not None and number > limit:
-            break
-        row = _finish(convert(raw, name.split("/")[-1]), f"{name}[{split}] row {number}")
-        if row["sample_id"] in seen:
+    for number, sample_id in enumerate(ds["sample_id"], start=1):
+        if sample_id in seen:
             raise DataError(
-                f"{name}[{split}]: sample_id {row['sample_id']!r} appears twice (rows {seen[row['sample_id']]} "
-                f"and {number})"
+                f"{origin}: sample_id {sample_id!r} appears twice (rows {seen[sample_id]} and {number}); "
+                "ids must be unique"
             )
-        seen[row["sample_id"]] = number
-        yield row
+        seen[sample_id] = number
 
 
 def _unwrap(err: Exception) -> Exception:
@@ -447,7 +441,12 @@ def _resolve_local(path: Path, split: str | None) -> Path:
 
 
 def load_rows(
-    source: str | Path, fmt: str = "auto", split: str | None = None, limit: int | None = None
+    source: str | Path,
+    fmt: str = "auto",
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    cache_dir: str | Path | None = None,
 ) -> datasets.Dataset:
     """Load pool or target rows in our schema from a local file (or directory) or a hub dataset.
 
@@ -459,6 +458,8 @@ def load_rows(
         split: the split for hub datasets and directories (defaults: the hub dataset's usual eval split,
             ``train`` for directories); ignored for a single file.
         limit: keep only the first ``limit`` rows.
+        cache_dir: where ``datasets`` keeps the Arrow files (default: its own cache,
+            ``$HF_DATASETS_CACHE``).
 
     Returns:
         A disk-backed Dataset with columns ``sample_id, source, messages`` plus the metric columns
@@ -478,20 +479,20 @@ def load_rows(
     is_hub = (
         not path.exists()
         and path.suffix.lower() not in (".jsonl", ".json", ".parquet")
-        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", text) is not None
+        and re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", text) is not None
         and not text.startswith((".", "/"))
     )
     try:
         if is_hub:
-            ds = _load_hub(text, fmt, split, limit)
+            ds = _load_hub(text, fmt, split, limit, cache_dir)
         else:
-            ds = _load_local(path, fmt, split, limit)
+            ds = _load_local(path, fmt, split, limit, cache_dir)
     except datasets.exceptions.DatasetGenerationError as err:
         raise _unwrap(err) from None
     return _drop_empty_metric_columns(ds)
 
 
-def _load_local(path: Path, fmt: str, split: str | None, limit: int | None) -> datasets.Dataset:
+def _load_local(path: Path, fmt: str, split: str | None, limit: int | None, cache_dir) -> datasets.Dataset:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     path = _resolve_local(path, split)
@@ -511,6 +512,7 @@ def _load_local(path: Path, fmt: str, split: str | None, limit: int | None) -> d
     return datasets.Dataset.from_generator(
         _generate_rows,
         features=FEATURES,
+        cache_dir=None if cache_dir is None else str(cache_dir),
         gen_kwargs={
             "path": str(path.resolve()),
             "fmt": fmt,
@@ -521,23 +523,37 @@ def _load_local(path: Path, fmt: str, split: str | None, limit: int | None) -> d
     )
 
 
-def _load_hub(text: str, fmt: str, split: str | None, limit: int | None) -> datasets.Dataset:
+def _load_hub(text: str, fmt: str, split: str | None, limit: int | None, cache_dir) -> datasets.Dataset:
     name, _, config = text.partition(":")
     default_config, default_split = _HUB_DEFAULTS.get(name, (None, "train"))
+    split = split or default_split
+    origin = f"{name}[{split}]"
+    logger.info("loading %s from the hub", origin)
+    try:
+        extra = {} if cache_dir is None else {"cache_dir": str(cache_dir)}
+        raw_ds = datasets.load_dataset(name, config or default_config, split=split, **extra)
+    except Exception as err:  # noqa: BLE001 - network, auth, bad name or split: all mean "cannot use it"
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"{name}: not a local file and not loadable from the hub ({type(err).__name__}: {first})"
+        ) from None
     if fmt == "auto":
-        fmt = _HUB_FORMATS.get(name, "auto")
-    logger.info("loading %s from the hub", name)
-    return datasets.Dataset.from_generator(
-        _generate_hub_rows,
+        fmt = _HUB_FORMATS.get(name) or detect_format(raw_ds.column_names, name)
+    if limit is not None:
+        raw_ds = raw_ds.select(range(min(limit, len(raw_ds))))
+    if len(raw_ds) == 0:
+        raise DataError(f"{origin}: empty dataset (no rows)")
+    # map (not a generator) so the Arrow cache is keyed by the hub dataset's own fingerprint.
+    ds = raw_ds.map(
+        _convert_hub_row,
+        with_indices=True,
+        fn_kwargs={"fmt": fmt, "origin": origin, "default_source": name.split("/")[-1]},
+        remove_columns=raw_ds.column_names,
         features=FEATURES,
-        gen_kwargs={
-            "name": name,
-            "config": config or default_config,
-            "split": split or default_split,
-            "fmt": fmt,
-            "limit": limit,
-        },
+        desc=f"convert {fmt}",
     )
+    _check_unique_ids(ds, origin)
+    return ds
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -611,8 +627,8 @@ def assistant_spans(messages: list[Mapping[str, str]], tokenizer) -> tuple[str, 
             prefix = render_chat(messages[:i], tokenizer, add_generation_prompt=True)
             if full.startswith(prefix):
                 start = max(cursor, len(prefix))
-        except Exception:  # some templates reject partial conversations; the cursor search still works
-            pass
+        except Exception as err:  # noqa: BLE001 - some templates reject partial conversations
+            logger.debug("prefix render failed (%s); locating assistant turn %d by search", err, i)
         found = full.find(content, start)
         if found < 0:
             raise DataError(f"chat template output does not contain assistant turn {i}'s content")
@@ -649,7 +665,10 @@ def encode_conversation(messages: list[Mapping[str, str]], tokenizer) -> tuple[l
 
 
 def _tokenize_one(row: Mapping, tokenizer, max_length: int, on_overflow: str) -> dict:
-    input_ids, labels = encode_conversation(row["messages"], tokenizer)
+    try:
+        input_ids, labels = encode_conversation(row["messages"], tokenizer)
+    except DataError as err:
+        raise DataError(f"sample {row['sample_id']!r}: {err}") from None
     length = len(input_ids)
     truncated = length > max_length
     if truncated and on_overflow == "error":

@@ -16,6 +16,7 @@ from idistill_core.batch import IGNORE_INDEX, iter_batches
 from idistill_core.data import (
     encode_conversation,
     load_rows,
+    normalize_number,
     prompt_messages,
     render_chat,
     tokenize_rows,
@@ -133,7 +134,10 @@ def test_assistant_text_repeated_in_the_user_turn_is_not_supervised():
 def test_tokenize_rows_counts_truncation_and_drops_rows_left_without_supervision(tmp_path):
     tokenizer = make_tokenizer()
     rows = [
-        {"sample_id": "short", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {
+            "sample_id": "short",
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        },
         {
             "sample_id": "long-prompt",
             "messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "y"}],
@@ -151,7 +155,9 @@ def test_tokenize_rows_counts_truncation_and_drops_rows_left_without_supervision
     kept = {e["sample_id"]: e for e in result.examples}
     assert set(kept) == {"short", "long-answer"}
     for sample_id, example in kept.items():
-        full_ids, full_labels = encode_conversation(rows[[r["sample_id"] for r in rows].index(sample_id)]["messages"], tokenizer)
+        full_ids, full_labels = encode_conversation(
+            rows[[r["sample_id"] for r in rows].index(sample_id)]["messages"], tokenizer
+        )
         assert example["input_ids"] == full_ids[:40]
         assert example["labels"] == full_labels[:40]
         assert any(label != IGNORE_INDEX for label in example["labels"])
@@ -206,9 +212,14 @@ def test_gsm8k_rows_become_worked_answers_ending_in_the_normalised_number():
         assert assistant["role"] == "assistant"
         assert assistant["content"].endswith(f"\nThe answer is {row['answer']}.")
         assert "<<" not in assistant["content"] and "####" not in assistant["content"]
-        expected_id = "gsm8k-" + hashlib.sha1(
-            json.dumps(row["messages"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        ).hexdigest()[:12]
+        expected_id = (
+            "gsm8k-"
+            + hashlib.sha1(
+                json.dumps(
+                    row["messages"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+                ).encode()
+            ).hexdigest()[:12]
+        )
         assert row["sample_id"] == expected_id
         assert row["source"] == "gsm8k"
 
@@ -282,7 +293,15 @@ def test_chat_rows_without_id_get_source_dash_sha1_of_messages(tmp_path):
         ([chat_row("d"), chat_row("e"), chat_row("d", answer="2")], r"'d' appears twice \(rows 1 and 3\)"),
         ([], r"bad\.jsonl: empty dataset"),
     ],
-    ids=["malformed-line", "missing-messages", "empty-messages", "unknown-role", "no-assistant", "duplicate-id", "empty"],
+    ids=[
+        "malformed-line",
+        "missing-messages",
+        "empty-messages",
+        "unknown-role",
+        "no-assistant",
+        "duplicate-id",
+        "empty",
+    ],
 )
 def test_bad_jsonl_raises_a_one_line_data_error(tmp_path, lines, pattern):
     path = write_jsonl(tmp_path / "bad.jsonl", lines) if lines else tmp_path / "bad.jsonl"
@@ -299,6 +318,45 @@ def test_missing_file_raises_naming_the_path(tmp_path):
 
 
 def test_parquet_without_a_schema_column_names_the_column(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": 1, "subject": "s"}]), tmp_path / "m.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"question": "q", "answer": 1, "subject": "s"}]), tmp_path / "m.parquet"
+    )
     with pytest.raises(DataError, match=r"m\.parquet: parquet schema has no column 'choices'"):
         load_rows(tmp_path / "m.parquet", fmt="mmlu")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1,450,000", "1450000"), ("$18", "18"), (" 7.50 ", "7.5"), ("3.0", "3"), ("-4", "-4"), ("12.", "12")],
+)
+def test_gsm8k_final_numbers_are_normalised(text, expected):
+    assert normalize_number(text) == expected
+
+
+def test_hub_names_go_through_load_dataset_with_the_known_config_and_split(monkeypatch):
+    import datasets
+
+    calls = []
+    raw = [json.loads(line) for line in (RAW / "mmlu.jsonl").read_text().splitlines()]
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(raw)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_rows("cais/mmlu", limit=3)
+    assert calls == [("cais/mmlu", "all", "test")]
+    assert ds.to_list() == load_rows(RAW / "mmlu.jsonl", limit=3).to_list()
+
+
+def test_unreachable_hub_name_raises_a_data_error(monkeypatch):
+    import datasets
+
+    def offline(name, config=None, split=None):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(
+        DataError, match=r"someone/some-set: not a local file .*ConnectionError: Couldn't reach"
+    ):
+        load_rows("someone/some-set")
