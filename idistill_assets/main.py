@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     step = time.perf_counter()
-    result = defs.get_job_def("shared_job").execute_in_process(instance=instance)
+    result = defs.resolve_job_def("shared_job").execute_in_process(instance=instance)
     timings["shared"] = time.perf_counter() - step
     if not result.success:
         print("shared assets failed; see the log above", file=sys.stderr)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         job = "target_job" if registry[name].finetune else "selection_job"
         step = time.perf_counter()
-        run = defs.get_job_def(job).execute_in_process(instance=instance, partition_key=name, raise_on_error=False)
+        run = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=name, raise_on_error=False)
         timings[name] = time.perf_counter() - step
         if not run.success:
             failed.append(name)

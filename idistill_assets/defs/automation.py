@@ -19,7 +19,6 @@ shared_job = dg.define_asset_job(
 target_job = dg.define_asset_job(
     "target_job",
     selection=dg.AssetSelection.groups("target") - dg.AssetSelection.keys(dg.AssetKey([PREFIX, "target_spec"])),
-    partitions_def=targets,
     description="Everything of one target partition: gradients → influence → weights → subset → fine-tune → eval.",
 )
 selection_job = dg.define_asset_job(
@@ -27,7 +26,6 @@ selection_job = dg.define_asset_job(
     selection=dg.AssetSelection.keys(
         *[dg.AssetKey([PREFIX, k]) for k in ("target_gradients", "landmark_influence", "propagated_weights", "selected_subset")]
     ),
-    partitions_def=targets,
     description="Selection only (no fine-tuning) for one target partition.",
 )
 

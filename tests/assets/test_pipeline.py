@@ -30,14 +30,14 @@ def materializations(instance, name: str) -> int:
 
 
 def run_shared(defs, instance):
-    result = defs.get_job_def("shared_job").execute_in_process(instance=instance)
+    result = defs.resolve_job_def("shared_job").execute_in_process(instance=instance)
     assert result.success
 
 
 def run_target(defs, instance, name: str, job: str = "target_job"):
     if name not in instance.get_dynamic_partitions("targets"):
         instance.add_dynamic_partitions("targets", [name])
-    result = defs.get_job_def(job).execute_in_process(instance=instance, partition_key=name)
+    result = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=name)
     assert result.success
     return result
 
