@@ -131,6 +131,29 @@ def test_assistant_text_repeated_in_the_user_turn_is_not_supervised():
     assert first == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+def test_templates_that_inject_a_system_prompt_and_trim_content_still_align():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "helpful?"},
+        {"role": "assistant", "content": "  helpful  "},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "assistant\n"},
+    ]
+    input_ids, labels = encode_conversation(messages, tokenizer)
+    assert (
+        input_ids
+        == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    assert supervised_runs(tokenizer, input_ids, labels) == ["helpful<|im_end|>", "assistant<|im_end|>"]
+
+
 def test_tokenize_rows_counts_truncation_and_drops_rows_left_without_supervision(tmp_path):
     tokenizer = make_tokenizer()
     rows = [
