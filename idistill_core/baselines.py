@@ -59,7 +59,9 @@ def rds_embeddings(model: torch.nn.Module, batches: Iterable[TokenBatch]) -> tup
     try:
         for batch in batches:
             batch = batch.to(_device(model))
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+            out = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+            )
             hidden = out.hidden_states[-1].float()  # (B, S, H)
             mask = batch.attention_mask.float()
             weights = torch.cumsum(mask, dim=1) * mask  # position + 1 on real tokens, 0 on padding
@@ -144,7 +146,9 @@ def midppl_select(
     Raises:
         ConfigError: ``k`` < 1 or the band runs past the pool (``floor(N·skip) + k > N``).
     """
-    values = np.asarray(nll.detach().cpu().numpy() if isinstance(nll, torch.Tensor) else nll, dtype=np.float64)
+    values = np.asarray(
+        nll.detach().cpu().numpy() if isinstance(nll, torch.Tensor) else nll, dtype=np.float64
+    )
     n = len(sample_ids)
     if values.shape != (n,):
         raise DataError(f"nll has shape {values.shape}; expected ({n},)")
@@ -193,7 +197,9 @@ def less_scores(
     parts: list[np.ndarray] = []
     for batch_ids, grads in pool_grads:
         if grads.shape[1] != targets.shape[1]:
-            raise DataError(f"pool gradients have P={grads.shape[1]}; target gradients have P={targets.shape[1]}")
+            raise DataError(
+                f"pool gradients have P={grads.shape[1]}; target gradients have P={targets.shape[1]}"
+            )
         cos = F.normalize(grads.double(), dim=1) @ targets.T
         parts.append((cos @ membership).max(dim=1).values.numpy())
         ids.extend(batch_ids)

@@ -101,8 +101,14 @@ class KernelRidge:
         ridge_abs: the absolute ridge ``config.ridge · mean(diag K)`` added to the diagonal.
     """
 
-    def __init__(self, landmarks: torch.Tensor, config: PropagateConfig, sigma: float | None,
-                 ridge_abs: float, chol: torch.Tensor):
+    def __init__(
+        self,
+        landmarks: torch.Tensor,
+        config: PropagateConfig,
+        sigma: float | None,
+        ridge_abs: float,
+        chol: torch.Tensor,
+    ):
         self.landmarks = landmarks
         self.config = config
         self.sigma = sigma
@@ -110,7 +116,9 @@ class KernelRidge:
         self._chol = chol
 
     @classmethod
-    def fit(cls, landmark_emb: torch.Tensor | np.ndarray, config: PropagateConfig | None = None) -> "KernelRidge":
+    def fit(
+        cls, landmark_emb: torch.Tensor | np.ndarray, config: PropagateConfig | None = None
+    ) -> KernelRidge:
         """Factorise ``K(L, L) + λI`` once (float64 Cholesky).
 
         Args:
@@ -137,7 +145,9 @@ class KernelRidge:
             )
         model.ridge_abs = ridge_abs
         model._chol = chol
-        logger.info("propagate: fitted %s kernel on %d landmarks (sigma=%s)", config.kernel, lm.shape[0], sigma)
+        logger.info(
+            "propagate: fitted %s kernel on %d landmarks (sigma=%s)", config.kernel, lm.shape[0], sigma
+        )
         return model
 
     def kernel(self, emb: torch.Tensor) -> torch.Tensor:
@@ -167,7 +177,9 @@ class KernelRidge:
         """Stream ``(n_i, T)`` predictions, one per ``chunk_size`` block of the input chunks."""
         vals = _as_float64(values, "values")
         if vals.shape[0] != self.landmarks.shape[0]:
-            raise DataError(f"values has {vals.shape[0]} rows; expected one per landmark ({self.landmarks.shape[0]})")
+            raise DataError(
+                f"values has {vals.shape[0]} rows; expected one per landmark ({self.landmarks.shape[0]})"
+            )
         alpha = torch.cholesky_solve(vals, self._chol)  # (L, T), solved once for all columns
         for block in self._rows(emb_chunks):
             yield self.kernel(block) @ alpha

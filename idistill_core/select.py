@@ -118,9 +118,7 @@ def select_top_k(
     return Selection([sample_ids[i] for i in picked], s[picked], "top_k")
 
 
-def round_robin(
-    sample_ids: Sequence[str], scores: torch.Tensor | np.ndarray, k: int, seed: int
-) -> Selection:
+def round_robin(sample_ids: Sequence[str], scores: torch.Tensor | np.ndarray, k: int, seed: int) -> Selection:
     """Round-robin over target columns (official code, paper §5).
 
     Each round visits the ``T`` targets in a fresh permutation from ``numpy.random.default_rng(seed)``;
@@ -176,9 +174,7 @@ def round_robin(
     )
 
 
-def select_from_weights(
-    sample_ids: Sequence[str], weights: torch.Tensor | np.ndarray, k: int
-) -> Selection:
+def select_from_weights(sample_ids: Sequence[str], weights: torch.Tensor | np.ndarray, k: int) -> Selection:
     """The non-zero QP weights, largest first (ties by id), truncated to ``k``.
 
     ``influence.solve_qp`` may return more than ``k`` non-zeros when ``k`` is unreachable (its

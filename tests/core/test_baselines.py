@@ -18,8 +18,13 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def model() -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).double().eval()
@@ -59,7 +64,9 @@ def test_rds_embedding_is_position_weighted_mean_of_final_hidden_states(model):
 
 def test_rds_scores_are_cosines_and_padding_does_not_change_them(model):
     pool, targets = _examples(7), _examples(3, seed=5)
-    ids, scores = baselines.rds_scores(model, [collate(pool[:4], 0), collate(pool[4:], 0)], [collate(targets, 0)])
+    ids, scores = baselines.rds_scores(
+        model, [collate(pool[:4], 0), collate(pool[4:], 0)], [collate(targets, 0)]
+    )
     assert ids == [e["sample_id"] for e in pool] and scores.shape == (7, 3)
     singles = np.concatenate(
         [baselines.rds_scores(model, [collate([e], 0)], [collate([t], 0) for t in targets])[1] for e in pool]
@@ -79,7 +86,9 @@ def test_midppl_nll_is_hf_loss_with_all_tokens_and_ignores_padding(model):
             hf = float(model(input_ids=x, labels=x).loss)
         assert nll[row] == pytest.approx(hf, rel=1e-6)
     with pytest.raises(DataError, match="'short'"):
-        baselines.midppl_scores(model, [collate([{"sample_id": "short", "input_ids": [3], "labels": [3]}], 0)])
+        baselines.midppl_scores(
+            model, [collate([{"sample_id": "short", "input_ids": [3], "labels": [3]}], 0)]
+        )
 
 
 def test_midppl_select_takes_the_band_below_the_top_third():

@@ -107,6 +107,7 @@ def test_first_order_is_gradient_dot_products():
 def test_p_is_landmark_gradient_dot_mean_target_gradient(problem):
     terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     params = _params(problem)
+
     # Independent: one autograd call per sample, no shared graph.
     def grad_of(batch, row):
         loss = inf.sample_losses(problem.model, batch.select([row]))[0]
@@ -121,7 +122,9 @@ def test_p_is_landmark_gradient_dot_mean_target_gradient(problem):
 def test_q_matches_finite_difference_hessian_products(problem):
     terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     params = _params(problem)
-    g_l = torch.cat([inf.per_sample_flat_gradients(problem.model, b, problem.names) for b in problem.landmarks])
+    g_l = torch.cat(
+        [inf.per_sample_flat_gradients(problem.model, b, problem.names) for b in problem.landmarks]
+    )
 
     def target_grad() -> torch.Tensor:
         loss = torch.cat([inf.sample_losses(problem.model, b) for b in problem.targets]).mean()
@@ -315,7 +318,9 @@ def test_qp_binary_search_gives_exactly_k_nonzeros(k):
     # Optimality on the simplex: the projected-gradient fixed point.
     a = 0.5 * q + sol.lam * torch.eye(n, dtype=torch.float64)
     grad = a @ sol.weights - p
-    torch.testing.assert_close(inf.project_simplex(sol.weights - 0.1 * grad, 10.0), sol.weights, atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        inf.project_simplex(sol.weights - 0.1 * grad, 10.0), sol.weights, atol=1e-7, rtol=0
+    )
 
 
 def test_qp_with_indefinite_q_stays_convex_and_returns_closest_count_at_least_k():
@@ -354,8 +359,10 @@ def test_qp_weights_beat_uniform_and_first_order_top_k_in_real_step(problem):
     w_fo = inf.first_order_weights(terms.p, k)
     w_uniform = torch.ones(8, dtype=torch.float64)
     assert int((w_qp > 0).sum()) == k
-    real = {name: _actual_gd_change(problem, w, eta) for name, w in
-            [("qp", w_qp), ("first", w_fo), ("uniform", w_uniform)]}
+    real = {
+        name: _actual_gd_change(problem, w, eta)
+        for name, w in [("qp", w_qp), ("first", w_fo), ("uniform", w_uniform)]
+    }
     assert real["qp"] < real["first"]
     assert real["qp"] < real["uniform"]
 

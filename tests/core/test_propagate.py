@@ -19,6 +19,7 @@ def _data(n_land=40, n_pool=300, d=6, t=3, seed=0):
 
 def _dense_reference(land, pool, values, kernel, ridge, sigma=None):
     """Textbook KRR in numpy: K_E (K + ridge·mean(diag K) I)^-1 values, via np.linalg.solve."""
+
     def k(a, b):
         if kernel == "linear":
             return a @ b.T
