@@ -229,7 +229,7 @@ def second_order_terms(
     """``p`` and ``Q`` for the landmarks via Hessian-vector products of the mean target loss.
 
     Gradients are raw (no projection, no normalisation): the quadratic model must match the real step.
-    Memory is ``O((L + 2) · d)`` for ``d`` selected parameters, so use a parameter subset (e.g.
+    Memory is ``O((L + 3) · d)`` for ``d`` selected parameters, so use a parameter subset (e.g.
     ``down_proj``). Cost: one backward per landmark plus, per target batch, one double-backward graph and
     ``L`` (+1 for AdamW) HVPs through it. Runs under eager attention (sdpa/flash kernels have no
     double-backward rule on CPU); the model's attention setting is restored afterwards.
@@ -264,15 +264,18 @@ def second_order_terms(
         grads = [per_sample_flat_gradients(model, batch, param_names) for batch in landmark_batches]
         if not grads:
             raise DataError("landmark_batches is empty")
-        directions = torch.cat(grads)
+        # One (L [+1], d) buffer: the landmark directions, then b as an extra probe row for AdamW.
+        probes = torch.cat(grads if b is None else [*grads, b[None]])
+        del grads
+        directions = probes if b is None else probes[:-1]
         if a is not None:
-            directions = directions * a
-        probes = directions if b is None else torch.cat([directions, b[None]])
+            directions.mul_(a)
 
         # L_T is linear in the per-sample losses, so sums over target batches divided by T at the end
-        # give its gradient and Hessian-vector products without holding all targets at once.
+        # give its gradient and Hessian-vector products without holding all targets at once. Each HVP is
+        # reduced against all probes at once, so only the (L+1, L+1) Gram of probeᵀ H probe is kept.
         g_sum = torch.zeros_like(probes[0])
-        hv_sum = torch.zeros_like(probes)
+        gram = torch.zeros(probes.shape[0], probes.shape[0], dtype=probes.dtype, device=probes.device)
         loss_sum, num_targets = 0.0, 0
         for batch in target_batches:
             losses = sample_losses(model, batch)
@@ -283,7 +286,7 @@ def second_order_terms(
                 hv = torch.autograd.grad(
                     g, params, grad_outputs=_split_like(probes[j], params), retain_graph=True
                 )
-                hv_sum[j] += _flat(hv)
+                gram[:, j] += probes @ _flat(hv)
             loss_sum += float(total.detach())
             num_targets += len(batch)
             del g, total, losses
@@ -291,22 +294,22 @@ def second_order_terms(
         raise DataError("target_batches is empty")
 
     g_t = g_sum / num_targets
-    hv = hv_sum / num_targets
+    gram = gram / num_targets
     n_land = directions.shape[0]
     n_src = n_land if num_source is None else num_source
     if n_src <= 0:
         raise ConfigError(f"num_source must be >= 1; got {n_src}")
-    hu = hv[:n_land]
-    q = directions @ hu.T / n_src
+    q = gram[:n_land, :n_land] / n_src
     q = 0.5 * (q + q.T)  # exact symmetry; HVPs are symmetric only up to rounding
     p_first = directions @ g_t
     if b is None:
         p, constant, constant_first = p_first, 0.0, 0.0
     else:
-        hb = hv[n_land]
-        p = directions @ (g_t - eta * hb)
+        # uᵢᵀ H b is read from the b column; averaging with the b row cancels rounding asymmetry.
+        u_h_b = 0.5 * (gram[:n_land, n_land] + gram[n_land, :n_land])
+        p = p_first - eta * u_h_b
         constant_first = float(-eta * (g_t @ b))
-        constant = constant_first + float(0.5 * eta**2 * (b @ hb))
+        constant = constant_first + float(0.5 * eta**2 * gram[n_land, n_land])
     if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())):
         raise NumericalError("second-order terms p/Q are not finite")
     return SecondOrderTerms(
