@@ -387,8 +387,9 @@ def _generate_rows(path: str, fmt: str, limit: int | None, default_source: str, 
             raise DataError(f"{where}: {fmt} row is missing or has a malformed field ({err})") from None
         previous = seen.get(row["sample_id"])
         if previous is not None:
+            unit = "lines" if suffix == ".jsonl" else "rows"
             raise DataError(
-                f"{file}: sample_id {row['sample_id']!r} appears twice (rows {previous} and {number}); "
+                f"{file}: sample_id {row['sample_id']!r} appears twice ({unit} {previous} and {number}); "
                 "ids must be unique"
             )
         seen[row["sample_id"]] = number

@@ -313,7 +313,7 @@ def test_chat_rows_without_id_get_source_dash_sha1_of_messages(tmp_path):
             [{"sample_id": "n1", "messages": [{"role": "user", "content": "x"}]}],
             r"bad\.jsonl:1: sample 'n1' has no assistant turn",
         ),
-        ([chat_row("d"), chat_row("e"), chat_row("d", answer="2")], r"'d' appears twice \(rows 1 and 3\)"),
+        ([chat_row("d"), chat_row("e"), chat_row("d", answer="2")], r"'d' appears twice \(lines 1 and 3\)"),
         ([], r"bad\.jsonl: empty dataset"),
     ],
     ids=[
@@ -383,3 +383,23 @@ def test_unreachable_hub_name_raises_a_data_error(monkeypatch):
         DataError, match=r"someone/some-set: not a local file .*ConnectionError: Couldn't reach"
     ):
         load_rows("someone/some-set")
+
+
+def test_our_schema_round_trips_through_parquet_with_nested_messages(tmp_path):
+    # The row with `answer` goes first: pyarrow infers the parquet schema from the first row.
+    rows = [
+        {**chat_row("p1", answer="one", source="s"), "answer": "1"},
+        chat_row("p2", answer="two", source="s"),
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pool.parquet")
+    ds = load_rows(tmp_path / "pool.parquet")
+    assert ds.to_list() == load_rows(write_jsonl(tmp_path / "pool.jsonl", rows)).to_list()
+    assert ds["answer"] == ["1", None]
+    assert ds[1]["messages"] == rows[1]["messages"]
+
+
+def test_rewriting_a_file_is_never_answered_from_a_stale_cache(tmp_path):
+    path = write_jsonl(tmp_path / "pool.jsonl", [chat_row("a")])
+    assert load_rows(path)["sample_id"] == ["a"]
+    write_jsonl(path, [chat_row("b"), chat_row("c")])
+    assert load_rows(path)["sample_id"] == ["b", "c"]
