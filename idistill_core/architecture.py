@@ -142,13 +142,13 @@ def attention_inputs(
     # Only shape, dtype and device of the embeddings are read by the mask and rotary helpers.
     dummy = torch.zeros((batch, seq, parts.hidden_size), dtype=dtype, device=device)
     position_ids = torch.arange(seq, device=device).unsqueeze(0)
-    kwargs = dict(
-        config=parts.config,
-        inputs_embeds=dummy,
-        attention_mask=attention_mask,
-        cache=None,
-        position_ids=position_ids,
-    )
+    kwargs = {
+        "config": parts.config,
+        "inputs_embeds": dummy,
+        "attention_mask": attention_mask,
+        "cache": None,
+        "position_ids": position_ids,
+    }
     built: dict[str, torch.Tensor | None] = {}
     masks = []
     for kind in _layer_types(parts, num_blocks):

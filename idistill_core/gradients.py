@@ -84,7 +84,9 @@ class GradientConfig:
         if self.max_params is not None and self.max_params < 1:
             raise ConfigError(f"GradientConfig.max_params must be >= 1 or None; got {self.max_params}")
         if self.proj_type not in ("srht", "rademacher"):
-            raise ConfigError(f"GradientConfig.proj_type must be 'srht' or 'rademacher'; got {self.proj_type!r}")
+            raise ConfigError(
+                f"GradientConfig.proj_type must be 'srht' or 'rademacher'; got {self.proj_type!r}"
+            )
         if self.proj_dim is not None and self.proj_dim < 1:
             raise ConfigError(f"GradientConfig.proj_dim must be >= 1 or None; got {self.proj_dim}")
         if self.batch_size < 1:
@@ -305,7 +307,9 @@ class _Reducer:
             norms = flat.norm(dim=1, keepdim=True)
             zero = (norms[:, 0] == 0).nonzero().flatten()
             if len(zero):
-                raise NumericalError(f"sample {sample_ids[int(zero[0])]!r}: zero gradient cannot be normalised")
+                raise NumericalError(
+                    f"sample {sample_ids[int(zero[0])]!r}: zero gradient cannot be normalised"
+                )
             flat = flat / norms
         return flat if self.projector is None else self.projector.project(flat)
 

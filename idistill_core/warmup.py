@@ -127,7 +127,9 @@ def warmup(
         raise DataError("warmup got no batches; give it at least one tokenized sample")
     for group in groups:
         if not (group.labels[:, 1:] != IGNORE_INDEX).any():
-            raise DataError(f"warmup batch starting at sample {group.sample_ids[0]!r} has no supervised token")
+            raise DataError(
+                f"warmup batch starting at sample {group.sample_ids[0]!r} has no supervised token"
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
@@ -203,7 +205,9 @@ def adam_preconditioner(
         group = group_of.get(id(p))
         state = optimizer.state.get(p, {})
         if group is None or not state:
-            raise ConfigError(f"optimizer has no state for parameter {name!r}; warm it up or pass optimizer=None")
+            raise ConfigError(
+                f"optimizer has no state for parameter {name!r}; warm it up or pass optimizer=None"
+            )
         lr = group["lr"] if group["lr"] > 0 else group.get("initial_lr", 0.0) / 2
         wd = group.get("weight_decay", 0.0)
         theta = p.detach()

@@ -36,7 +36,11 @@ def _tiny(dtype=torch.float64, attn="sdpa"):
 def _examples():
     gen = torch.Generator().manual_seed(3)
     return [
-        {"sample_id": f"s{i}", "input_ids": torch.randint(1, 64, (n,), generator=gen).tolist(), "labels": [-100] * n}
+        {
+            "sample_id": f"s{i}",
+            "input_ids": torch.randint(1, 64, (n,), generator=gen).tolist(),
+            "labels": [-100] * n,
+        }
         for i, n in enumerate(LENGTHS)
     ]
 
@@ -146,7 +150,7 @@ def test_embeddings_are_deterministic_per_seed_and_tangents_are_shared_across_ba
     assert np.abs(a - other).max() > 1e-3
     # A sample's embedding does not depend on which batch (hence which pass) it came in.
     ex = _examples()
-    (ids, late), = embed_samples(model, [collate([ex[3], ex[0]], pad_token_id=0)], config)
+    ((_ids, late),) = embed_samples(model, [collate([ex[3], ex[0]], pad_token_id=0)], config)
     tol = 1e-5 * np.abs(a).max()
     np.testing.assert_allclose(late[0], a[3], rtol=0, atol=tol)
     np.testing.assert_allclose(late[1], a[0], rtol=0, atol=tol)

@@ -80,7 +80,9 @@ def test_pipeline_is_mask_then_precondition_then_normalise_then_project():
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(5)
     a = {n: torch.rand(params[n].shape, generator=gen, dtype=torch.float64) + 0.5 for n in names}
-    config = GradientConfig(param_subset=r"layers\.1\..*(down|up)_proj", max_params=1000, proj_dim=128, seed=3)
+    config = GradientConfig(
+        param_subset=r"layers\.1\..*(down|up)_proj", max_params=1000, proj_dim=128, seed=3
+    )
     got = collect_gradients(
         model, [collate(_examples(), pad_token_id=0)], config, preconditioner=SimpleNamespace(a=a)
     )

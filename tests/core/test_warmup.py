@@ -73,7 +73,8 @@ def test_warmup_cycles_batches_and_returns_optimizer_state():
 def _loss(model, batches):
     with torch.no_grad():
         return sum(
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss.item() for b in batches
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss.item()
+            for b in batches
         )
 
 
@@ -82,7 +83,9 @@ def _warm(weight_decay=0.1, amsgrad=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=weight_decay, amsgrad=amsgrad)
     for batch in _batches(2):
         opt.zero_grad()
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+        model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).loss.backward()
         opt.step()
     return model, opt
 
@@ -156,7 +159,9 @@ def test_optimizer_kinds():
 
     def stepped(opt):
         opt.zero_grad()
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+        model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).loss.backward()
         opt.step()
         return opt
 
