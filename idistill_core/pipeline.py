@@ -397,11 +397,18 @@ def qp_outcome(
         num_source=int(np.asarray(second["num_source"]).reshape(-1)[0]),
     )
     p_pool, quad = pool_terms(coefficients, terms)
+    from idistill_core.select import select_from_weights
+
     weights = qp_weights(p_pool, quad, terms.lr, budget).double().numpy()
     ids = list(ids)
-    nonzero = np.flatnonzero(weights > 0)
-    order = nonzero[np.lexsort((np.array(ids, dtype=object)[nonzero].astype(str), -weights[nonzero]))]
-    return SelectionOutcome(ids, p_pool.numpy(), weights, [ids[i] for i in order], "id-second-order")
+    # the λ search may not reach exactly k non-zeros (ties, convexity floor): keep the k largest, renormalise
+    selection = select_from_weights(ids, weights, budget)
+    keep = np.zeros(len(ids), dtype=bool)
+    index = {s: i for i, s in enumerate(ids)}
+    keep[[index[s] for s in selection.sample_ids]] = True
+    weights = np.where(keep, weights, 0.0)
+    weights *= len(ids) / weights.sum()
+    return SelectionOutcome(ids, p_pool.numpy(), weights, list(selection.sample_ids), "id-second-order")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ A target file ``targets/<name>.yaml``::
     budget: 100                    # selected subset size k
     method: id                     # id | exact | rds | less | random | midppl
     order: first                   # first | second
-    optimizer: gd                  # gd | adam
     aggregate: mean                # mean | rr
     finetune: true                 # also fine-tune and evaluate on the subset
+
+The optimizer (GD or Adam preconditioning) is a property of the shared landmark gradients, so it is set once in
+the settings profile (``recipe.optimizer``), not per target.
 
 Paths may not escape the configured data roots (no absolute paths outside them, no ``..`` tricks).
 """
@@ -37,7 +39,6 @@ _OPTIONAL = {
     "format": "auto",
     "method": "id",
     "order": "first",
-    "optimizer": "gd",
     "aggregate": "mean",
     "finetune": True,
 }
@@ -54,7 +55,6 @@ class TargetSpec:
     format: str = "auto"
     method: str = "id"
     order: str = "first"
-    optimizer: str = "gd"
     aggregate: str = "mean"
     finetune: bool = True
     source_file: Path | None = None
@@ -113,7 +113,6 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
     choices = {
         "method": ("id", "exact", "rds", "less", "random", "midppl"),
         "order": ("first", "second"),
-        "optimizer": ("gd", "adam"),
         "aggregate": ("mean", "rr"),
     }
     for field_name, allowed in choices.items():
@@ -133,7 +132,6 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         format=str(values["format"]),
         method=values["method"],
         order=values["order"],
-        optimizer=values["optimizer"],
         aggregate=values["aggregate"],
         finetune=values["finetune"],
         source_file=path,

@@ -1,0 +1,51 @@
+"""Target registry files: valid specs load; every invalid one is refused with one line naming file and field."""
+
+import pytest
+import yaml
+
+from idistill_core.errors import ConfigError
+from idistill_core.targets import load_target_spec
+
+
+def _write(tmp_path, **fields):
+    spec = {"name": "arith", "metric": "em-number", "dev": "t/dev.jsonl", "test": "t/test.jsonl", "budget": 5}
+    spec.update(fields)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / "arith.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_valid_spec_resolves_paths_inside_the_data_root(tmp_path):
+    spec = load_target_spec(_write(tmp_path), [tmp_path])
+    assert spec.dev == (tmp_path / "t" / "dev.jsonl").resolve()
+    assert spec.method == "id" and spec.finetune is True
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"metric": "bleu"}, "field 'metric' = 'bleu' is unknown"),
+        ({"budget": None}, "missing required field"),
+        ({"budget": 0}, "field 'budget' must be a positive integer"),
+        ({"dev": "../../etc/passwd"}, "field 'dev' = '../../etc/passwd' escapes the data roots"),
+        ({"test": "/etc/passwd"}, "field 'test' = '/etc/passwd' escapes the data roots"),
+        ({"method": "magic"}, "field 'method' = 'magic' is unknown"),
+        ({"colour": "red"}, "unknown field"),
+        ({"name": "other"}, "must equal the file name stem"),
+    ],
+)
+def test_invalid_specs_are_refused_with_one_line(tmp_path, fields, message):
+    path = _write(tmp_path, **fields)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_target_spec(path, [tmp_path / "data"] if "dev" in fields or "test" in fields else [tmp_path])
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_target_spec(bad, [tmp_path])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_target_spec(tmp_path / "none.yaml", [tmp_path])
