@@ -208,6 +208,51 @@ def compute_gradients(
     return collect_gradients(model, batches, config, preconditioner=preconditioner, progress=progress)
 
 
+def compute_gradients_resumable(
+    model,
+    tokenizer,
+    examples,
+    ids: Sequence[str],
+    config: GradientConfig,
+    shard_dir: str | Path,
+    preconditioner=None,
+    chunk_size: int = 256,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> GradientSet:
+    """:func:`compute_gradients` for ``ids``, committed chunk by chunk to safetensors shards in ``shard_dir``.
+
+    ``shard_dir`` must be keyed by everything the gradients depend on (ids, model, gradient config,
+    preconditioner); a shard whose ids differ from its chunk is recomputed. A killed run keeps every committed
+    shard, so a re-run computes only the missing chunks. Chunks are a multiple of ``config.batch_size`` so the
+    batches (and so the float results) are the same whether or not a run was interrupted.
+
+    Returns:
+        ``GradientSet`` with ``grads: (len(ids), P) float32`` in the order of ``ids``.
+    """
+    from idistill_core import artifacts
+
+    ids = list(ids)
+    shard_dir = Path(shard_dir)
+    step = max(config.batch_size, chunk_size - chunk_size % config.batch_size)
+    starts = list(range(0, len(ids), step))
+    parts: list[torch.Tensor] = []
+    for number, start in enumerate(starts):
+        chunk_ids = ids[start : start + step]
+        shard = shard_dir / f"chunk-{number:05d}.safetensors"
+        if shard.exists():
+            arrays, meta = artifacts.load_arrays(shard)
+            if meta.get("ids") == chunk_ids:
+                parts.append(torch.from_numpy(arrays["grads"]))
+                continue
+        grads = compute_gradients(model, tokenizer, examples, chunk_ids, config, preconditioner)
+        artifacts.save_arrays(shard, {"grads": grads.grads.detach().float().numpy()}, {"ids": chunk_ids})
+        parts.append(grads.grads.detach().float())
+        if on_chunk is not None:
+            on_chunk(number + 1, len(starts))
+    grads = torch.cat(parts) if parts else torch.zeros((0, 0))
+    return GradientSet(sample_ids=ids, grads=grads)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3.–4. influence and propagation
 # ---------------------------------------------------------------------------------------------------------

@@ -55,6 +55,13 @@ class Settings:
     embeddings_table: str = "embeddings"
     fidelity_warn_below: float = 0.5
     """The fidelity asset check WARNs when Spearman ρ on held-out landmarks falls below this."""
+    commit_every: int = 256
+    """Rows per committed chunk of embeddings (LanceDB) and landmark gradients (shards): a killed run loses at
+    most one chunk of work."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.commit_every, int) or self.commit_every < 1:
+            raise ConfigError(f"Settings.commit_every must be an integer >= 1; got {self.commit_every!r}.")
 
     @property
     def data_root(self) -> Path:
@@ -112,7 +119,8 @@ def load_settings(profile: str | Path | None = None, home: str | Path | None = N
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"settings profile {path} does not exist.") from None
-    allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below"}
+    allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below",
+               "commit_every"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
@@ -132,4 +140,5 @@ def load_settings(profile: str | Path | None = None, home: str | Path | None = N
         eval=_build(EvalSettings, raw.get("eval"), f"{path}: eval"),
         embeddings_table=str(raw.get("embeddings_table", "embeddings")),
         fidelity_warn_below=float(raw.get("fidelity_warn_below", 0.5)),
+        commit_every=raw.get("commit_every", 256),
     )

@@ -116,7 +116,8 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
         context.log.info("embeddings: committed %d / %d new samples", done, total)
 
     report = embed_pool(
-        loaded.model, loaded.tokenizer, tokenized.examples, store, s.recipe.embed, on_commit=on_commit
+        loaded.model, loaded.tokenizer, tokenized.examples, store, s.recipe.embed,
+        commit_every=s.commit_every, on_commit=on_commit,
     )
     pool_ids = list(tokenized.examples["sample_id"])
     check = _check_embeddings(store, pool_ids)
@@ -235,19 +236,42 @@ def landmarks_path(res: IdistillResource):
 )
 def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """Landmark ids and their exact, projected (optionally Adam-preconditioned) gradients, plus held-out samples."""
-    from idistill_core.pipeline import choose_landmarks, compute_gradients
+    import shutil
+
+    from idistill_core.pipeline import choose_landmarks, compute_gradients_resumable
 
     s = idistill.settings
     model, tokenizer, pre = gradient_model(idistill)
     tokenized = tokenized_pool(idistill, tokenizer)
     ids = list(tokenized.examples["sample_id"])
     landmark_ids, holdout_ids = choose_landmarks(ids, s.recipe.num_landmarks, s.recipe.num_holdout, s.recipe.seed)
+    # shards are keyed by everything the gradients depend on, so a re-run after a kill reuses only valid chunks
+    warm = artifacts.read_json(warmup_dir(idistill) / "state.json")
+    key = stable_hash(
+        {
+            "ids": landmark_ids + holdout_ids,
+            "model": idistill.load_model().fingerprint,
+            "warmup": warm.get("version", "disabled"),
+            "gradients": config_fingerprint(s.recipe.gradients),
+            "max_length": s.recipe.max_length,
+        },
+        16,
+    )
+    shard_dir = landmarks_path(idistill).parent / f"shards-{key}"
+
+    def on_chunk(done: int, total: int) -> None:
+        context.log.info("landmark gradients: committed chunk %d / %d", done, total)
+
     start = time.perf_counter()
-    grads = compute_gradients(model, tokenizer, tokenized.examples, landmark_ids + holdout_ids, s.recipe.gradients, pre)
+    grads = compute_gradients_resumable(
+        model, tokenizer, tokenized.examples, landmark_ids + holdout_ids, s.recipe.gradients, shard_dir,
+        preconditioner=pre, chunk_size=s.commit_every, on_chunk=on_chunk,
+    )
     seconds = time.perf_counter() - start
     g = grads.grads.detach().float().numpy()
     meta = {"landmark_ids": landmark_ids, "holdout_ids": holdout_ids, "gradients": config_fingerprint(s.recipe.gradients)}
     artifacts.save_arrays(landmarks_path(idistill), {"landmarks": g[: len(landmark_ids)], "holdout": g[len(landmark_ids) :]}, meta)
+    shutil.rmtree(shard_dir, ignore_errors=True)
     version = stable_hash({"ids": landmark_ids + holdout_ids, "grads": file_hash(landmarks_path(idistill))}, 16)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),

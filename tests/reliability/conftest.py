@@ -1,0 +1,99 @@
+"""Shared builders for the reliability tests: tiny projects, asset runs that may fail, and their error text.
+
+A tiny project is the tests/assets one (tiny random Llama, built-in pool of 96, `profiles/tiny.yaml` recipe)
+with small commit chunks, so a killed run has several committed chunks to keep.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from tests.assets.conftest import write_profile, write_target
+
+REPO = Path(__file__).resolve().parents[2]
+COMMIT_EVERY = 8
+
+
+def tiny_project(tmp_path: Path, pool_size: int = 96, targets=("arith",), top: dict | None = None, **recipe) -> Path:
+    """Write targets and a profile under ``tmp_path``; returns the profile path. ``top``: top-level fields."""
+    targets_dir = tmp_path / "targets"
+    targets_dir.mkdir(parents=True, exist_ok=True)
+    for name in targets:
+        write_target(targets_dir, name)
+    profile = write_profile(tmp_path, pool_size=pool_size, **recipe)
+    edit_profile(profile, commit_every=COMMIT_EVERY, **(top or {}))
+    return profile
+
+
+def edit_profile(profile: Path, recipe: dict | None = None, pool: dict | None = None, **top) -> Path:
+    raw = yaml.safe_load(profile.read_text())
+    raw.update(top)
+    raw["recipe"].update(recipe or {})
+    raw["pool"].update(pool or {})
+    profile.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return profile
+
+
+def run_assets(profile: Path, instance, names: list[str] | None = None, partition: str | None = None):
+    """Materialize ``names`` (all shared assets when None, or the selection job for ``partition``)."""
+    from idistill_assets.definitions import build_definitions
+
+    defs = build_definitions(str(profile))
+    if partition is not None:
+        if partition not in instance.get_dynamic_partitions("targets"):
+            instance.add_dynamic_partitions("targets", [partition])
+        job = defs.resolve_job_def("selection_job")
+        return job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False)
+    selection = [dg.AssetKey(["idistill", n]) for n in names] if names else None
+    job = defs.resolve_job_def("shared_job")
+    return job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False)
+
+
+def failure_messages(result) -> list[str]:
+    """The error text of every failed step (the user's exception, unwrapped from Dagster's wrapper)."""
+    messages = []
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        error = event.step_failure_data.error
+        while error is not None:
+            messages.append(error.message.strip())
+            error = error.cause
+    return messages
+
+
+def assert_run_fails_with(result, error_type: str, *fragments: str) -> str:
+    """The run failed and one failed step raised ``error_type`` with a one-line message containing ``fragments``."""
+    assert not result.success, "the run should have failed"
+    lines = [m for m in failure_messages(result) if m.startswith(f"idistill_core.errors.{error_type}:")]
+    assert lines, failure_messages(result)
+    message = lines[0].split(": ", 1)[1]
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def spawn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Start ``python -m tests.reliability.jobrunner ARGS`` from the repo root."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.jobrunner", *args],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
