@@ -185,6 +185,8 @@ def finetune(
     tokens = supervised = 0
     was_training = train_model.training
     train_model.train()
+    # Gradients left on the model by earlier work (a warm-up, a gradient pass) must not leak into step 0.
+    optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     try:
         for step, micro_sizes in enumerate(tqdm(steps, desc="finetune", disable=not progress)):

@@ -58,6 +58,8 @@ def test_one_step_matches_plain_autograd_adamw_step():
     examples = make_examples(8)
     model = tiny_llama(dtype=torch.float64)
     reference = copy.deepcopy(model)
+    for p in model.parameters():  # stale gradients from earlier work must not leak into the first step
+        p.grad = torch.full_like(p, 3.0)
     config = FinetuneConfig(
         lr=1e-2, max_steps=1, batch_size=8, warmup_ratio=0.0, max_grad_norm=0.5, precision="fp32"
     )
