@@ -7,7 +7,9 @@ embedding recipe fingerprint and the dimension; opening a table with a different
 so vectors from two models are never mixed.
 
 Writes are insert-if-missing (``merge_insert`` keyed by ``sample_id``), committed chunk by chunk: a killed run
-keeps every committed chunk and re-running it embeds only the ids that are still missing.
+keeps every committed chunk and re-running it embeds only the ids that are still missing. Every commit (create,
+merge, optimize) holds an inter-process file lock next to the table, so concurrent writers never lose or
+duplicate rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +60,30 @@ def _schema(identity: StoreIdentity) -> pa.Schema:
 
 
 def _connect(uri: str | Path):
+    from datetime import timedelta
+
     import lancedb
 
     Path(uri).mkdir(parents=True, exist_ok=True)
-    return lancedb.connect(str(uri))
+    # interval 0: every read sees the latest commit, so another process's rows are never re-inserted
+    return lancedb.connect(str(uri), read_consistency_interval=timedelta(0))
+
+
+@contextmanager
+def _writer_lock(uri: str | Path, name: str):
+    """Exclusive inter-process lock for one table's writes (create, merge, optimize).
+
+    Two processes creating the same table at once made lance commit the second create as an Overwrite of the
+    first one's rows; merges racing each other can conflict. Holding a file lock serialises all commits.
+    """
+    import fcntl
+
+    with open(Path(uri) / f".{name}.writer.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class EmbeddingStore:
@@ -78,6 +101,12 @@ class EmbeddingStore:
     @classmethod
     def open(cls, uri: str | Path, name: str, identity: StoreIdentity) -> "EmbeddingStore":
         db = _connect(uri)
+        with _writer_lock(uri, name):
+            table = cls._open_or_create(db, uri, name, identity)
+        return cls(table, identity, str(uri), name)
+
+    @staticmethod
+    def _open_or_create(db, uri: str | Path, name: str, identity: StoreIdentity):
         if name in db.list_tables().tables:
             table = db.open_table(name)
             found = (table.schema.metadata or {}).get(_META_KEY)
@@ -93,7 +122,7 @@ class EmbeddingStore:
                 )
         else:
             table = db.create_table(name, schema=_schema(identity), exist_ok=True)
-        return cls(table, identity, str(uri), name)
+        return table
 
     # -- reading -------------------------------------------------------------------------------------------
     @property
@@ -168,9 +197,8 @@ class EmbeddingStore:
         )
         for attempt in range(retries):
             try:
-                result = (
-                    self._table.merge_insert("sample_id").when_not_matched_insert_all().execute(table)
-                )
+                with _writer_lock(self.uri, self.name):
+                    result = self._table.merge_insert("sample_id").when_not_matched_insert_all().execute(table)
                 return int(result.num_inserted_rows)
             except Exception as error:  # lance raises a generic error on commit conflicts
                 if "conflict" not in str(error).lower() or attempt == retries - 1:
@@ -182,7 +210,8 @@ class EmbeddingStore:
     def optimize(self) -> dict:
         """Compact files and prune old versions (run from one writer only)."""
         before = self.version
-        self._table.optimize()
+        with _writer_lock(self.uri, self.name):
+            self._table.optimize()
         return {"version_before": before, "version_after": self.version}
 
 

@@ -1,0 +1,123 @@
+"""Issue 6.3 — concurrency: two target partitions materialized at the same time in two processes (one shared
+Dagster instance, LanceDB table and artefact root) both succeed with the outputs of sequential runs, and two
+processes writing overlapping ids into one EmbeddingStore end with each id exactly once."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from idistill_core.settings import load_settings
+from idistill_core.store import EmbeddingStore, StoreIdentity
+from tests.assets.conftest import dagster_yaml
+
+from .conftest import REPO, run_assets, spawn, tiny_project
+
+pytestmark = pytest.mark.slow
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    import numpy as np
+    from idistill_core.store import EmbeddingStore, StoreIdentity
+
+    uri, go, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    store = EmbeddingStore.open(uri, "emb", StoreIdentity("model", "recipe", 4))
+    for start in range(lo, hi, 3):
+        ids = [f"s{i:04d}" for i in range(start, min(start + 3, hi))]
+        store.insert_missing(ids, np.array([[i, i + 1, i + 2, i + 3] for i in range(start, min(start + 3, hi))], np.float32))
+    """
+)
+
+
+def test_two_processes_writing_overlapping_ids_leave_each_id_exactly_once(tmp_path):
+    uri, go = tmp_path / "lancedb", tmp_path / "go"
+    # both processes also race to create the table (a racing create used to overwrite the other's rows)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(uri), str(go), str(lo), str(hi)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for lo, hi in ((0, 150), (60, 210))
+    ]
+    time.sleep(3.0)  # both have imported lancedb and wait on the start file
+    go.touch()
+    for writer in writers:
+        output, _ = writer.communicate(timeout=240)
+        assert writer.returncode == 0, output[-3000:]
+    store = EmbeddingStore.open(uri, "emb", StoreIdentity("model", "recipe", 4))
+    ids = store.sample_ids()
+    assert len(ids) == len(set(ids)) == 210
+    vectors = store.read([f"s{i:04d}" for i in range(210)])
+    assert np.array_equal(vectors[:, 0], np.arange(210, dtype=np.float32))
+
+
+def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance):
+    profile = tiny_project(tmp_path, pool_size=96, targets=("arith", "reading"))
+    settings = load_settings(profile)
+    dagster_home = tmp_path / "dagster_home"
+    dagster_yaml(dagster_home)
+    shared = spawn(["--profile", str(profile), "--dagster-home", str(dagster_home)])
+    output, _ = shared.communicate(timeout=300)
+    assert shared.returncode == 0, output[-3000:]
+
+    runs = {
+        name: spawn(
+            [
+                "--profile",
+                str(profile),
+                "--dagster-home",
+                str(dagster_home),
+                "--job",
+                "selection_job",
+                "--partition",
+                name,
+                "--result",
+                str(tmp_path / f"{name}.json"),
+            ]
+        )
+        for name in ("arith", "reading")
+    }
+    for name, run in runs.items():
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, f"{name}:\n{output[-3000:]}"
+    concurrent = {}
+    for name in runs:
+        folder = settings.artifacts / "targets" / name
+        concurrent[name] = (
+            pl.read_parquet(folder / "propagated_weights.parquet"),
+            pl.read_parquet(folder / "subset.parquet"),
+        )
+        shutil.rmtree(folder)
+
+    store_rows = EmbeddingStore.open(
+        settings.lancedb_uri, settings.embeddings_table, _identity_of(settings)
+    ).sample_ids()
+    assert len(store_rows) == len(set(store_rows)) == 96  # readers never wrote
+
+    for name in runs:  # the same partitions, one after the other, in this process
+        assert run_assets(profile, instance, partition=name).success
+        folder = settings.artifacts / "targets" / name
+        weights, subset = concurrent[name]
+        assert weights.equals(pl.read_parquet(folder / "propagated_weights.parquet")), name
+        assert subset.equals(pl.read_parquet(folder / "subset.parquet")), name
+        assert subset.height == {"arith": 12, "reading": 10}[name]
+
+
+def _identity_of(settings) -> StoreIdentity:
+    import lancedb
+
+    table = lancedb.connect(str(settings.lancedb_uri)).open_table(settings.embeddings_table)
+    stored = json.loads(table.schema.metadata[b"idistill"])
+    return StoreIdentity(stored["model_fingerprint"], stored["recipe"], stored["dim"])
