@@ -63,8 +63,8 @@ def _select(args) -> int:
     target_rows = load_rows(args.target, fmt=args.target_format)
     loaded = load_model(args.model, attn_implementation="eager")
     load_seconds = time.perf_counter() - start
-    pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length)
-    targets = tokenize_rows(target_rows, loaded.tokenizer, recipe.max_length)
+    pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
+    targets = tokenize_rows(target_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
     with tempfile.TemporaryDirectory() as scratch:
         report = run_selection(
             loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, targets.examples, args.budget, recipe,

@@ -60,7 +60,10 @@ class SelectionRecipe:
     """`mean`: the paper's mean target gradient (top-k of the mean score); `rr`: the released code's round-robin
     over target samples."""
     max_length: int = 256
-    """Tokens per sample; longer samples are truncated and counted."""
+    """Tokens per sample; longer samples are truncated and counted (or refused, see `on_overflow`)."""
+    on_overflow: Literal["truncate", "error"] = "truncate"
+    """`truncate` keeps the first `max_length` tokens of a longer sample and counts it; `error` refuses the run,
+    naming the sample."""
     lr: float = 1e-4
     """η of the step the second-order model predicts (only used with order='second')."""
     batch_size: int = 8
@@ -87,6 +90,8 @@ class SelectionRecipe:
             raise ConfigError(f"SelectionRecipe.num_holdout must be >= 0; got {self.num_holdout}.")
         if self.order == "second" and self.aggregate == "rr":
             raise ConfigError("SelectionRecipe.order='second' needs aggregate='mean' (the QP uses the mean target loss).")
+        if self.on_overflow not in ("truncate", "error"):
+            raise ConfigError(f"SelectionRecipe.on_overflow must be 'truncate' or 'error'; got {self.on_overflow!r}.")
         if self.max_length <= 0 or self.batch_size <= 0:
             raise ConfigError("SelectionRecipe.max_length and batch_size must be > 0.")
 
@@ -584,6 +589,9 @@ def run_selection(
         raise ConfigError("the target set has no usable samples (all empty or without assistant tokens).")
     sizes = {"pool": len(pool_ids), "targets": len(target_examples), "budget": budget}
     method = recipe.method
+    if method == "id" and recipe.num_landmarks > len(pool_ids):
+        # refuse before anything is embedded or written
+        raise ConfigError(f"num_landmarks={recipe.num_landmarks} exceeds the pool size N={len(pool_ids)}; choose L <= N.")
 
     def timed(stage):
         class _Timer:

@@ -33,7 +33,8 @@ def tokenized_pool(res: IdistillResource, tokenizer):
     """The pool tokenized with the recipe's max length (``TokenizeResult``)."""
     from idistill_core.data import tokenize_rows
 
-    return tokenize_rows(load_pool_rows(res), tokenizer, res.settings.recipe.max_length)
+    recipe = res.settings.recipe
+    return tokenize_rows(load_pool_rows(res), tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
 
 
 @dg.asset(

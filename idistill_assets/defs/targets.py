@@ -74,7 +74,8 @@ def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResour
 
     spec = target_spec_for(idistill, context.partition_key)
     model, tokenizer, _ = gradient_model(idistill)
-    tokenized = tokenize_rows(target_rows(spec, "dev"), tokenizer, idistill.settings.recipe.max_length)
+    recipe = idistill.settings.recipe
+    tokenized = tokenize_rows(target_rows(spec, "dev"), tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
     if len(tokenized.examples) == 0:
         from idistill_core.errors import DataError
 

@@ -4,12 +4,15 @@ A tiny project is the tests/assets one (tiny random Llama, built-in pool of 96, 
 with small commit chunks, so a killed run has several committed chunks to keep.
 """
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -19,14 +22,24 @@ REPO = Path(__file__).resolve().parents[2]
 COMMIT_EVERY = 8
 
 
-def tiny_project(tmp_path: Path, pool_size: int = 96, targets=("arith",), top: dict | None = None, **recipe) -> Path:
-    """Write targets and a profile under ``tmp_path``; returns the profile path. ``top``: top-level fields."""
+def tiny_project(
+    tmp_path: Path,
+    pool_size: int = 96,
+    targets=("arith",),
+    top: dict | None = None,
+    recipe: dict | None = None,
+    pool: dict | None = None,
+) -> Path:
+    """Write targets and a profile under ``tmp_path``; returns the profile path.
+
+    ``top``, ``recipe``, ``pool``: fields that override the tiny profile's top level, recipe and pool sections.
+    """
     targets_dir = tmp_path / "targets"
     targets_dir.mkdir(parents=True, exist_ok=True)
     for name in targets:
         write_target(targets_dir, name)
-    profile = write_profile(tmp_path, pool_size=pool_size, **recipe)
-    edit_profile(profile, commit_every=COMMIT_EVERY, **(top or {}))
+    profile = write_profile(tmp_path, pool_size=pool_size)
+    edit_profile(profile, recipe=recipe, pool=pool, commit_every=COMMIT_EVERY, **(top or {}))
     return profile
 
 
@@ -97,3 +110,66 @@ def spawn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Pope
         text=True,
         **kwargs,
     )
+
+
+GOOD = {
+    "sample_id": "a",
+    "source": "s",
+    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+}
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def bad_files(folder: Path) -> dict[str, tuple[Path, str, list[str]]]:
+    """name -> (file, error class, fragments the one-line message must contain)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    b = {**GOOD, "sample_id": "b"}
+    schema = folder / "schema.parquet"
+    pq.write_table(pa.table({"text": ["x"], "label": [1]}), schema)
+    cases = {
+        "missing_file": (folder / "nope.jsonl", ["nope.jsonl", "file not found"]),
+        "malformed_json_line": (
+            jsonl(folder / "malformed.jsonl", [GOOD, b, '{"sample_id": "c", "messages": [']),
+            ["malformed.jsonl:3", "malformed JSON line"],
+        ),
+        "wrong_parquet_schema": (schema, ["schema.parquet", "cannot detect the schema", "'messages'"]),
+        "empty_file": (jsonl(folder / "empty.jsonl", []), ["empty.jsonl", "empty dataset"]),
+        "empty_messages": (
+            jsonl(folder / "nomsg.jsonl", [GOOD, {**b, "messages": []}]),
+            ["nomsg.jsonl:2", "sample 'b'", "missing or empty 'messages'"],
+        ),
+        "missing_messages": (
+            jsonl(folder / "nomsg2.jsonl", [GOOD, {"sample_id": "b", "source": "s"}]),
+            ["nomsg2.jsonl:2", "sample 'b'", "missing or empty 'messages'"],
+        ),
+        "unknown_role": (
+            jsonl(
+                folder / "role.jsonl",
+                [GOOD, {**b, "messages": [{"role": "robot", "content": "x"}, GOOD["messages"][1]]}],
+            ),
+            ["role.jsonl:2", "sample 'b'", "unknown role 'robot'"],
+        ),
+        "no_assistant_turn": (
+            jsonl(folder / "noasst.jsonl", [GOOD, {**b, "messages": [{"role": "user", "content": "x"}]}]),
+            ["noasst.jsonl:2", "sample 'b'", "no assistant turn"],
+        ),
+        "duplicate_sample_id": (
+            jsonl(folder / "dup.jsonl", [GOOD, dict(GOOD)]),
+            ["dup.jsonl", "sample_id 'a' appears twice (lines 1 and 2)"],
+        ),
+    }
+    return {name: (path, "DataError", fragments) for name, (path, fragments) in cases.items()}
+
+
+def store_rows(uri: Path) -> int:
+    """Rows in every LanceDB table under ``uri`` (0 when there is none)."""
+    import lancedb
+
+    if not uri.exists():
+        return 0
+    db = lancedb.connect(str(uri))
+    return sum(db.open_table(name).count_rows() for name in db.list_tables().tables)

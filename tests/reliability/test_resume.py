@@ -38,7 +38,9 @@ def kill_after(profile: Path, progress: Path, prefix: str, commits: int) -> list
             if sum(line.startswith(prefix) for line in lines) >= commits:
                 os.kill(child.pid, signal.SIGKILL)
                 break
-            assert child.poll() is None, f"the job ended before it could be killed:\n{child.stdout.read()[-3000:]}"
+            assert child.poll() is None, (
+                f"the job ended before it could be killed:\n{child.stdout.read()[-3000:]}"
+            )
             time.sleep(0.05)
         else:
             raise AssertionError("no chunk was committed within 300 s")
@@ -69,7 +71,9 @@ def test_killed_embeddings_and_landmark_gradients_resume_to_the_uninterrupted_re
     reference = tiny_project(tmp_path / "reference", pool_size=POOL)
     run_to_end(reference)
     ref_ids, ref_vectors = table_contents(reference)
-    ref_arrays, ref_meta = artifacts.load_arrays(load_settings(reference).artifacts / "landmarks" / "landmarks.safetensors")
+    ref_arrays, ref_meta = artifacts.load_arrays(
+        load_settings(reference).artifacts / "landmarks" / "landmarks.safetensors"
+    )
     assert sorted(ref_ids) == sorted(set(ref_ids)) and len(ref_ids) == POOL
 
     profile = tiny_project(tmp_path / "killed", pool_size=POOL)
@@ -81,7 +85,9 @@ def test_killed_embeddings_and_landmark_gradients_resume_to_the_uninterrupted_re
     logged = sum(int(line.split()[1]) for line in lines if line.startswith("emb"))
     ids, vectors = table_contents(profile)
     assert len(ids) == len(set(ids))
-    assert logged <= len(ids) <= logged + COMMIT_EVERY < POOL  # at most the one in-flight chunk beyond the log
+    assert (
+        logged <= len(ids) <= logged + COMMIT_EVERY < POOL
+    )  # at most the one in-flight chunk beyond the log
     reference_rows = by_id(ref_ids, ref_vectors)
     for sample_id, vector in zip(ids, vectors):
         assert np.array_equal(vector, reference_rows[sample_id]), sample_id
