@@ -1,0 +1,116 @@
+"""Sizes of every benchmark per profile; each benchmark's JSON records the parameters it ran with.
+
+``full`` is sized so the whole suite fits 30 minutes on the shared 2-core CPU machine even while other jobs
+run on it (measured there under load: ~0.47 s/sample JVP embedding and ~1.4 s/sample exact gradient on the
+default model, 3-5x the quiet-machine figures of ``research/feasibility.md`` §2). So end_to_end embeds 500
+samples and times exactly 500 exact pool gradients (256 landmarks + 244 held out) plus 48 target gradients;
+the landmark sweep reuses those gradients and stops at L = 256; the scaling run uses the tiny model with one
+block (20k samples of the default model would take ~30-150 min of embeddings alone).
+``extended`` is the issue's full sizes (sweep to L = 1024, larger pools) for a quiet or bigger machine; it
+takes well over 30 minutes on 2 cores. ``smoke`` runs everything on the tiny random model (the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TARGETS = ["arith", "reading", "mcq"]
+# The main job's recipe (profiles/default.yaml): D = 1024, down_proj gradients SRHT-projected to 8192.
+DEFAULT_EMBED = {"num_blocks": 4, "num_tangents": 2, "proj_dim": 1024, "batch_size": 8}
+# Scaling is about growth in N, not JVP cost: one block and batches of 32 keep 26k tiny-model samples ~2 min.
+SCALING_EMBED = {"num_blocks": 1, "num_tangents": 2, "proj_dim": 1024, "batch_size": 32}
+
+FULL: dict[str, dict[str, Any]] = {
+    "jvp_cost": {
+        "model": DEFAULT_MODEL, "device": "cpu", "seq_lens": [128, 512], "batch_sizes": {"128": 8, "512": 4},
+        "repeats": 3, "warmup": 1, "num_blocks": 4, "num_tangents": 2, "proj_dim": 1024,
+        "variants": ["loop", "bf16"],
+    },
+    "end_to_end": {
+        "model": DEFAULT_MODEL, "device": "cpu", "pool_size": 500, "extrapolate_to": 10_000,
+        "num_landmarks": 256, "num_holdout": 244, "targets": TARGETS, "max_length": 192,
+        "budget_fraction": 0.1, "embed": DEFAULT_EMBED, "gradients": {}, "propagate": {},
+    },
+    "landmark_sweep": {
+        "model": DEFAULT_MODEL, "device": "cpu", "pool_size": 500, "landmarks": [32, 64, 128, 256],
+        "num_holdout": 244, "targets": TARGETS, "max_length": 192, "embed": DEFAULT_EMBED, "gradients": {},
+        "propagate": {},
+    },
+    "scaling": {
+        "model": "tiny-llama", "device": "cpu", "pool_sizes": [1000, 5000, 20_000],
+        "num_landmarks": 64, "target": "arith", "max_length": 128, "budget_fraction": 0.1,
+        "embed": SCALING_EMBED, "gradients": {}, "propagate": {},
+    },
+    "propagation": {
+        "pool_size": 100_000, "num_landmarks": 4096, "dim": 1024, "num_targets": 3, "examples_per_target": 100,
+        "chunk_size": 4096, "kernel": "rbf", "ridge": 0.01, "clusters": 64, "noise": 0.5,
+    },
+    "gpu": {"size": "cpu-check", "device": "cpu"},
+}
+
+SMOKE: dict[str, dict[str, Any]] = {
+    "jvp_cost": {
+        "model": "tiny-llama", "device": "cpu", "seq_lens": [16, 32], "batch_sizes": {"16": 2, "32": 2},
+        "repeats": 2, "warmup": 1, "num_blocks": 4, "num_tangents": 2, "proj_dim": 32, "variants": ["loop", "bf16"],
+    },
+    "end_to_end": {
+        "model": "tiny-llama", "device": "cpu", "pool_size": 64, "extrapolate_to": 10_000, "num_landmarks": 16,
+        "num_holdout": 16, "targets": TARGETS, "max_length": 256, "budget_fraction": 0.1,
+        "embed": {**DEFAULT_EMBED, "proj_dim": 32}, "gradients": {"proj_dim": 512}, "propagate": {},
+    },
+    "landmark_sweep": {
+        "model": "tiny-llama", "device": "cpu", "pool_size": 64, "landmarks": [4, 8, 16, 32], "num_holdout": 16,
+        "targets": TARGETS, "max_length": 256, "embed": {**DEFAULT_EMBED, "proj_dim": 32},
+        "gradients": {"proj_dim": 512}, "propagate": {},
+    },
+    "scaling": {
+        "model": "tiny-llama", "device": "cpu", "pool_sizes": [40, 80], "num_landmarks": 8, "target": "arith",
+        "max_length": 128, "budget_fraction": 0.1, "embed": {**SCALING_EMBED, "proj_dim": 32},
+        "gradients": {"proj_dim": 512}, "propagate": {},
+    },
+    "propagation": {
+        "pool_size": 3000, "num_landmarks": 256, "dim": 64, "num_targets": 3, "examples_per_target": 10,
+        "chunk_size": 1024, "kernel": "rbf", "ridge": 0.01, "clusters": 16, "noise": 0.5,
+    },
+    "gpu": {"size": "cpu-check", "device": "cpu"},
+}
+
+# Benchmark 6 (benchmarks/gpu.py): benchmarks 1 and 2 at a larger model size. "gpu" is for a lent GPU machine;
+# "cpu-check" is the same code at tiny sizes, run by every suite so the script cannot rot.
+GPU_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "gpu": {
+        "jvp_cost": {
+            "model": "random-llama-1b", "seq_lens": [128, 512, 2048], "batch_sizes": {"128": 32, "512": 16, "2048": 4},
+            "repeats": 5, "warmup": 2, "num_blocks": 4, "num_tangents": 2, "proj_dim": 4096, "variants": ["loop", "bf16"],
+        },
+        "end_to_end": {
+            "model": "random-llama-1b", "pool_size": 5000, "extrapolate_to": 10_000, "num_landmarks": 256,
+            "num_holdout": 256, "targets": TARGETS, "max_length": 256, "budget_fraction": 0.1,
+            "embed": {"num_blocks": 4, "num_tangents": 2, "proj_dim": 4096, "batch_size": 32},
+            "gradients": {"proj_dim": 8192}, "propagate": {},
+        },
+    },
+    "cpu-check": {
+        "jvp_cost": {
+            "model": "tiny-llama", "seq_lens": [32], "batch_sizes": {"32": 2}, "repeats": 1, "warmup": 1,
+            "num_blocks": 2, "num_tangents": 2, "proj_dim": 32, "variants": [],
+        },
+        "end_to_end": {
+            "model": "tiny-llama", "pool_size": 40, "extrapolate_to": 10_000, "num_landmarks": 8, "num_holdout": 8,
+            "targets": ["arith"], "max_length": 256, "budget_fraction": 0.1,
+            "embed": {**DEFAULT_EMBED, "proj_dim": 32}, "gradients": {"proj_dim": 256}, "propagate": {},
+        },
+    },
+}
+
+EXTENDED: dict[str, dict[str, Any]] = {
+    **FULL,
+    "end_to_end": {**FULL["end_to_end"], "pool_size": 2000, "num_holdout": 256},
+    "landmark_sweep": {**FULL["landmark_sweep"], "pool_size": 2000, "num_holdout": 256,
+                       "landmarks": [32, 64, 128, 256, 512, 1024]},
+    "scaling": {**FULL["scaling"], "pool_sizes": [1000, 2000, 5000, 10_000, 20_000]},
+}
+
+PROFILES = {"full": FULL, "smoke": SMOKE, "extended": EXTENDED}
+ORDER = ["jvp_cost", "end_to_end", "landmark_sweep", "scaling", "propagation", "gpu"]

@@ -1,0 +1,166 @@
+"""The selection workload shared by benchmarks 2, 3 and 6: pool, targets, embeddings and exact gradients.
+
+Exact gradients are cached per run in the work dir (keyed by model, gradient config and sequence length), each
+row with the seconds it took, so the landmark sweep (3) reuses the landmarks and held-out samples the
+end-to-end benchmark (2) already paid for and still reports a measured time for every landmark count.
+The held-out samples (never landmarks) come first in one seeded permutation of the pool ids and the landmarks
+of every L are a prefix of the rest, so a smaller L is always a subset of a larger one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import builtin_data, load_bench_model, tokenized
+from idistill_core.embed import EmbedConfig
+from idistill_core.gradients import GradientConfig, iter_gradients
+from idistill_core.hashing import config_fingerprint
+from idistill_core.pipeline import SelectionRecipe, batches_for, embed_pool, open_store, spearman
+from idistill_core.propagate import PropagateConfig
+
+
+@dataclass
+class Workload:
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    pool: Any
+    """Tokenized pool examples (``datasets.Dataset``)."""
+    targets: dict[str, Any]
+    """Target name -> tokenized dev examples."""
+    recipe: SelectionRecipe
+    work_dir: Path
+    device: str
+    pool_size: int
+
+    @property
+    def pool_ids(self) -> list[str]:
+        return list(self.pool["sample_id"])
+
+
+def load(
+    model: str, device: str, work_dir: str, pool_size: int, targets: list[str], max_length: int,
+    embed: dict, gradients: dict, propagate: dict, seed: int = 0,
+) -> Workload:
+    net, tokenizer, fingerprint = load_bench_model(model, device, seed)
+    data = builtin_data(work_dir, pool_size, seed)
+    pool = tokenized(data / "pool.jsonl", tokenizer, max_length)
+    target_examples = {t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, max_length) for t in targets}
+    recipe = SelectionRecipe(
+        max_length=max_length,
+        seed=seed,
+        embed=EmbedConfig(**embed),
+        gradients=GradientConfig(**gradients),
+        propagate=PropagateConfig(**propagate),
+    )
+    return Workload(net, tokenizer, fingerprint, pool, target_examples, recipe, Path(work_dir), device, pool_size)
+
+
+def split(work: Workload, num_holdout: int) -> tuple[list[str], list[str]]:
+    """``(holdout ids, landmark order)``: one seeded permutation of the sorted pool ids."""
+    ordered = sorted(work.pool_ids)
+    perm = np.random.default_rng(work.recipe.seed).permutation(len(ordered))
+    shuffled = [ordered[i] for i in perm]
+    return shuffled[:num_holdout], shuffled[num_holdout:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# embeddings
+# ---------------------------------------------------------------------------------------------------------
+def _marker(work: Workload) -> Path:
+    return work.work_dir / f"pool_table_{work.fingerprint[:8]}_{work.pool_size}.json"
+
+
+def embed_fresh(work: Workload) -> tuple[Any, dict]:
+    """Embed the whole pool into a new LanceDB table (so the time is a real one) and record it for reuse."""
+    table = f"emb_{work.fingerprint[:8]}_{work.pool_size}_{os.getpid()}"
+    hidden = work.model.config.hidden_size
+    store = open_store(work.work_dir / "lancedb", table, work.fingerprint, work.recipe, hidden)
+    report = embed_pool(work.model, work.tokenizer, work.pool, store, work.recipe.embed)
+    info = {"table": table, "seconds": report.seconds, "rows": report.row_count}
+    _marker(work).write_text(json.dumps(info))
+    return store, info
+
+
+def embedded_store(work: Workload) -> tuple[Any, dict]:
+    """The table an earlier benchmark of this run filled, else a fresh one (``info["reused"]`` says which)."""
+    marker = _marker(work)
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        hidden = work.model.config.hidden_size
+        store = open_store(work.work_dir / "lancedb", info["table"], work.fingerprint, work.recipe, hidden)
+        if store.count() == len(work.pool):
+            return store, {**info, "reused": True}
+    store, info = embed_fresh(work)
+    return store, {**info, "reused": False}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact gradients with a per-run cache
+# ---------------------------------------------------------------------------------------------------------
+def _cache_path(work: Workload) -> Path:
+    key = config_fingerprint(work.recipe.gradients)
+    return work.work_dir / f"grads_{work.fingerprint[:8]}_{key}_len{work.recipe.max_length}.pt"
+
+
+def exact_gradients(
+    work: Workload, examples, ids: list[str], read_cache: bool = True
+) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Projected unit-norm gradients of ``ids`` (rows in that order), as the pipeline computes them.
+
+    Returns:
+        ``(grads (n, P) float32, seconds (n,) each row took when it was computed, rows computed now)``.
+    """
+    path = _cache_path(work)
+    cache: dict[str, Any] = torch.load(path) if path.exists() else {"rows": {}, "seconds": {}}
+    missing = [s for s in ids if not (read_cache and s in cache["rows"])]
+    if missing:
+        batches = batches_for(examples, work.tokenizer, work.recipe.gradients.batch_size, ids=missing)
+        start = time.perf_counter()
+        for batch_ids, grads in iter_gradients(work.model, batches, work.recipe.gradients):
+            now = time.perf_counter()
+            for row, sample_id in enumerate(batch_ids):
+                cache["rows"][sample_id] = grads[row].clone()
+                cache["seconds"][sample_id] = (now - start) / len(batch_ids)
+            start = now
+        torch.save(cache, path)
+    grads = torch.stack([cache["rows"][s] for s in ids])
+    seconds = np.array([cache["seconds"][s] for s in ids])
+    return grads, seconds, len(missing)
+
+
+def target_gradients(work: Workload, read_cache: bool = True) -> tuple[dict[str, torch.Tensor], float]:
+    """``({target: (T, P)}, seconds)`` for every target's dev examples."""
+    out, seconds = {}, 0.0
+    for name, examples in work.targets.items():
+        grads, secs, _ = exact_gradients(work, examples, list(examples["sample_id"]), read_cache)
+        out[name] = grads
+        seconds += float(secs.sum())
+    return out, seconds
+
+
+def influence(grads: torch.Tensor, targets: dict[str, torch.Tensor]) -> np.ndarray:
+    """``(n, T_targets)`` first-order influence G ḡ_t, one column per target (the pipeline's 'mean')."""
+    from idistill_core.pipeline import landmark_values
+
+    return np.concatenate([landmark_values(grads, tg, "mean") for tg in targets.values()], axis=1)
+
+
+def rank_agreement(predicted: np.ndarray, exact: np.ndarray, top_fraction: float = 0.1) -> dict[str, list[float]]:
+    """Per target column: Spearman ρ, and the share of the exact top ``top_fraction`` that ID also ranks there."""
+    rho, overlap = [], []
+    k = max(1, int(round(top_fraction * len(exact))))
+    for t in range(exact.shape[1]):
+        rho.append(spearman(predicted[:, t], exact[:, t]))
+        top_pred = set(np.argsort(-predicted[:, t], kind="stable")[:k].tolist())
+        top_exact = set(np.argsort(-exact[:, t], kind="stable")[:k].tolist())
+        overlap.append(len(top_pred & top_exact) / k)
+    return {"spearman": rho, "top_overlap": overlap}

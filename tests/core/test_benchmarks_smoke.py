@@ -1,0 +1,104 @@
+"""The benchmark suite runs end to end at smoke sizes and writes comparable JSON (issue 7).
+
+No timing is asserted: only that every benchmark ran, wrote its parameters, machine info and the named
+figures, and that the figures are finite numbers. Two small checks pin down the plumbing the figures rely on:
+per-child peak RSS and the end-to-end extrapolation arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import run_child
+from benchmarks.end_to_end import extrapolate
+from benchmarks.profiles import ORDER
+
+REPO = Path(__file__).resolve().parents[2]
+
+NAMED_FIGURES = {
+    "jvp_cost": ["jvp_over_kblock_forward", "jvp_over_full_forward"],
+    "end_to_end": ["speedup_vs_exact", "spearman_vs_exact"],
+    "landmark_sweep": ["spearman_vs_exact_by_L", "seconds_by_L"],
+    "scaling": ["peak_rss_ratio_largest_over_smallest", "per_sample_time_ratio_largest_over_smallest"],
+    "propagation": ["krr_total_s", "peak_rss_gib"],
+    "gpu": ["jvp_over_kblock_forward", "speedup_vs_exact", "spearman_vs_exact"],
+}
+
+
+def _numbers(value, path=""):
+    """Every int/float inside a figures structure, with its path (bools and None are not figures)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        yield path, float(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench_results")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--profile", "smoke", "--results-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=540,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_suite_writes_every_benchmark_with_finite_named_figures(smoke_results):
+    suite = json.loads((smoke_results / "suite.json").read_text())
+    assert list(suite["benchmarks"]) == ORDER
+    for name in ORDER:
+        record = json.loads((smoke_results / f"{name}.json").read_text())
+        assert record["name"] == name and record["profile"] == "smoke"
+        assert record["params"] and record["machine"]["cpu_count"] >= 1
+        for figure in NAMED_FIGURES[name]:
+            assert figure in record["figures"], f"{name}.json lacks figure {figure}"
+        numbers = list(_numbers(record["figures"]))
+        assert numbers, f"{name}.json has no numeric figures"
+        bad = [p for p, v in numbers if not math.isfinite(v)]
+        assert not bad, f"{name}.json has non-finite figures {bad}"
+
+
+def test_smoke_spearman_is_a_correlation_and_speedup_positive(smoke_results):
+    e2e = json.loads((smoke_results / "end_to_end.json").read_text())["figures"]
+    assert -1.0 <= e2e["spearman_vs_exact"] <= 1.0
+    assert e2e["speedup_vs_exact"] > 0
+    jvp = json.loads((smoke_results / "jvp_cost.json").read_text())["figures"]
+    assert set(jvp["jvp_over_kblock_forward"]) == {"16", "32"}
+    assert all(v > 0 for v in jvp["jvp_over_kblock_forward"].values())
+
+
+def test_child_peak_rss_belongs_to_that_child_only():
+    big = run_child("common", "hold_memory", {"mib": 400})
+    small = run_child("common", "hold_memory", {"mib": 1})
+    assert big["held_mib"] == 400
+    # A RUSAGE_CHILDREN-style maximum would report the 400 MiB peak for the second child as well.
+    assert big["peak_rss_gib"] - small["peak_rss_gib"] > 0.3
+
+
+def test_extrapolation_scales_pool_stages_and_keeps_landmark_costs():
+    child = {
+        "pool_n": 100,
+        "exact_s_per_sample_median": 2.0,
+        "stage_seconds": {"embeddings": 10.0, "landmark_gradients": 50.0, "target_gradients": 5.0,
+                          "propagation": 1.0, "selection": 0.5},
+    }
+    out = extrapolate(child, 1000)
+    # ID: 10x the pool-sized stages, landmark and target gradients unchanged.
+    assert out["id_total_s"] == pytest.approx(100.0 + 50.0 + 5.0 + 10.0 + 5.0)
+    # Exact: a gradient for every one of the 1000 samples, the targets, and the same selection.
+    assert out["exact_total_s"] == pytest.approx(2000.0 + 5.0 + 5.0)
