@@ -53,7 +53,12 @@ def _mem_total_gib() -> float | None:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -95,7 +100,9 @@ class ChildError(RuntimeError):
     """A measurement child exited with a non-zero status."""
 
 
-def run_child(module: str, function: str, kwargs: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+def run_child(
+    module: str, function: str, kwargs: dict[str, Any], timeout_s: float | None = None
+) -> dict[str, Any]:
     """Run ``benchmarks.<module>.<function>(**kwargs)`` in a fresh interpreter.
 
     Returns:

@@ -28,9 +28,21 @@ NAME = "end_to_end"
 
 
 def measure(
-    model: str, device: str, work_dir: str, pool_size: int, extrapolate_to: int, num_landmarks: int,
-    num_holdout: int, targets: list[str], max_length: int, budget_fraction: float, embed: dict,
-    gradients: dict, propagate: dict, seed: int = 0,
+    model: str,
+    device: str,
+    work_dir: str,
+    pool_size: int,
+    extrapolate_to: int,
+    num_landmarks: int,
+    num_holdout: int,
+    targets: list[str],
+    max_length: int,
+    budget_fraction: float,
+    embed: dict,
+    gradients: dict,
+    propagate: dict,
+    seed: int = 0,
+    breakdown_samples: int = 0,
 ) -> dict[str, Any]:
     """Child side: stage times and held-out rank agreement on one measured pool."""
     from benchmarks import workload
@@ -38,11 +50,13 @@ def measure(
 
     watch = Stopwatch(device)
     with watch("load_and_tokenize"):
-        work = workload.load(model, device, work_dir, pool_size, targets, max_length, embed, gradients, propagate, seed)
+        work = workload.load(
+            model, device, work_dir, pool_size, targets, max_length, embed, gradients, propagate, seed
+        )
     pool_n = len(work.pool)
     holdout, order = workload.split(work, num_holdout)
     landmarks = order[:num_landmarks]
-    budget = max(1, int(round(budget_fraction * pool_n)))
+    budget = max(1, round(budget_fraction * pool_n))
 
     with watch("embeddings"):
         store, _ = workload.embed_fresh(work)
@@ -63,18 +77,59 @@ def measure(
     ho_predicted = scores[[position[s] for s in holdout]]
     agreement = workload.rank_agreement(ho_predicted, ho_exact)
     exact_seconds = np.concatenate([lm_seconds, ho_seconds])
+    breakdown = gradient_breakdown(work, holdout[:breakdown_samples], device) if breakdown_samples else {}
     return {
         "pool_n": pool_n,
         "budget": budget,
         "num_landmarks": len(landmarks),
         "num_holdout": len(holdout),
-        "num_exact_timed": int(len(exact_seconds)),
+        "num_exact_timed": len(exact_seconds),
         "stage_seconds": watch.seconds,
         "exact_s_per_sample_median": float(np.median(exact_seconds)),
         "exact_s_per_sample_mean": float(np.mean(exact_seconds)),
         "targets": list(target_grads),
         "spearman_per_target": agreement["spearman"],
         "top10_overlap_per_target": agreement["top_overlap"],
+        "gradient_breakdown": breakdown,
+    }
+
+
+def gradient_breakdown(work, ids: list[str], device: str) -> dict[str, float]:
+    """Where an exact gradient's time goes: backward pass vs reduction (mask, norm, SRHT projection), and the
+    reduction of 4 gradients at once; medians over ``ids`` (uses the gradient module's internal helpers)."""
+    import time as _time
+
+    import torch
+
+    from benchmarks.common import synchronize
+    from idistill_core.gradients import _per_sample, _Reducer
+    from idistill_core.pipeline import batches_for
+
+    reducer = _Reducer(work.model, work.recipe.gradients, None)
+    backward, reduce_one, grads = [], [], []
+    for batch in batches_for(work.pool, work.tokenizer, 1, ids=ids):
+        start = _time.perf_counter()
+        g = _per_sample(work.model, batch, reducer.names, 1)
+        synchronize(device)
+        middle = _time.perf_counter()
+        reducer(g, batch.sample_ids)
+        synchronize(device)
+        backward.append(middle - start)
+        reduce_one.append(_time.perf_counter() - middle)
+        if len(grads) < 4:
+            grads.append(g)
+    batched = {n: torch.cat([g[n] for g in grads]) for n in grads[0]}
+    start = _time.perf_counter()
+    reducer(batched, [f"b{i}" for i in range(len(grads))])
+    synchronize(device)
+    reduce_batched = (_time.perf_counter() - start) / len(grads)
+    return {
+        "samples": len(backward),
+        "backward_s_median": float(np.median(backward)),
+        "reduce_s_median": float(np.median(reduce_one)),
+        "reduce_share": float(np.median(reduce_one) / (np.median(backward) + np.median(reduce_one))),
+        "reduce_s_per_gradient_batched_4": reduce_batched,
+        "reduced_dim": reducer.dim,
     }
 
 
@@ -94,8 +149,12 @@ def extrapolate(child: dict[str, Any], n: int) -> dict[str, float]:
         "target_gradients": s["target_gradients"],
         "selection": s["selection"] * scale,
     }
-    return {"id_total_s": sum(id_seconds.values()), "exact_total_s": sum(exact_seconds.values()),
-            **{f"id_{k}_s": v for k, v in id_seconds.items()}, **{f"exact_{k}_s": v for k, v in exact_seconds.items()}}
+    return {
+        "id_total_s": sum(id_seconds.values()),
+        "exact_total_s": sum(exact_seconds.values()),
+        **{f"id_{k}_s": v for k, v in id_seconds.items()},
+        **{f"exact_{k}_s": v for k, v in exact_seconds.items()},
+    }
 
 
 def run(
@@ -114,7 +173,9 @@ def run(
         "speedup_vs_exact": at_target["exact_total_s"] / at_target["id_total_s"],
         "spearman_vs_exact": float(np.mean(rho)),
         "spearman_vs_exact_per_target": dict(zip(child["targets"], rho, strict=True)),
-        "top10_overlap_per_target": dict(zip(child["targets"], child["top10_overlap_per_target"], strict=True)),
+        "top10_overlap_per_target": dict(
+            zip(child["targets"], child["top10_overlap_per_target"], strict=True)
+        ),
         "speedup_vs_exact_at_measured_n": at_measured["exact_total_s"] / at_measured["id_total_s"],
         "speedup_vs_exact_asymptotic": child["exact_s_per_sample_median"] / per_sample_id,
         "id_total_s_extrapolated": at_target["id_total_s"],
@@ -128,35 +189,77 @@ def run(
         "goal_spearman": 0.9,
         "peak_rss_gib": child["peak_rss_gib"],
     }
+    if child["gradient_breakdown"]:
+        b = child["gradient_breakdown"]
+        figures["exact_gradient_reduce_share"] = b["reduce_share"]
+        figures["exact_gradient_reduce_batched_4_over_single"] = (
+            b["reduce_s_per_gradient_batched_4"] / b["reduce_s_median"]
+        )
     figures["meets_goal"] = bool(figures["speedup_vs_exact"] >= 10 and figures["spearman_vs_exact"] >= 0.9)
     rows = [
-        {"stage": k, "measured_s": v, "per_sample_s": v / child["pool_n"]} for k, v in child["stage_seconds"].items()
+        {"stage": k, "measured_s": v, "per_sample_s": v / child["pool_n"]}
+        for k, v in child["stage_seconds"].items()
     ]
     notes = [
-        f"measured on N={child['pool_n']} pool samples; ID stage times for N={n_target} extrapolated linearly "
-        "(embeddings, propagation, selection) or taken as measured (landmark and target gradients)",
-        f"exact selection for N={n_target} = N x the median of {child['num_exact_timed']} measured per-sample "
-        "exact gradients (landmarks + held-out) + the measured target gradients and selection",
-        f"Spearman rho on {child['num_holdout']} held-out pool samples (never landmarks), one value per target, "
-        "spearman_vs_exact is their mean",
+        (
+            f"measured on N={child['pool_n']} pool samples; ID stage times for N={n_target} extrapolated linearly "
+            "(embeddings, propagation, selection) or taken as measured (landmark and target gradients)"
+        ),
+        (
+            f"exact selection for N={n_target} = N x the median of {child['num_exact_timed']} measured per-sample "
+            "exact gradients (landmarks + held-out) + the measured target gradients and selection"
+        ),
+        (
+            f"Spearman rho on {child['num_holdout']} held-out pool samples (never landmarks), one value per "
+            "target; spearman_vs_exact is their mean"
+        ),
         "tokenization is left out of both sides (identical for both methods)",
         "single run per stage (each stage total is over many samples); no repeats",
     ]
     table = [
-        {"method": "ID (landmarks)", "N": n_target, "total_s": at_target["id_total_s"],
-         "embeddings_s": at_target["id_embeddings_s"], "landmark+target grads_s":
-         at_target["id_landmark_gradients_s"] + at_target["id_target_gradients_s"],
-         "propagation+selection_s": at_target["id_propagation_s"] + at_target["id_selection_s"]},
-        {"method": "exact gradients", "N": n_target, "total_s": at_target["exact_total_s"], "embeddings_s": 0.0,
-         "landmark+target grads_s": at_target["exact_pool_gradients_s"] + at_target["exact_target_gradients_s"],
-         "propagation+selection_s": at_target["exact_selection_s"]},
+        {
+            "method": "ID (landmarks)",
+            "N": n_target,
+            "total_s": at_target["id_total_s"],
+            "embeddings_s": at_target["id_embeddings_s"],
+            "landmark+target grads_s": at_target["id_landmark_gradients_s"]
+            + at_target["id_target_gradients_s"],
+            "propagation+selection_s": at_target["id_propagation_s"] + at_target["id_selection_s"],
+        },
+        {
+            "method": "exact gradients",
+            "N": n_target,
+            "total_s": at_target["exact_total_s"],
+            "embeddings_s": 0.0,
+            "landmark+target grads_s": at_target["exact_pool_gradients_s"]
+            + at_target["exact_target_gradients_s"],
+            "propagation+selection_s": at_target["exact_selection_s"],
+        },
     ]
-    print_table(f"[2] end to end ({params['model']}, L={params['num_landmarks']}, measured N={child['pool_n']}, "
-                f"extrapolated to N={n_target})", table)
-    print_table("[2] rank agreement with exact on held-out samples",
-                [{"target": t, "spearman": r, "top-10% overlap": o} for t, r, o in
-                 zip(child["targets"], rho, child["top10_overlap_per_target"], strict=True)])
-    print(f"speedup_vs_exact={figures['speedup_vs_exact']:.2f}  spearman_vs_exact={figures['spearman_vs_exact']:.3f}")
-    write_result(results_dir, name, profile, params, figures, rows + [{"extrapolated": at_target}, {"child": child}],
-                 notes, machine, time.perf_counter() - start)
+    print_table(
+        f"[2] end to end ({params['model']}, L={params['num_landmarks']}, measured N={child['pool_n']}, "
+        f"extrapolated to N={n_target})",
+        table,
+    )
+    print_table(
+        "[2] rank agreement with exact on held-out samples",
+        [
+            {"target": t, "spearman": r, "top-10% overlap": o}
+            for t, r, o in zip(child["targets"], rho, child["top10_overlap_per_target"], strict=True)
+        ],
+    )
+    print(
+        f"speedup_vs_exact={figures['speedup_vs_exact']:.2f}  spearman_vs_exact={figures['spearman_vs_exact']:.3f}"
+    )
+    write_result(
+        results_dir,
+        name,
+        profile,
+        params,
+        figures,
+        rows + [{"extrapolated": at_target}, {"child": child}],
+        notes,
+        machine,
+        time.perf_counter() - start,
+    )
     return figures

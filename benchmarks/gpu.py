@@ -45,8 +45,17 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
         "spearman_vs_exact": e2e["spearman_vs_exact"],
     }
     notes = ["details in gpu_jvp_cost.json and gpu_end_to_end.json"]
-    write_result(results_dir, NAME, profile, {**params, "device": device}, figures, [], notes, machine,
-                 time.perf_counter() - start)
+    write_result(
+        results_dir,
+        NAME,
+        profile,
+        {**params, "device": device},
+        figures,
+        [],
+        notes,
+        machine,
+        time.perf_counter() - start,
+    )
     return figures
 
 
@@ -59,7 +68,9 @@ def _default_device() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    parser.add_argument("--size", default=None, choices=sorted(GPU_SIZES), help="gpu on cuda, cpu-check on cpu")
+    parser.add_argument(
+        "--size", default=None, choices=sorted(GPU_SIZES), help="gpu on cuda, cpu-check on cpu"
+    )
     parser.add_argument("--model", default=None, help="model spec (default: random-llama-1b / tiny-llama)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -67,8 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or ("gpu" if device.startswith("cuda") else "cpu-check")
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="idistill-bench-work-") as work:
-        run({"size": size, "device": device, "model": args.model}, args.results_dir, Path(work), size,
-            machine_info())
+        run(
+            {"size": size, "device": device, "model": args.model},
+            args.results_dir,
+            Path(work),
+            size,
+            machine_info(),
+        )
 
 
 if __name__ == "__main__":

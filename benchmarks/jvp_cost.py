@@ -68,24 +68,30 @@ def measure(
                 masks, rope = attention_inputs(parts, tokens.attention_mask, num_blocks, hidden.dtype)
                 return stack(hidden, masks, rope)
 
-        def kblock_eager():
+        def kblock_eager(kblock=kblock):
             with eager_attention(net):
                 return kblock()
 
-        def full():
+        def full(tokens=tokens):
             with torch.no_grad():
                 return net(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
 
-        def full_no_head():
+        def full_no_head(tokens=tokens):
             with torch.no_grad():
-                return net.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+                return net.model(
+                    input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+                ).last_hidden_state
 
-        passes = {"kblock_forward_eager": kblock_eager, "kblock_forward_sdpa": kblock, "full_forward": full,
-                  "full_forward_no_lm_head": full_no_head}
+        passes = {
+            "kblock_forward_eager": kblock_eager,
+            "kblock_forward_sdpa": kblock,
+            "full_forward": full,
+            "full_forward_no_lm_head": full_no_head,
+        }
         for name, cfg in configs.items():
             embedder = JvpEmbedder(net, dataclasses.replace(cfg, batch_size=batch))
 
-            def jvp(embedder=embedder):
+            def jvp(embedder=embedder, tokens=tokens):
                 with embedder.session():
                     return embedder.embed(tokens)
 
@@ -119,7 +125,9 @@ def run(
         figures["jvp_over_kblock_forward"][seq] = jvp / row["kblock_forward_eager_s_per_sample"]
         figures["jvp_over_kblock_forward_sdpa"][seq] = jvp / row["kblock_forward_sdpa_s_per_sample"]
         figures["jvp_over_full_forward"][seq] = jvp / row["full_forward_s_per_sample"]
-        figures["jvp_per_tangent_over_kblock_forward"][seq] = jvp / m / row["kblock_forward_eager_s_per_sample"]
+        figures["jvp_per_tangent_over_kblock_forward"][seq] = (
+            jvp / m / row["kblock_forward_eager_s_per_sample"]
+        )
         for variant in ("jvp_loop", "jvp_bf16"):
             if f"{variant}_s_per_sample" in row:
                 figures.setdefault(f"{variant}_over_jvp", {})[seq] = row[f"{variant}_s_per_sample"] / jvp
@@ -150,5 +158,7 @@ def run(
         "jvp_over_kblock_forward divides by the eager-attention 4-block forward (same kernels as the JVP)",
     ]
     print_table(f"[1] JVP cost ({params['model']}, k={params['num_blocks']}, m={m})", table)
-    write_result(results_dir, name, profile, params, figures, rows, notes, machine, time.perf_counter() - start)
+    write_result(
+        results_dir, name, profile, params, figures, rows, notes, machine, time.perf_counter() - start
+    )
     return figures

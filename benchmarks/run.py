@@ -45,7 +45,7 @@ def run_suite(profile: str, only: list[str] | None, results_dir: Path, work_dir:
             try:
                 figures = module.run(PROFILES[profile][name], results_dir, work, profile, machine_info())
                 status = {"status": "ok", "figures": figures}
-            except Exception as error:  # one failing benchmark must not cost the others
+            except Exception as error:  # noqa: BLE001 - one failing benchmark must not cost the others
                 traceback.print_exc()
                 status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
             status["seconds"] = round(time.perf_counter() - began, 1)
@@ -57,8 +57,10 @@ def run_suite(profile: str, only: list[str] | None, results_dir: Path, work_dir:
     suite["seconds"] = round(time.perf_counter() - start, 1)
     suite["finished_utc"] = utc_now()
     (results_dir / "suite.json").write_text(json.dumps(suite, indent=2, default=str) + "\n")
-    print(f"\nsuite ({profile}) finished in {suite['seconds']:.0f} s: "
-          + ", ".join(f"{n} {s['status']}" for n, s in suite["benchmarks"].items()))
+    print(
+        f"\nsuite ({profile}) finished in {suite['seconds']:.0f} s: "
+        + ", ".join(f"{n} {s['status']}" for n, s in suite["benchmarks"].items())
+    )
     return suite
 
 

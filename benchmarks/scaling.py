@@ -19,8 +19,19 @@ STAGES = ("tokenize", "embeddings", "landmark_gradients", "target_gradients", "p
 
 
 def measure(
-    model: str, device: str, work_dir: str, data_dir: str, pool_size: int, num_landmarks: int, target: str,
-    max_length: int, budget_fraction: float, embed: dict, gradients: dict, propagate: dict, seed: int = 0,
+    model: str,
+    device: str,
+    work_dir: str,
+    data_dir: str,
+    pool_size: int,
+    num_landmarks: int,
+    target: str,
+    max_length: int,
+    budget_fraction: float,
+    embed: dict,
+    gradients: dict,
+    propagate: dict,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Child side: stage times for one pool size (peak RSS is added by the parent from wait4)."""
     from benchmarks.common import load_bench_model, tokenized
@@ -40,14 +51,21 @@ def measure(
 
     watch = Stopwatch(device)
     net, tokenizer, fingerprint = load_bench_model(model, device, seed)
-    recipe = SelectionRecipe(max_length=max_length, seed=seed, embed=EmbedConfig(**embed),
-                             gradients=GradientConfig(**gradients), propagate=PropagateConfig(**propagate))
+    recipe = SelectionRecipe(
+        max_length=max_length,
+        seed=seed,
+        embed=EmbedConfig(**embed),
+        gradients=GradientConfig(**gradients),
+        propagate=PropagateConfig(**propagate),
+    )
     data = Path(data_dir)
     with watch("tokenize"):
         pool = tokenized(data / "pool.jsonl", tokenizer, max_length, limit=pool_size)
         targets = tokenized(data / "targets" / target / "dev.jsonl", tokenizer, max_length)
     ids = list(pool["sample_id"])
-    store = open_store(Path(work_dir) / "lancedb", f"scaling_{pool_size}", fingerprint, recipe, net.config.hidden_size)
+    store = open_store(
+        Path(work_dir) / "lancedb", f"scaling_{pool_size}", fingerprint, recipe, net.config.hidden_size
+    )
     with watch("embeddings"):
         embed_pool(net, tokenizer, pool, store, recipe.embed)
     landmarks, _ = choose_landmarks(ids, num_landmarks, 0, seed)
@@ -59,7 +77,7 @@ def measure(
     with watch("propagation"):
         out_ids, scores, _ = propagate_scores(store, landmarks, values, recipe.propagate)
     with watch("selection"):
-        select_samples(out_ids, scores, max(1, int(round(budget_fraction * len(out_ids)))))
+        select_samples(out_ids, scores, max(1, round(budget_fraction * len(out_ids))))
     return {"pool_n": len(ids), "stage_seconds": watch.seconds}
 
 
@@ -70,19 +88,28 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
     child_params = {k: v for k, v in params.items() if k != "pool_sizes"}
     rows = []
     for n in sizes:
-        child = run_child(NAME, "measure", {**child_params, "pool_size": n, "work_dir": str(work_dir),
-                                            "data_dir": str(data_dir)})
+        child = run_child(
+            NAME,
+            "measure",
+            {**child_params, "pool_size": n, "work_dir": str(work_dir), "data_dir": str(data_dir)},
+        )
         row = {"N": child["pool_n"], "peak_rss_gib": child["peak_rss_gib"]}
         for stage in STAGES:
             row[f"{stage}_s"] = child["stage_seconds"].get(stage, 0.0)
         row["total_s"] = sum(row[f"{s}_s"] for s in STAGES)
         rows.append(row)
-        print(f"scaling: N={n} total {row['total_s']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
+        print(
+            f"scaling: N={n} total {row['total_s']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True
+        )
     small, large = rows[0], rows[-1]
     growth = large["N"] / small["N"]
     # Per-sample time of the largest pool over the smallest: 1.0 is perfectly linear in N.
-    linearity = {s: (large[f"{s}_s"] / large["N"]) / (small[f"{s}_s"] / small["N"]) if small[f"{s}_s"] > 0
-                 else float("nan") for s in ("tokenize", "embeddings", "propagation", "selection")}
+    linearity = {
+        s: (large[f"{s}_s"] / large["N"]) / (small[f"{s}_s"] / small["N"])
+        if small[f"{s}_s"] > 0
+        else float("nan")
+        for s in ("tokenize", "embeddings", "propagation", "selection")
+    }
     n_dependent = ("tokenize", "embeddings", "propagation", "selection")
     per_sample = [sum(r[f"{s}_s"] for s in n_dependent) / r["N"] for r in rows]
     figures = {
@@ -95,8 +122,9 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
         "pool_growth": growth,
         "goal_peak_rss_ratio": 1.2,
     }
-    figures["meets_goal"] = bool(figures["peak_rss_ratio_largest_over_smallest"] <= 1.2
-                                 and per_sample[-1] / per_sample[0] <= 1.25)
+    figures["meets_goal"] = bool(
+        figures["peak_rss_ratio_largest_over_smallest"] <= 1.2 and per_sample[-1] / per_sample[0] <= 1.25
+    )
     notes = [
         "one child process per N; peak RSS is that child's ru_maxrss (includes the interpreter, torch and the model)",
         "landmark and target gradient stages are fixed-size (L and T do not grow with N)",
@@ -104,5 +132,7 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
         "single run per N (no repeats)",
     ]
     print_table(f"[4] scaling ({params['model']}, L={params['num_landmarks']})", rows)
-    write_result(results_dir, NAME, profile, params, figures, rows, notes, machine, time.perf_counter() - start)
+    write_result(
+        results_dir, NAME, profile, params, figures, rows, notes, machine, time.perf_counter() - start
+    )
     return figures

@@ -47,13 +47,23 @@ class Workload:
 
 
 def load(
-    model: str, device: str, work_dir: str, pool_size: int, targets: list[str], max_length: int,
-    embed: dict, gradients: dict, propagate: dict, seed: int = 0,
+    model: str,
+    device: str,
+    work_dir: str,
+    pool_size: int,
+    targets: list[str],
+    max_length: int,
+    embed: dict,
+    gradients: dict,
+    propagate: dict,
+    seed: int = 0,
 ) -> Workload:
     net, tokenizer, fingerprint = load_bench_model(model, device, seed)
     data = builtin_data(work_dir, pool_size, seed)
     pool = tokenized(data / "pool.jsonl", tokenizer, max_length)
-    target_examples = {t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, max_length) for t in targets}
+    target_examples = {
+        t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, max_length) for t in targets
+    }
     recipe = SelectionRecipe(
         max_length=max_length,
         seed=seed,
@@ -61,7 +71,9 @@ def load(
         gradients=GradientConfig(**gradients),
         propagate=PropagateConfig(**propagate),
     )
-    return Workload(net, tokenizer, fingerprint, pool, target_examples, recipe, Path(work_dir), device, pool_size)
+    return Workload(
+        net, tokenizer, fingerprint, pool, target_examples, recipe, Path(work_dir), device, pool_size
+    )
 
 
 def split(work: Workload, num_holdout: int) -> tuple[list[str], list[str]]:
@@ -154,10 +166,12 @@ def influence(grads: torch.Tensor, targets: dict[str, torch.Tensor]) -> np.ndarr
     return np.concatenate([landmark_values(grads, tg, "mean") for tg in targets.values()], axis=1)
 
 
-def rank_agreement(predicted: np.ndarray, exact: np.ndarray, top_fraction: float = 0.1) -> dict[str, list[float]]:
+def rank_agreement(
+    predicted: np.ndarray, exact: np.ndarray, top_fraction: float = 0.1
+) -> dict[str, list[float]]:
     """Per target column: Spearman ρ, and the share of the exact top ``top_fraction`` that ID also ranks there."""
     rho, overlap = [], []
-    k = max(1, int(round(top_fraction * len(exact))))
+    k = max(1, round(top_fraction * len(exact)))
     for t in range(exact.shape[1]):
         rho.append(spearman(predicted[:, t], exact[:, t]))
         top_pred = set(np.argsort(-predicted[:, t], kind="stable")[:k].tolist())
