@@ -272,7 +272,8 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     g = grads.grads.detach().float().numpy()
     meta = {"landmark_ids": landmark_ids, "holdout_ids": holdout_ids, "gradients": config_fingerprint(s.recipe.gradients)}
     artifacts.save_arrays(landmarks_path(idistill), {"landmarks": g[: len(landmark_ids)], "holdout": g[len(landmark_ids) :]}, meta)
-    shutil.rmtree(shard_dir, ignore_errors=True)
+    for stale in landmarks_path(idistill).parent.glob("shards-*"):  # this run's and any abandoned key's
+        shutil.rmtree(stale, ignore_errors=True)
     version = stable_hash({"ids": landmark_ids + holdout_ids, "grads": file_hash(landmarks_path(idistill))}, 16)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),

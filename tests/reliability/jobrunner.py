@@ -1,11 +1,13 @@
 """Run one idistill job in a fresh process, so a test can SIGKILL it or run two at once.
 
     python -m tests.reliability.jobrunner --profile P --job shared_job [--partition arith]
-        [--dagster-home DIR] [--progress FILE] [--slow SECONDS] [--result FILE]
+        [--dagster-home DIR] [--progress FILE] [--slow SECONDS] [--result FILE] [--barrier DIR --parties N]
 
 ``--progress`` appends one line per committed chunk (``emb <rows>`` after a LanceDB commit, ``lm <shard>`` after
 a landmark-gradient shard), written after the commit, so a reader knows what is on disk. ``--slow`` sleeps before
 each commit, which widens the window in which a kill lands between computing a chunk and committing it.
+``--barrier``: wait until ``--parties`` runners are ready (one file each in DIR) before executing, so concurrent
+runs really overlap; the result file records the wall-clock start and end of the execution.
 """
 
 import argparse
@@ -57,6 +59,8 @@ def main() -> int:
     parser.add_argument("--progress", default=None)
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--result", default=None)
+    parser.add_argument("--barrier", default=None)
+    parser.add_argument("--parties", type=int, default=1)
     args = parser.parse_args()
 
     import dagster as dg
@@ -72,9 +76,17 @@ def main() -> int:
         instance = dg.DagsterInstance.ephemeral()
     if args.partition and args.partition not in instance.get_dynamic_partitions("targets"):
         instance.add_dynamic_partitions("targets", [args.partition])
+    if args.barrier:
+        barrier = Path(args.barrier)
+        barrier.mkdir(parents=True, exist_ok=True)
+        (barrier / f"{os.getpid()}.ready").touch()
+        while len(list(barrier.glob("*.ready"))) < args.parties:
+            time.sleep(0.01)
+    started = time.time()
     result = defs.resolve_job_def(args.job).execute_in_process(
         instance=instance, partition_key=args.partition, raise_on_error=False
     )
+    finished = time.time()
     errors = []
     for event in result.all_events:
         if event.is_step_failure:
@@ -83,7 +95,11 @@ def main() -> int:
                 errors.append(error.message.strip())
                 error = error.cause
     if args.result:
-        Path(args.result).write_text(json.dumps({"success": result.success, "errors": errors}))
+        Path(args.result).write_text(
+            json.dumps(
+                {"success": result.success, "errors": errors, "started": started, "finished": finished}
+            )
+        )
     return 0 if result.success else 1
 
 
