@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
@@ -69,6 +70,10 @@ def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance)
     dagster_home = tmp_path / "dagster_home"
     dagster_yaml(dagster_home)
     assert run_assets(profile, instance).success  # the shared assets, once, in this process
+    # the instance's sqlite storage and the partitions exist before the runs (as under `dagster dev`), so the
+    # test exercises our writers, not a race between two first-time schema migrations
+    with dg.DagsterInstance.from_config(str(dagster_home)) as shared_instance:
+        shared_instance.add_dynamic_partitions("targets", ["arith", "reading"])
 
     runs = {
         name: spawn(
