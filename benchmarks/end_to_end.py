@@ -43,25 +43,57 @@ def measure(
     propagate: dict,
     seed: int = 0,
     breakdown_samples: int = 0,
+    target_examples: int | None = None,
+    time_budget_s: float | None = None,
+    embed_share: float = 0.3,
 ) -> dict[str, Any]:
-    """Child side: stage times and held-out rank agreement on one measured pool."""
+    """Child side: stage times and held-out rank agreement on one measured pool.
+
+    With ``time_budget_s`` the sizes shrink to fit a slow or busy machine: after the target gradients (which
+    give the per-sample gradient rate), embeddings get ``embed_share`` of the remaining budget and the exact
+    landmark and held-out gradients what they can afford of the rest (half each, capped by the parameters).
+    The sizes reached are returned and written to the JSON.
+    """
     from benchmarks import workload
     from idistill_core.pipeline import propagate_scores, select_samples
 
+    began = time.perf_counter()
+    requested = (num_landmarks, num_holdout)
     watch = Stopwatch(device)
     with watch("load_and_tokenize"):
         work = workload.load(
-            model, device, work_dir, pool_size, targets, max_length, embed, gradients, propagate, seed
+            model,
+            device,
+            work_dir,
+            pool_size,
+            targets,
+            max_length,
+            embed,
+            gradients,
+            propagate,
+            seed,
+            target_examples,
         )
-    pool_n = len(work.pool)
-    holdout, order = workload.split(work, num_holdout)
-    landmarks = order[:num_landmarks]
-    budget = max(1, round(budget_fraction * pool_n))
-
-    with watch("embeddings"):
-        store, _ = workload.embed_fresh(work)
     with watch("target_gradients"):
         target_grads, _ = workload.target_gradients(work, read_cache=False)
+    num_targets = sum(len(g) for g in target_grads.values())
+    gradient_rate = watch.seconds["target_gradients"] / num_targets
+
+    def left() -> float:
+        return float("inf") if time_budget_s is None else time_budget_s - (time.perf_counter() - began)
+
+    with watch("embeddings"):
+        store, info = workload.embed_fresh(work, None if time_budget_s is None else embed_share * left())
+    pool_ids = info["ids"]
+    pool_n = len(pool_ids)
+    affordable = int(left() / gradient_rate) if time_budget_s is not None else num_landmarks + num_holdout
+    num_landmarks = max(4, min(num_landmarks, affordable // 2, pool_n // 2))
+    num_holdout = max(4, min(num_holdout, affordable - num_landmarks, pool_n - num_landmarks))
+    holdout, order = workload.split(pool_ids, num_holdout)
+    landmarks = order[:num_landmarks]
+    workload.record(work, num_holdout=num_holdout)
+    budget = max(1, round(budget_fraction * pool_n))
+
     with watch("landmark_gradients"):
         g_landmarks, lm_seconds, _ = workload.exact_gradients(work, work.pool, landmarks, read_cache=False)
     with watch("holdout_gradients"):
@@ -77,13 +109,18 @@ def measure(
     ho_predicted = scores[[position[s] for s in holdout]]
     agreement = workload.rank_agreement(ho_predicted, ho_exact)
     exact_seconds = np.concatenate([lm_seconds, ho_seconds])
-    breakdown = gradient_breakdown(work, holdout[:breakdown_samples], device) if breakdown_samples else {}
+    breakdown = {}
+    if breakdown_samples and left() > 2.5 * breakdown_samples * gradient_rate:
+        breakdown = gradient_breakdown(work, holdout[:breakdown_samples], device)
     return {
         "pool_n": pool_n,
         "budget": budget,
         "num_landmarks": len(landmarks),
         "num_holdout": len(holdout),
+        "num_target_examples": num_targets,
         "num_exact_timed": len(exact_seconds),
+        "time_budget_s": time_budget_s,
+        "requested": {"pool_size": pool_size, "num_landmarks": requested[0], "num_holdout": requested[1]},
         "stage_seconds": watch.seconds,
         "exact_s_per_sample_median": float(np.median(exact_seconds)),
         "exact_s_per_sample_mean": float(np.mean(exact_seconds)),
@@ -184,6 +221,9 @@ def run(
         "exact_gradient_s_per_sample": child["exact_s_per_sample_median"],
         "exact_gradient_over_embedding_per_sample": child["exact_s_per_sample_median"] / embed_rate,
         "measured_pool_n": child["pool_n"],
+        "num_landmarks": child["num_landmarks"],
+        "num_holdout": child["num_holdout"],
+        "num_exact_timed": child["num_exact_timed"],
         "extrapolated_to_n": n_target,
         "goal_speedup": 10.0,
         "goal_spearman": 0.9,
@@ -212,6 +252,11 @@ def run(
         (
             f"Spearman rho on {child['num_holdout']} held-out pool samples (never landmarks), one value per "
             "target; spearman_vs_exact is their mean"
+        ),
+        (
+            f"time budget {child['time_budget_s']} s; sizes reached: pool {child['pool_n']}, L "
+            f"{child['num_landmarks']}, held out {child['num_holdout']}, target examples "
+            f"{child['num_target_examples']} (requested {child['requested']})"
         ),
         "tokenization is left out of both sides (identical for both methods)",
         "single run per stage (each stage total is over many samples); no repeats",

@@ -32,34 +32,59 @@ def measure(
     gradients: dict,
     propagate: dict,
     seed: int = 0,
+    target_examples: int | None = None,
+    time_budget_s: float | None = None,
 ) -> dict[str, Any]:
-    """Child side: ρ, top-10% overlap and time for every landmark count."""
+    """Child side: ρ, top-10% overlap and time for every landmark count that fits.
+
+    Pool, held-out samples and gradients come from end_to_end when it ran first in this run. With
+    ``time_budget_s``, a landmark count is skipped (and reported as skipped) when its missing gradients would
+    not fit the time left at the median measured gradient rate.
+    """
     from benchmarks import workload
     from idistill_core.pipeline import propagate_scores
 
+    began = time.perf_counter()
     work = workload.load(
-        model, device, work_dir, pool_size, targets, max_length, embed, gradients, propagate, seed
+        model,
+        device,
+        work_dir,
+        pool_size,
+        targets,
+        max_length,
+        embed,
+        gradients,
+        propagate,
+        seed,
+        target_examples,
     )
-    holdout, order = workload.split(work, num_holdout)
-    largest = max(landmarks)
-    if largest > len(order):
-        raise ValueError(
-            f"landmark_sweep: L={largest} needs a pool of at least {largest + num_holdout} samples"
-        )
-    store, store_info = workload.embedded_store(work)
+    store, store_info = workload.embedded_store(work, None if time_budget_s is None else 0.3 * time_budget_s)
+    num_holdout = store_info.get("num_holdout", num_holdout)
+    holdout, order = workload.split(store_info["ids"], num_holdout)
     target_grads, _ = workload.target_gradients(work)
-    g_holdout, _, _ = workload.exact_gradients(work, work.pool, holdout)
-    g_all, seconds, computed = workload.exact_gradients(work, work.pool, order[:largest])
-    ho_exact = workload.influence(g_holdout, target_grads)
-    values_all = workload.influence(g_all, target_grads)
-    rows = []
-    for count in landmarks:
+    g_holdout, seconds_holdout, computed = workload.exact_gradients(work, work.pool, holdout)
+    rate = float(np.median(seconds_holdout))
+    rows, skipped = [], []
+    for count in sorted(landmarks):
+        if count > len(order):
+            skipped.append({"L": count, "why": f"pool of {len(order)} non-held-out samples is too small"})
+            continue
+        _, _, missing = workload.exact_gradients(
+            work, work.pool, order[:count], read_cache=True, dry_run=True
+        )
+        if time_budget_s is not None and missing * rate > time_budget_s - (time.perf_counter() - began):
+            skipped.append({"L": count, "why": f"{missing} more gradients would not fit the time budget"})
+            continue
+        g_landmarks, seconds, new = workload.exact_gradients(work, work.pool, order[:count])
+        computed += new
+        values = workload.influence(g_landmarks, target_grads)
+        ho_exact = workload.influence(g_holdout, target_grads)
         start = time.perf_counter()
-        ids, scores, _ = propagate_scores(store, order[:count], values_all[:count], work.recipe.propagate)
+        ids, scores, _ = propagate_scores(store, order[:count], values, work.recipe.propagate)
         propagate_s = time.perf_counter() - start
         position = {s: i for i, s in enumerate(ids)}
         agreement = workload.rank_agreement(scores[[position[s] for s in holdout]], ho_exact)
-        gradient_s = float(seconds[:count].sum())
+        gradient_s = float(seconds.sum())
         rows.append(
             {
                 "L": count,
@@ -74,11 +99,12 @@ def measure(
         print(f"landmark_sweep: L={count} rho={rows[-1]['spearman_mean']:.3f}", flush=True)
     return {
         "rows": rows,
+        "skipped": skipped,
         "targets": list(target_grads),
-        "pool_n": len(work.pool),
+        "pool_n": len(store_info["ids"]),
         "num_holdout": len(holdout),
         "gradients_computed_here": computed,
-        "store": store_info,
+        "store": {k: v for k, v in store_info.items() if k != "ids"},
     }
 
 
@@ -90,6 +116,7 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
         "spearman_vs_exact_by_L": {str(r["L"]): r["spearman_mean"] for r in rows},
         "top10_overlap_by_L": {str(r["L"]): r["top10_overlap_mean"] for r in rows},
         "seconds_by_L": {str(r["L"]): r["total_s"] for r in rows},
+        "skipped_L": [r["L"] for r in child["skipped"]],
         "smallest_L_with_spearman_0_9": next((r["L"] for r in rows if r["spearman_mean"] >= 0.9), None),
         "peak_rss_gib": child["peak_rss_gib"],
     }
@@ -108,6 +135,7 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
             if child["store"].get("reused")
             else f"embeddings computed here in {child['store']['seconds']:.1f} s (not part of the per-L time)"
         ),
+        *[f"L={r['L']} skipped: {r['why']}" for r in child["skipped"]],
     ]
     print_table(
         f"[3] landmark sweep ({params['model']}, N={child['pool_n']})",

@@ -181,7 +181,7 @@ def propagation_section(record: dict[str, Any]) -> str:
     }
     if "float32_kernel_predict_over_float64" in f:
         row["float32 kernel / float64 time"] = f["float32_kernel_predict_over_float64"]
-        row["float32 max |Δ| / std"] = f["float32_kernel_max_abs_diff_over_std"]
+        row["float32 max abs diff / std"] = f["float32_kernel_max_abs_diff_over_std"]
     return _table([row])
 
 

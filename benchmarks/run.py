@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -35,7 +36,13 @@ def run_suite(profile: str, only: list[str] | None, results_dir: Path, work_dir:
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="idistill-bench-work-")) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    suite = {"profile": profile, "started_utc": utc_now(), "git_commit": git_commit(), "benchmarks": {}}
+    suite = {
+        "profile": profile,
+        "started_utc": utc_now(),
+        "git_commit": git_commit(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "benchmarks": {},
+    }
     start = time.perf_counter()
     try:
         for name in names:
@@ -70,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"any of: {', '.join(ORDER)}")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep embeddings/gradient caches here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for every measurement (default: torch's own)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        # Children inherit the environment; torch reads it at import, which happens in the children.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     suite = run_suite(args.profile, args.only, args.results_dir, args.work_dir)
     return 0 if all(s["status"] == "ok" for s in suite["benchmarks"].values()) else 1
 

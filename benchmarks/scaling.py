@@ -85,9 +85,16 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
     start = time.perf_counter()
     sizes = sorted(params["pool_sizes"])
     data_dir = builtin_data(work_dir, max(sizes), params.get("seed", 0))
-    child_params = {k: v for k, v in params.items() if k != "pool_sizes"}
-    rows = []
+    child_params = {k: v for k, v in params.items() if k not in ("pool_sizes", "time_budget_s")}
+    rows, skipped = [], []
+    budget = params.get("time_budget_s")
     for n in sizes:
+        if rows and budget is not None:
+            # Linear projection from the last size: skip a size that would overrun the time budget.
+            projected = rows[-1]["total_s"] * n / rows[-1]["N"] + 10
+            if time.perf_counter() - start + projected > budget:
+                skipped.append(n)
+                continue
         child = run_child(
             NAME,
             "measure",
@@ -120,6 +127,7 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
         "per_sample_time_ratio_largest_over_smallest": linearity,
         "total_time_ratio_largest_over_smallest": large["total_s"] / small["total_s"],
         "pool_growth": growth,
+        "skipped_pool_sizes": skipped,
         "goal_peak_rss_ratio": 1.2,
     }
     figures["meets_goal"] = bool(
@@ -130,6 +138,7 @@ def run(params: dict[str, Any], results_dir: Path, work_dir: Path, profile: str,
         "landmark and target gradient stages are fixed-size (L and T do not grow with N)",
         "per_sample_time_ratio: (stage time / N) at the largest N over the smallest; 1.0 = linear",
         "single run per N (no repeats)",
+        *[f"N={n} skipped: its projected time would overrun time_budget_s" for n in skipped],
     ]
     print_table(f"[4] scaling ({params['model']}, L={params['num_landmarks']})", rows)
     write_result(

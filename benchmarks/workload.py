@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import builtin_data, load_bench_model, tokenized
-from idistill_core.embed import EmbedConfig
+from idistill_core.embed import EmbedConfig, embed_samples
 from idistill_core.gradients import GradientConfig, iter_gradients
 from idistill_core.hashing import config_fingerprint
-from idistill_core.pipeline import SelectionRecipe, batches_for, embed_pool, open_store, spearman
+from idistill_core.pipeline import SelectionRecipe, batches_for, open_store, spearman
 from idistill_core.propagate import PropagateConfig
 
 
@@ -57,12 +57,14 @@ def load(
     gradients: dict,
     propagate: dict,
     seed: int = 0,
+    target_examples: int | None = None,
 ) -> Workload:
     net, tokenizer, fingerprint = load_bench_model(model, device, seed)
     data = builtin_data(work_dir, pool_size, seed)
     pool = tokenized(data / "pool.jsonl", tokenizer, max_length)
-    target_examples = {
-        t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, max_length) for t in targets
+    targets_tok = {
+        t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, max_length, limit=target_examples)
+        for t in targets
     }
     recipe = SelectionRecipe(
         max_length=max_length,
@@ -71,17 +73,19 @@ def load(
         gradients=GradientConfig(**gradients),
         propagate=PropagateConfig(**propagate),
     )
-    return Workload(
-        net, tokenizer, fingerprint, pool, target_examples, recipe, Path(work_dir), device, pool_size
-    )
+    return Workload(net, tokenizer, fingerprint, pool, targets_tok, recipe, Path(work_dir), device, pool_size)
 
 
-def split(work: Workload, num_holdout: int) -> tuple[list[str], list[str]]:
-    """``(holdout ids, landmark order)``: one seeded permutation of the sorted pool ids."""
+def shuffled_ids(work: Workload) -> list[str]:
+    """One seeded permutation of the sorted pool ids: held-out samples first, then the landmark order."""
     ordered = sorted(work.pool_ids)
     perm = np.random.default_rng(work.recipe.seed).permutation(len(ordered))
-    shuffled = [ordered[i] for i in perm]
-    return shuffled[:num_holdout], shuffled[num_holdout:]
+    return [ordered[i] for i in perm]
+
+
+def split(ids: list[str], num_holdout: int) -> tuple[list[str], list[str]]:
+    """``(holdout ids, landmark order)`` of the (shuffled, embedded) pool ids."""
+    return ids[:num_holdout], ids[num_holdout:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,27 +95,58 @@ def _marker(work: Workload) -> Path:
     return work.work_dir / f"pool_table_{work.fingerprint[:8]}_{work.pool_size}.json"
 
 
-def embed_fresh(work: Workload) -> tuple[Any, dict]:
-    """Embed the whole pool into a new LanceDB table (so the time is a real one) and record it for reuse."""
+def embed_fresh(work: Workload, time_budget_s: float | None = None, chunk: int = 64) -> tuple[Any, dict]:
+    """Embed the pool, in the shuffled order, into a new LanceDB table (so the time is a real one).
+
+    With ``time_budget_s`` embedding stops after the first chunk that ends past the budget, so on a slow
+    (or busy) machine the measured pool is a prefix of the shuffled order; ``info["ids"]`` lists it. The
+    table and ids are recorded in the work dir for the landmark sweep.
+    """
     table = f"emb_{work.fingerprint[:8]}_{work.pool_size}_{os.getpid()}"
     hidden = work.model.config.hidden_size
     store = open_store(work.work_dir / "lancedb", table, work.fingerprint, work.recipe, hidden)
-    report = embed_pool(work.model, work.tokenizer, work.pool, store, work.recipe.embed)
-    info = {"table": table, "seconds": report.seconds, "rows": report.row_count}
+    order = shuffled_ids(work)
+    batches = batches_for(work.pool, work.tokenizer, work.recipe.embed.batch_size, ids=order)
+    done: list[str] = []
+    pending_ids: list[str] = []
+    pending: list[np.ndarray] = []
+    start = time.perf_counter()
+    # The generator is lazy: breaking out of the loop stops the embedding work itself.
+    for ids, vectors in embed_samples(work.model, batches, work.recipe.embed):
+        pending_ids += ids
+        pending.append(vectors)
+        if len(pending_ids) >= chunk:
+            store.insert_missing(pending_ids, np.concatenate(pending))
+            done += pending_ids
+            pending_ids, pending = [], []
+            if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+                break
+    if pending_ids:
+        store.insert_missing(pending_ids, np.concatenate(pending))
+        done += pending_ids
+    seconds = time.perf_counter() - start
+    info = {"table": table, "seconds": seconds, "rows": store.count(), "ids": done}
     _marker(work).write_text(json.dumps(info))
     return store, info
 
 
-def embedded_store(work: Workload) -> tuple[Any, dict]:
+def record(work: Workload, **values: Any) -> None:
+    """Add ``values`` (e.g. the held-out count end_to_end settled on) to the pool record of this run."""
+    marker = _marker(work)
+    info = json.loads(marker.read_text()) if marker.exists() else {}
+    marker.write_text(json.dumps({**info, **values}))
+
+
+def embedded_store(work: Workload, time_budget_s: float | None = None) -> tuple[Any, dict]:
     """The table an earlier benchmark of this run filled, else a fresh one (``info["reused"]`` says which)."""
     marker = _marker(work)
     if marker.exists():
         info = json.loads(marker.read_text())
         hidden = work.model.config.hidden_size
         store = open_store(work.work_dir / "lancedb", info["table"], work.fingerprint, work.recipe, hidden)
-        if store.count() == len(work.pool):
+        if store.count() == len(info["ids"]):
             return store, {**info, "reused": True}
-    store, info = embed_fresh(work)
+    store, info = embed_fresh(work, time_budget_s)
     return store, {**info, "reused": False}
 
 
@@ -124,16 +159,19 @@ def _cache_path(work: Workload) -> Path:
 
 
 def exact_gradients(
-    work: Workload, examples, ids: list[str], read_cache: bool = True
-) -> tuple[torch.Tensor, np.ndarray, int]:
+    work: Workload, examples, ids: list[str], read_cache: bool = True, dry_run: bool = False
+) -> tuple[torch.Tensor | None, np.ndarray | None, int]:
     """Projected unit-norm gradients of ``ids`` (rows in that order), as the pipeline computes them.
 
     Returns:
-        ``(grads (n, P) float32, seconds (n,) each row took when it was computed, rows computed now)``.
+        ``(grads (n, P) float32, seconds (n,) each row took when it was computed, rows computed now)``;
+        with ``dry_run`` only the number of rows that would be computed (nothing is computed).
     """
     path = _cache_path(work)
     cache: dict[str, Any] = torch.load(path) if path.exists() else {"rows": {}, "seconds": {}}
     missing = [s for s in ids if not (read_cache and s in cache["rows"])]
+    if dry_run:
+        return None, None, len(missing)
     if missing:
         batches = batches_for(examples, work.tokenizer, work.recipe.gradients.batch_size, ids=missing)
         start = time.perf_counter()
