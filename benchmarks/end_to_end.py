@@ -282,7 +282,7 @@ def run(
         },
     ]
     print_table(
-        f"[2] end to end ({params['model']}, L={params['num_landmarks']}, measured N={child['pool_n']}, "
+        f"[2] end to end ({params['model']}, L={child['num_landmarks']}, measured N={child['pool_n']}, "
         f"extrapolated to N={n_target})",
         table,
     )

@@ -3,9 +3,9 @@
 The machine is shared and its speed varies 3-14x with other jobs (measured here: JVP embedding 0.09-0.8 s
 and exact gradient 0.5-7 s per sample on the default model), so ``full`` gives the expensive benchmarks a
 time budget instead of fixed sizes: end_to_end embeds up to 2,000 samples and times up to 256 landmark + 244
-held-out exact gradients, shrinking pool, L and held-out count to what fits 10 minutes (the JSON records
-what was reached); the landmark sweep adds landmarks up to L = 1024 while its 4-minute budget lasts; scaling
-drops a pool size whose projected time would overrun 6 minutes. The whole suite then stays under 30 minutes.
+held-out exact gradients, shrinking pool, L and held-out count to what fits 13 minutes (the JSON records
+what was reached); the landmark sweep adds landmarks up to L = 1024 while its 3-minute budget lasts; scaling
+drops a pool size whose projected time would overrun 5 minutes. The whole suite then stays under 30 minutes.
 ``extended`` has no budgets (the issue's sizes; over an hour on 2 cores). ``smoke`` runs everything on the
 tiny random model (the tests).
 """
@@ -49,7 +49,8 @@ FULL: dict[str, dict[str, Any]] = {
         "gradients": {},
         "propagate": {},
         "breakdown_samples": 8,
-        "time_budget_s": 600,
+        "time_budget_s": 780,
+        "embed_share": 0.25,
     },
     "landmark_sweep": {
         "model": DEFAULT_MODEL,
@@ -59,7 +60,7 @@ FULL: dict[str, dict[str, Any]] = {
         "num_holdout": 244,
         "targets": TARGETS,
         "target_examples": 8,
-        "time_budget_s": 240,
+        "time_budget_s": 180,
         "max_length": 192,
         "embed": DEFAULT_EMBED,
         "gradients": {},
@@ -69,7 +70,7 @@ FULL: dict[str, dict[str, Any]] = {
         "model": "tiny-llama",
         "device": "cpu",
         "pool_sizes": [1000, 5000, 20_000],
-        "time_budget_s": 360,
+        "time_budget_s": 300,
         "num_landmarks": 64,
         "target": "arith",
         "max_length": 128,
