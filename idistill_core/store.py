@@ -73,8 +73,9 @@ def _connect(uri: str | Path):
 def _writer_lock(uri: str | Path, name: str):
     """Exclusive inter-process lock for one table's writes (create, merge, optimize).
 
-    Two processes creating the same table at once made lance commit the second create as an Overwrite of the
-    first one's rows; merges racing each other can conflict. Holding a file lock serialises all commits.
+    Without it, concurrent merges of overlapping ids left duplicate rows, and two processes creating the same
+    table made lance commit the second create as an Overwrite of the first one's rows. The lock serialises all
+    commits.
     """
     import fcntl
 

@@ -25,43 +25,58 @@ pytestmark = pytest.mark.slow
 WRITER = textwrap.dedent(
     """
     import os, sys, time
+    from pathlib import Path
     import numpy as np
     from idistill_core.store import EmbeddingStore, StoreIdentity
 
-    uri, go, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    while not os.path.exists(go):
-        time.sleep(0.005)
-    store = EmbeddingStore.open(uri, "emb", StoreIdentity("model", "recipe", 4))
-    for start in range(lo, hi, 3):
-        ids = [f"s{i:04d}" for i in range(start, min(start + 3, hi))]
-        store.insert_missing(ids, np.array([[i, i + 1, i + 2, i + 3] for i in range(start, min(start + 3, hi))], np.float32))
+    uri, folder, lo, hi, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    for r in range(rounds):
+        while not (folder / f"go-{r}").exists():
+            time.sleep(0.002)
+        store = EmbeddingStore.open(uri, f"emb{r}", StoreIdentity("model", "recipe", 4))
+        for start in range(lo, hi, 3):
+            rows = range(start, min(start + 3, hi))
+            store.insert_missing([f"s{i:04d}" for i in rows], np.array([[i, i + 1, i + 2, i + 3] for i in rows], np.float32))
+        (folder / f"done-{r}-{os.getpid()}").touch()
     """
 )
+RANGES = ((0, 150), (60, 210), (30, 180))
+ROUNDS = 3
 
 
-def test_two_processes_writing_overlapping_ids_leave_each_id_exactly_once(tmp_path):
-    uri, go = tmp_path / "lancedb", tmp_path / "go"
-    # both processes also race to create the table (a racing create used to overwrite the other's rows)
+def test_processes_writing_overlapping_ids_leave_each_id_exactly_once(tmp_path):
+    # Each round, three processes race to create a new table and insert overlapping ids. Without the writer
+    # lock this lost rows (a racing create committed as an overwrite) or duplicated ids in about one round of
+    # four; three rounds of three writers make such a race very likely to show.
+    uri, folder = tmp_path / "lancedb", tmp_path / "sync"
+    folder.mkdir()
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(uri), str(go), str(lo), str(hi)],
+            [sys.executable, "-c", WRITER, str(uri), str(folder), str(lo), str(hi), str(ROUNDS)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for lo, hi in ((0, 150), (60, 210))
+        for lo, hi in RANGES
     ]
-    time.sleep(3.0)  # both have imported lancedb and wait on the start file
-    go.touch()
+    deadline = time.monotonic() + 240
+    for r in range(ROUNDS):
+        (folder / f"go-{r}").touch()
+        while len(list(folder.glob(f"done-{r}-*"))) < len(writers):
+            assert time.monotonic() < deadline and all(w.poll() in (None, 0) for w in writers), [
+                w.communicate()[0][-2000:] for w in writers if w.poll()
+            ]
+            time.sleep(0.01)
     for writer in writers:
-        output, _ = writer.communicate(timeout=240)
+        output, _ = writer.communicate(timeout=60)
         assert writer.returncode == 0, output[-3000:]
-    store = EmbeddingStore.open(uri, "emb", StoreIdentity("model", "recipe", 4))
-    ids = store.sample_ids()
-    assert len(ids) == len(set(ids)) == 210
-    vectors = store.read([f"s{i:04d}" for i in range(210)])
-    assert np.array_equal(vectors[:, 0], np.arange(210, dtype=np.float32))
+    for r in range(ROUNDS):
+        store = EmbeddingStore.open(uri, f"emb{r}", StoreIdentity("model", "recipe", 4))
+        ids = store.sample_ids()
+        assert len(ids) == len(set(ids)) == 210, (r, len(ids), len(set(ids)))
+        vectors = store.read([f"s{i:04d}" for i in range(210)])
+        assert np.array_equal(vectors[:, 0], np.arange(210, dtype=np.float32))
 
 
 def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance):
