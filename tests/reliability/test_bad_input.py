@@ -141,7 +141,7 @@ def test_bad_pool_file_fails_the_pool_asset_and_writes_no_parquet(case, tmp_path
     result = run_assets(profile, instance, ["pool"])
     assert_run_fails_with(result, error, *fragments)
     pool_dir = load_settings(profile).artifacts / "pool"
-    assert not list(pool_dir.glob("*")) if pool_dir.exists() else True  # no parquet, no temp file
+    assert not pool_dir.exists() or not any(pool_dir.iterdir())  # no parquet, no temp file
 
 
 # ---------------------------------------------------------------------------------------------------------
