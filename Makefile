@@ -3,6 +3,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The UI listens on localhost only unless you ask otherwise: make ui UI_HOST=0.0.0.0
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
 
 .PHONY: setup run test ui clean-state
 
@@ -23,7 +26,7 @@ test: setup
 
 ui: setup
 	DAGSTER_HOME=$(CURDIR)/.idistill/dagster_home IDISTILL_PROFILE=profiles/default.yaml \
-		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+		$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 clean-state:
 	rm -rf .idistill/artifacts .idistill/lancedb .idistill/dagster_home

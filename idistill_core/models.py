@@ -349,10 +349,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         gguf_model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=name,
+            trust_remote_code=False,
             dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=name, dequantize=True),
         )

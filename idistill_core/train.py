@@ -507,7 +507,9 @@ def _load_cached(out: Path, key: str, model: torch.nn.Module) -> FinetuneResult 
         return None
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype)
+    saved = AutoModelForCausalLM.from_pretrained(
+        out, dtype=next(model.parameters()).dtype, use_safetensors=True, trust_remote_code=False
+    )
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
     if unexpected or [k for k in missing if k not in _tied_keys(model)]:
         raise StoreError(
