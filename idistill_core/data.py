@@ -43,6 +43,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +107,22 @@ def derive_sample_id(source: str, messages: list[Mapping[str, str]]) -> str:
     return f"{source}-{hashlib.sha1(payload.encode('utf-8')).hexdigest()[:12]}"
 
 
-def normalize_number(text: str) -> str:
-    """``"1,450,000"`` -> ``"1450000"``, ``"$18"`` -> ``"18"``, ``"7.50"`` -> ``"7.5"``, ``"3.0"`` -> ``"3"``."""
-    value = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.\d+", value):
-        value = value.rstrip("0").rstrip(".")
-    return "0" if value == "-0" else value
+def normalize_number(text: str) -> str | None:
+    """Canonical string of one number: no ``$``/commas/spaces, no trailing zeros.
+
+    ``"1,450,000"`` -> ``"1450000"``, ``"$18"`` -> ``"18"``, ``"7.50"`` -> ``"7.5"``, ``"3.0"`` -> ``"3"``,
+    ``"-0"`` -> ``"0"``; None when ``text`` is not a number. Shared by the GSM8k converter and the em-number metric.
+    """
+    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))  # also maps "-0" to "0" and "1E+2" forms to plain digits
+    return format(value.normalize(), "f")
 
 
 def prompt_messages(row: Mapping[str, Any]) -> list[dict]:
@@ -186,7 +197,7 @@ def _convert_gsm8k(raw: Mapping, default_source: str) -> dict:
     if not isinstance(question, str) or not isinstance(solution, str) or "####" not in solution:
         raise DataError("gsm8k row needs string 'question' and 'answer' ending in '#### N'")
     reasoning, final = solution.rsplit("####", 1)
-    number = normalize_number(final)
+    number = normalize_number(final) or final.strip()
     reasoning = _CALC.sub("", reasoning).strip()
     response = f"{reasoning}\nThe answer is {number}." if reasoning else f"The answer is {number}."
     return {

@@ -26,13 +26,12 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from idistill_core.data import render_chat
+from idistill_core.data import normalize_number, render_chat
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.hashing import config_fingerprint
 
@@ -151,23 +150,6 @@ def evaluate(
 _NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _MARKED_RE = re.compile(r"(?:####|answer\s+is)\s*:?\s*(" + _NUMBER + ")", re.IGNORECASE)
-
-
-def normalize_number(text: str) -> str | None:
-    """Canonical string of one number: no ``$``/commas/spaces, no trailing zeros (``"3.50"`` -> ``"3.5"``).
-
-    Returns None when ``text`` is not a number.
-    """
-    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))  # also maps "-0" to "0" and "1E+2" forms to plain digits
-    return format(value.normalize(), "f")
 
 
 def extract_number(text: str, fallback: bool = True) -> str | None:
