@@ -226,5 +226,27 @@ EXTENDED: dict[str, dict[str, Any]] = {
     "scaling": {**FULL["scaling"], "pool_sizes": [1000, 2000, 5000, 10_000, 20_000], "time_budget_s": None},
 }
 
+# Extra benchmarks: run only when named with --only.
+FULL["embed_dtype"] = {
+    "model": DEFAULT_MODEL,
+    "device": "cpu",
+    "pool_size": 400,
+    "num_landmarks": 96,
+    "num_holdout": 96,
+    "targets": TARGETS,
+    "target_examples": 8,
+    "max_length": 192,
+    "embed": DEFAULT_EMBED,
+    "gradients": {},
+    "propagate": {},
+    "dtypes": ["float32", "bfloat16"],
+}
+SMOKE["embed_dtype"] = {**SMOKE["end_to_end"], "dtypes": ["float32", "bfloat16"]}
+for _key in ("extrapolate_to", "budget_fraction", "breakdown_samples", "time_budget_s"):
+    SMOKE["embed_dtype"].pop(_key, None)
+SMOKE["embed_dtype"]["target_examples"] = None
+EXTENDED["embed_dtype"] = FULL["embed_dtype"]
+
 PROFILES = {"full": FULL, "smoke": SMOKE, "extended": EXTENDED}
 ORDER = ["jvp_cost", "end_to_end", "landmark_sweep", "scaling", "propagation", "gpu"]
+EXTRA = ["embed_dtype"]

@@ -20,17 +20,17 @@ import traceback
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, git_commit, machine_info, utc_now
-from benchmarks.profiles import ORDER, PROFILES
+from benchmarks.profiles import EXTRA, ORDER, PROFILES
 
 
 def run_suite(profile: str, only: list[str] | None, results_dir: Path, work_dir: Path | None = None) -> dict:
     """Run the selected benchmarks of ``profile``; returns the suite record (also written to suite.json)."""
     if profile not in PROFILES:
         raise SystemExit(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    unknown = [name for name in only or [] if name not in ORDER]
+    unknown = [name for name in only or [] if name not in ORDER + EXTRA]
     if unknown:
-        raise SystemExit(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ORDER)}")
-    names = [name for name in ORDER if not only or name in only]
+        raise SystemExit(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ORDER + EXTRA)}")
+    names = [name for name in ORDER + EXTRA if (not only and name in ORDER) or (only and name in only)]
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     own_work = work_dir is None
