@@ -202,6 +202,22 @@ def gpu_section(record: dict[str, Any]) -> str:
     )
 
 
+def embed_dtype_section(record: dict[str, Any]) -> str:
+    p = record["params"]
+    head = f"Pool N = {p['pool_size']}, L = {p['num_landmarks']}, {p['num_holdout']} held out.\n\n"
+    rows = [
+        {
+            "dtype": r["dtype"],
+            "embedding s/sample": r["embed_s_per_sample"],
+            "Spearman ρ (mean)": r["spearman_mean"],
+            "per target": ", ".join(fmt(x) for x in r["spearman_per_target"]),
+            "top-10% overlap": r["top10_overlap_mean"],
+        }
+        for r in record["rows"]
+    ]
+    return head + _table(rows)
+
+
 SECTIONS = {
     "jvp_cost": ("1. JVP cost", jvp_section),
     "end_to_end": ("2. End-to-end selection, landmarks vs exact", end_to_end_section),
@@ -209,6 +225,7 @@ SECTIONS = {
     "scaling": ("4. Scaling", scaling_section),
     "propagation": ("5. Propagation at scale", propagation_section),
     "gpu": ("6. GPU script", gpu_section),
+    "embed_dtype": ("Extra: bfloat16 embeddings", embed_dtype_section),
 }
 
 
