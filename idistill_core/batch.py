@@ -27,7 +27,7 @@ class TokenBatch:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    def to(self, device: torch.device | str) -> "TokenBatch":
+    def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(
             self.sample_ids,
             self.input_ids.to(device),
@@ -39,7 +39,7 @@ class TokenBatch:
         """``(B,)`` index of each row's last real (non-padding) token."""
         return self.attention_mask.sum(dim=1) - 1
 
-    def select(self, rows: list[int]) -> "TokenBatch":
+    def select(self, rows: list[int]) -> TokenBatch:
         """Rows ``rows`` of this batch, trimmed to their own longest sequence."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         width = int(self.attention_mask[idx].sum(dim=1).max().item())

@@ -100,7 +100,7 @@ class EmbeddingStore:
         self.name = name
 
     @classmethod
-    def open(cls, uri: str | Path, name: str, identity: StoreIdentity) -> "EmbeddingStore":
+    def open(cls, uri: str | Path, name: str, identity: StoreIdentity) -> EmbeddingStore:
         db = _connect(uri)
         with _writer_lock(uri, name):
             table = cls._open_or_create(db, uri, name, identity)

@@ -207,9 +207,8 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
 
 def gradient_model(res: IdistillResource):
     """(model, tokenizer, preconditioner or None): the warmed model when warm-up is enabled."""
-    from idistill_core.warmup import AdamPreconditioner
-
     from idistill_core.models import load_model
+    from idistill_core.warmup import AdamPreconditioner
 
     state = artifacts.read_json(warmup_dir(res) / "state.json")
     loaded = res.load_model()

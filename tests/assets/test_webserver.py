@@ -65,39 +65,38 @@ def test_webserver_launches_a_materialization_through_graphql(tmp_path):
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "IDISTILL_PROFILE": str(profile), "OMP_NUM_THREADS": "1"}
     webserver = Path(sys.executable).with_name("dagster-webserver")
-    log = open(tmp_path / "webserver.log", "w")
-    process = subprocess.Popen(
-        [str(webserver), "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_until_up(port, process, time.monotonic() + 180)
-        nodes = _graphql(port, REPOSITORIES)["repositoriesOrError"]["nodes"]
-        assert nodes, "no repository loaded"
-        repo = nodes[0]
-        params = {
-            "selector": {
-                "repositoryLocationName": repo["location"]["name"],
-                "repositoryName": repo["name"],
-                "jobName": "shared_job",
-            },
-            "runConfigData": {},
-        }
-        launched = _graphql(port, LAUNCH, {"params": params})["launchRun"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        run_id = launched["run"]["runId"]
-        status, deadline = None, time.monotonic() + 400
-        while time.monotonic() < deadline:
-            status = _graphql(port, STATUS, {"id": run_id})["runOrError"]["status"]
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(2)
-        assert status == "SUCCESS", (status, (tmp_path / "webserver.log").read_text()[-3000:])
-        assert (tmp_path / "home" / "lancedb").exists()  # the run really embedded the pool
-    finally:
-        process.terminate()
+    with open(tmp_path / "webserver.log", "w") as log:
+        process = subprocess.Popen(
+            [str(webserver), "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            _wait_until_up(port, process, time.monotonic() + 180)
+            nodes = _graphql(port, REPOSITORIES)["repositoriesOrError"]["nodes"]
+            assert nodes, "no repository loaded"
+            repo = nodes[0]
+            params = {
+                "selector": {
+                    "repositoryLocationName": repo["location"]["name"],
+                    "repositoryName": repo["name"],
+                    "jobName": "shared_job",
+                },
+                "runConfigData": {},
+            }
+            launched = _graphql(port, LAUNCH, {"params": params})["launchRun"]
+            assert launched["__typename"] == "LaunchRunSuccess", launched
+            run_id = launched["run"]["runId"]
+            status, deadline = None, time.monotonic() + 400
+            while time.monotonic() < deadline:
+                status = _graphql(port, STATUS, {"id": run_id})["runOrError"]["status"]
+                if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                    break
+                time.sleep(2)
+            assert status == "SUCCESS", (status, (tmp_path / "webserver.log").read_text()[-3000:])
+            assert (tmp_path / "home" / "lancedb").exists()  # the run really embedded the pool
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -5,12 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from idistill_core.builtin import write_builtin
-from idistill_core.data import load_rows, tokenize_rows
 from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError
 from idistill_core.gradients import GradientConfig
-from idistill_core.models import load_model
 from idistill_core.pipeline import (
     SelectionRecipe,
     choose_landmarks,
@@ -23,28 +20,15 @@ from idistill_core.pipeline import (
     select_samples,
     spearman,
 )
+from tests.conftest import TINY_MAX_LENGTH
 
 RECIPE = SelectionRecipe(
     num_landmarks=16,
     num_holdout=8,
-    max_length=192,
+    max_length=TINY_MAX_LENGTH,
     embed=EmbedConfig(num_blocks=2, num_tangents=2, proj_dim=64, batch_size=8),
     gradients=GradientConfig(param_subset="down_proj", proj_dim=512),
 )
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-llama", attn_implementation="eager")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny):
-    folder = tmp_path_factory.mktemp("builtin")
-    write_builtin(folder, pool_size=120, seed=0, dev_size=6, test_size=4)
-    pool = tokenize_rows(load_rows(str(folder / "pool.jsonl")), tiny.tokenizer, RECIPE.max_length).examples
-    targets = tokenize_rows(load_rows(str(folder / "targets/arith/dev.jsonl")), tiny.tokenizer, RECIPE.max_length).examples
-    return pool, targets
 
 
 def test_landmarks_are_deterministic_disjoint_and_independent_of_row_order():
