@@ -34,7 +34,9 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
     subset = rows.select([position[i] for i in ids])
     examples = tokenize_rows(subset, base.tokenizer, s.recipe.max_length).examples
     version = stable_hash({"ids": ids_hash(ids), "model": base.fingerprint, "recipe": config_fingerprint(s.finetune)}, 16)
-    out = target_dir(res, spec.name) / "checkpoints" / f"{name}-{version}"
+    # keyed by data version, not target: an identical subset (e.g. the same-size random baseline of every
+    # target) trains once and is reused
+    out = res.artifact_dir("checkpoints") / f"{name}-{version}"
     model = copy.deepcopy(base.model)
     model.train()
     start = time.perf_counter()
