@@ -34,15 +34,54 @@ def _instance(home: Path):
 
 
 def _metadata(instance, key: list[str], partition: str | None, name: str):
+    """A metadata value of the latest materialization of ``key`` (in ``partition``), or None."""
     import dagster as dg
 
-    event = instance.get_latest_materialization_event(dg.AssetKey(key), partition) if partition else None
-    if partition is None:
-        event = instance.get_latest_materialization_event(dg.AssetKey(key))
-    if event is None or event.asset_materialization is None:
+    records_filter = dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None
+    )
+    records = instance.fetch_materializations(records_filter, limit=1).records
+    if not records or records[0].asset_materialization is None:
         return None
-    value = event.asset_materialization.metadata.get(name)
+    value = records[0].asset_materialization.metadata.get(name)
     return getattr(value, "value", value)
+
+
+def print_summary(instance, settings, profile: str, registry: dict, names: list[str], timings: dict, failed: list[str]):
+    """One screen: the shared stage, then per target subset size, fidelity and eval of base / ID / random."""
+    print("\n" + "=" * 100)
+    print(f"idistill main job — profile {profile}, model {settings.model}, home {settings.home}")
+    pool_rows = _metadata(instance, ["idistill", "pool"], None, "dagster/row_count")
+    emb_seconds = _metadata(instance, ["idistill", "embeddings"], None, "seconds")
+    lm_seconds = _metadata(instance, ["idistill", "landmarks"], None, "seconds")
+    print(f"pool: {pool_rows} samples; embeddings {emb_seconds} s; landmark gradients {lm_seconds} s; shared stage {timings['shared']:.0f} s")
+    header = f"{'target':<10} {'metric':<10} {'k':>4} {'fidelity ρ':>10} {'base':>8} {'ID':>8} {'random':>8} {'ID top source share':<28} {'time':>6}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        spec = registry[name]
+        folder = settings.artifacts / "targets" / name
+        size = _metadata(instance, ["idistill", "selected_subset"], name, "dagster/row_count")
+        rho = _metadata(instance, ["idistill", "propagated_weights"], name, "fidelity_spearman")
+        scores = {"base": "-", "influence_distillation": "-", "random": "-"}
+        eval_file = folder / "eval_scores.json"
+        if spec.finetune and eval_file.exists():
+            for row in json.loads(eval_file.read_text())["rows"]:
+                scores[row["model"]] = f"{row['score']:.3f}"
+        shares = {}
+        if size:
+            import polars as pl
+
+            subset = pl.read_parquet(folder / "subset.parquet")
+            counts = subset["source"].value_counts().sort("count", descending=True).head(1).to_dicts()
+            shares = {c["source"]: c["count"] / subset.height for c in counts}
+        top = ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+        rho_text = f"{rho:.3f}" if isinstance(rho, float) else "-"
+        status = " FAILED" if name in failed else ""
+        print(
+            f"{name:<10} {spec.metric:<10} {size or 0:>4} {rho_text:>10} {scores['base']:>8} "
+            f"{scores['influence_distillation']:>8} {scores['random']:>8} {top:<28} {timings[name]:>5.0f}s{status}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,39 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not run.success:
             failed.append(name)
 
-    print("\n" + "=" * 100)
-    print(f"idistill main job — profile {args.profile}, model {settings.model}, home {settings.home}")
-    pool_rows = _metadata(instance, ["idistill", "pool"], None, "dagster/row_count")
-    emb_seconds = _metadata(instance, ["idistill", "embeddings"], None, "seconds")
-    lm_seconds = _metadata(instance, ["idistill", "landmarks"], None, "seconds")
-    print(f"pool: {pool_rows} samples; embeddings {emb_seconds} s; landmark gradients {lm_seconds} s; shared stage {timings['shared']:.0f} s")
-    header = f"{'target':<10} {'metric':<10} {'k':>4} {'fidelity ρ':>10} {'base':>8} {'ID':>8} {'random':>8} {'ID top source share':<28} {'time':>6}"
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        spec = registry[name]
-        folder = settings.artifacts / "targets" / name
-        size = _metadata(instance, ["idistill", "selected_subset"], name, "dagster/row_count")
-        rho = _metadata(instance, ["idistill", "propagated_weights"], name, "fidelity_spearman")
-        scores = {"base": "-", "influence_distillation": "-", "random": "-"}
-        eval_file = folder / "eval_scores.json"
-        if spec.finetune and eval_file.exists():
-            for row in json.loads(eval_file.read_text())["rows"]:
-                scores[row["model"]] = f"{row['score']:.3f}"
-        shares = {}
-        if size:
-            import polars as pl
-
-            subset = pl.read_parquet(folder / "subset.parquet")
-            counts = subset["source"].value_counts().sort("count", descending=True).head(1).to_dicts()
-            shares = {c["source"]: c["count"] / subset.height for c in counts}
-        top = ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
-        rho_text = f"{rho:.3f}" if isinstance(rho, float) else "-"
-        status = " FAILED" if name in failed else ""
-        print(
-            f"{name:<10} {spec.metric:<10} {size or 0:>4} {rho_text:>10} {scores['base']:>8} "
-            f"{scores['influence_distillation']:>8} {scores['random']:>8} {top:<28} {timings[name]:>5.0f}s{status}"
-        )
+    print_summary(instance, settings, args.profile, registry, names, timings, failed)
     total = time.perf_counter() - started
     print(f"total wall time {total:.0f} s ({total / 60:.1f} min). Open the UI with: make ui")
     print("=" * 100)
