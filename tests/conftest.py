@@ -25,3 +25,29 @@ def data(tmp_path_factory, tiny):
     pool = tokenize_rows(load_rows(str(folder / "pool.jsonl")), tiny.tokenizer, TINY_MAX_LENGTH).examples
     dev = tokenize_rows(load_rows(str(folder / "targets/arith/dev.jsonl")), tiny.tokenizer, TINY_MAX_LENGTH).examples
     return pool, dev
+
+
+def tiny_llama(seed: int = 0, fork_rng: bool = False, **overrides):
+    """A random 2-layer Llama (vocab 64, hidden 32, MLP 64, 4 heads / 2 kv heads) for exactness tests.
+
+    Built right after ``torch.manual_seed(seed)``; with ``fork_rng`` the caller's global RNG state is restored
+    afterwards. ``overrides`` go to ``LlamaConfig`` (layers, attention implementation, init range, tying...).
+    """
+    import torch
+    import transformers
+
+    fields = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    config = transformers.LlamaConfig(**{**fields, **overrides})
+    if fork_rng:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return transformers.LlamaForCausalLM(config)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)

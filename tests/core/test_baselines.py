@@ -11,23 +11,14 @@ import transformers
 from idistill_core import baselines
 from idistill_core.batch import collate
 from idistill_core.errors import ConfigError, DataError
+from tests.conftest import tiny_llama
 
 VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def model() -> transformers.LlamaForCausalLM:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return tiny_llama(0, vocab_size=VOCAB, initializer_range=0.2).double().eval()
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:

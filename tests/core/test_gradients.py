@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 from idistill_core.batch import collate
 from idistill_core.errors import ConfigError, NumericalError
@@ -18,21 +17,13 @@ from idistill_core.gradients import (
     select_parameters,
 )
 from idistill_core.projection import RademacherProjector, SRHTProjector
+from tests.conftest import tiny_llama
 
 LENGTHS = [6, 9, 4, 7]
 
 
 def _tiny(dtype=torch.float64):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype)
+    return tiny_llama(0).to(dtype)
 
 
 def _examples():

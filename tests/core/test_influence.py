@@ -11,24 +11,16 @@ import transformers
 from idistill_core import influence as inf
 from idistill_core.batch import collate
 from idistill_core.errors import ConfigError, DataError
+from tests.conftest import tiny_llama
 
 VOCAB = 64
 
 
 def _tiny_model(seed: int = 0) -> transformers.LlamaForCausalLM:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        # Larger than the default 0.02 so the MLP gradients (and the curvature) are not vanishingly small.
-        initializer_range=0.2,
-    )
-    cfg._attn_implementation = "eager"  # double backward through attention
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    # init range larger than the default 0.02 so the MLP gradients (and the curvature) are not vanishingly
+    # small; eager attention for double backward
+    model = tiny_llama(seed, vocab_size=VOCAB, initializer_range=0.2, attn_implementation="eager")
+    return model.double().eval()
 
 
 def _progression(gen: torch.Generator, sid: str, length: int, step: int) -> dict:

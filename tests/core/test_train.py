@@ -11,6 +11,7 @@ import transformers
 
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.train import FinetuneConfig, finetune, save_checkpoint
+from tests.conftest import tiny_llama as shared_tiny_llama
 
 VOCAB = 64
 
@@ -18,19 +19,9 @@ VOCAB = 64
 def tiny_llama(
     seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = True
 ) -> transformers.LlamaForCausalLM:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
+    model = shared_tiny_llama(
+        seed, fork_rng=True, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=tied
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = transformers.LlamaForCausalLM(cfg)
     return model.to(dtype)
 
 

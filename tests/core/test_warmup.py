@@ -4,25 +4,16 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 from idistill_core.batch import collate
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.gradients import select_parameters
 from idistill_core.warmup import WarmupConfig, adam_preconditioner, warmup
+from tests.conftest import tiny_llama
 
 
 def _tiny():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).double()
+    return tiny_llama(0).double()
 
 
 def _batches(n_batches=2, rows=3):
