@@ -349,6 +349,14 @@ class SelectionOutcome:
         return pa.table(columns)
 
 
+def uniform_weights(sample_ids: Sequence[str], picked: Sequence[str]) -> np.ndarray:
+    """(N,) weights spreading the total N evenly over ``picked`` (zero elsewhere)."""
+    index = {s: i for i, s in enumerate(sample_ids)}
+    weights = np.zeros(len(sample_ids))
+    weights[[index[s] for s in picked]] = len(sample_ids) / len(picked)
+    return weights
+
+
 def _check_budget(budget: int, n: int) -> None:
     if budget <= 0 or budget > n:
         raise ConfigError(f"budget k={budget} must satisfy 0 < k <= N={n} (the number of usable pool samples).")
@@ -378,12 +386,8 @@ def select_samples(
     matrix = scores if scores.ndim == 2 else scores[:, None]
     aggregated = matrix.mean(axis=1)
     if aggregate == "rr" and matrix.shape[1] > 1:
-        selection = round_robin(sample_ids, matrix, budget, seed)
-        picked = list(selection.sample_ids)
-        weights = np.zeros(len(sample_ids))
-        index = {s: i for i, s in enumerate(sample_ids)}
-        for s in picked:
-            weights[index[s]] = len(sample_ids) / len(picked)
+        picked = list(round_robin(sample_ids, matrix, budget, seed).sample_ids)
+        weights = uniform_weights(sample_ids, picked)
     else:
         selection = select_top_k(sample_ids, aggregated, budget, sources=sources, per_source_cap=per_source_cap)
         picked = list(selection.sample_ids)
@@ -392,10 +396,7 @@ def select_samples(
             weights = first_order_weights(torch.from_numpy(aggregated), budget, float(len(sample_ids))).numpy()
         if per_source_cap is not None or np.count_nonzero(weights) != len(picked):
             # caps (or exact ties) change the support: spread the mass uniformly over the picks instead
-            weights = np.zeros(len(sample_ids))
-            index = {s: i for i, s in enumerate(sample_ids)}
-            for s in picked:
-                weights[index[s]] = len(sample_ids) / len(picked)
+            weights = uniform_weights(sample_ids, picked)
     return SelectionOutcome(sample_ids, aggregated, weights, picked, method)
 
 
@@ -495,11 +496,7 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
         ids, nll = baselines.midppl_scores(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
         ids, nll = list(ids), np.asarray(nll, dtype=np.float64)
         picked = list(baselines.midppl_select(ids, nll, budget).sample_ids)
-        weights = np.zeros(len(ids))
-        index = {s: i for i, s in enumerate(ids)}
-        for s in picked:
-            weights[index[s]] = len(ids) / len(picked)
-        return SelectionOutcome(ids, nll, weights, picked, method)
+        return SelectionOutcome(ids, nll, uniform_weights(ids, picked), picked, method)
     if method == "rds":
         ids, cosine = baselines.rds_scores(
             model,

@@ -130,6 +130,11 @@ class EmbeddingStore:
     def version(self) -> int:
         return int(self._table.version)
 
+    @property
+    def vector_type(self):
+        """The Arrow type of the stored ``vector`` column (checks compare it with the declared identity)."""
+        return self._table.schema.field("vector").type
+
     def count(self) -> int:
         return int(self._table.count_rows())
 

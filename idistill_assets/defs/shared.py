@@ -147,7 +147,7 @@ def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:
     import pyarrow as pa
 
     table_ids = store.sample_ids()
-    field_type = store._table.schema.field("vector").type
+    field_type = store.vector_type
     finite = all(np.isfinite(chunk).all() for _, chunk in store.iter_chunks())
     problems = []
     if len(table_ids) != len(set(table_ids)):

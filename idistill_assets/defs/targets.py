@@ -25,7 +25,6 @@ from idistill_assets.resources import IdistillResource
 from idistill_core import artifacts
 
 TARGET = "target"
-DATA_VERSION_TAG = "dagster/data_version"
 
 
 def target_spec_for(res: IdistillResource, name: str):
