@@ -3,6 +3,7 @@
     idistill data builtin --out DIR [--pool-size N] [--seed S] [--gsm8k]
     idistill select --pool FILE --target FILE --model SPEC --budget K [--landmarks L] [--method id|exact|rds|less|
                     random|midppl] [--order first|second] [--optimizer gd|adam] [--seed S] --out FILE.parquet
+                    [--backend local|ray] [--ray-address ADDR] [--ray-actors N]
     idistill finetune --train FILE --model SPEC --out DIR [--steps N] [--lr LR] [--batch-size B]
     idistill eval --model SPEC_OR_DIR --test FILE --metric em-number|squad|mc|nll --out FILE.json
 
@@ -51,13 +52,25 @@ def _recipe(args):
     return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
+def _backend(args):
+    """The profile's backend block (default local), overridden by --backend / --ray-address / --ray-actors."""
+    from idistill_core.backends import BackendConfig
+    from idistill_core.settings import load_settings
+
+    base = (load_settings(args.profile).backend if args.profile else None) or BackendConfig()
+    changes = {"name": args.backend, "ray_address": args.ray_address, "num_actors": args.ray_actors}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _select(args) -> int:
     from idistill_core import artifacts
+    from idistill_core.backends import ModelSource
     from idistill_core.data import load_rows, tokenize_rows
     from idistill_core.models import load_model
     from idistill_core.pipeline import run_selection
 
     recipe = _recipe(args)
+    backend = _backend(args)
     start = time.perf_counter()
     pool_rows = load_rows(args.pool, fmt=args.pool_format)
     target_rows = load_rows(args.target, fmt=args.target_format)
@@ -68,7 +81,7 @@ def _select(args) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         report = run_selection(
             loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, targets.examples, args.budget, recipe,
-            store_uri=args.store or scratch, progress=True,
+            store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
         )
     sources = dict(zip(pool_rows["sample_id"], pool_rows["source"]))
     table = report.outcome.to_arrow([sources.get(s, "") for s in report.outcome.sample_ids])
@@ -78,7 +91,7 @@ def _select(args) -> int:
 
     mix = Counter(sources[s] for s in selected)
     print(f"idistill select: method={recipe.method} order={recipe.order} optimizer={recipe.optimizer} "
-          f"aggregate={recipe.aggregate} model={args.model}")
+          f"aggregate={recipe.aggregate} model={args.model} backend={backend.name}")
     print(f"  pool {len(pool_rows)} rows ({len(pool.dropped_ids)} dropped without supervised tokens, "
           f"{pool.num_truncated} truncated); targets {len(targets.examples)}; budget {args.budget}")
     for key, value in report.sizes.items():
@@ -164,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--profile", default=None, help="take the recipe from a settings profile")
     select.add_argument("--store", default=None, help="LanceDB folder to keep/reuse embeddings (default: temporary)")
     select.add_argument("--out", required=True)
+    select.add_argument("--backend", choices=["local", "ray"], default=None,
+                        help="where embeddings and landmark gradients run (default: the profile's, else local)")
+    select.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join (auto, host:port, ray://host:10001); default: start a local one")
+    select.add_argument("--ray-actors", type=int, default=None, help="model replicas on Ray (default 1)")
     select.set_defaults(func=_select)
 
     ft = commands.add_parser("finetune", help="fine-tune a model on a subset file")

@@ -27,8 +27,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from idistill_core import backends
+from idistill_core.backends import BackendConfig, ModelSource
 from idistill_core.batch import TokenBatch, iter_batches
-from idistill_core.embed import EmbedConfig, embed_samples
+from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
@@ -129,6 +131,8 @@ class EmbedReport:
     seconds: float
     table_version: int
     row_count: int
+    computed: int = 0
+    """Samples embedded by this call (on whichever backend); a re-run after a kill computes only the missing."""
 
 
 def open_store(
@@ -149,16 +153,20 @@ def embed_pool(
     commit_every: int = 256,
     progress: bool = False,
     on_commit: Callable[[int, int], None] | None = None,
+    backend: BackendConfig | None = None,
+    source: ModelSource | None = None,
 ) -> EmbedReport:
     """Embed the pool samples that the store does not hold yet, committing every ``commit_every`` rows.
 
-    A killed run keeps the committed chunks; a re-run computes only the ids still missing.
+    A killed run keeps the committed chunks; a re-run computes only the ids still missing. ``backend`` says where
+    the vectors are computed (default: here, on ``model``; ``ray`` workers load ``source``); this process stays
+    the one writer.
     """
     start = time.perf_counter()
     all_ids = list(examples["sample_id"])
     missing = store.missing_ids(all_ids)
     logger.info("embeddings: %d of %d pool samples missing from '%s'", len(missing), len(all_ids), store.name)
-    inserted = 0
+    inserted = computed = 0
     pending_ids: list[str] = []
     pending_vectors: list[np.ndarray] = []
 
@@ -171,8 +179,9 @@ def embed_pool(
             pending_ids, pending_vectors = [], []
 
     if missing:
-        batches = batches_for(examples, tokenizer, config.batch_size, ids=missing)
-        for ids, vectors in embed_samples(model, batches, config, progress=progress):
+        stream = backends.embed_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, progress)
+        for ids, vectors in stream:
+            computed += len(ids)
             pending_ids += ids
             pending_vectors.append(vectors)
             if len(pending_ids) >= commit_every:
@@ -184,6 +193,7 @@ def embed_pool(
         seconds=time.perf_counter() - start,
         table_version=store.version,
         row_count=store.count(),
+        computed=computed,
     )
 
 
@@ -206,9 +216,20 @@ def choose_landmarks(sample_ids: Sequence[str], num_landmarks: int, num_holdout:
 
 
 def compute_gradients(
-    model, tokenizer, examples, ids: Sequence[str] | None, config: GradientConfig, preconditioner=None, progress: bool = False
+    model, tokenizer, examples, ids: Sequence[str] | None, config: GradientConfig, preconditioner=None, progress: bool = False,
+    backend: BackendConfig | None = None, source: ModelSource | None = None,
 ) -> GradientSet:
-    """Projected, unit-normalised per-sample gradients for ``ids`` of ``examples`` (all rows when None)."""
+    """Projected, unit-normalised per-sample gradients for ``ids`` of ``examples`` (all rows when None).
+
+    ``backend`` other than local computes them there (workers load ``source``), returned in the order of ``ids``.
+    """
+    if backend is not None and backend.name != "local":
+        ids = list(examples["sample_id"]) if ids is None else list(ids)
+        rows: dict[str, np.ndarray] = {}
+        stream = backends.gradient_stream(backend, model, source, examples, ids, _pad_id(tokenizer), config, preconditioner)
+        for batch_ids, grads in stream:
+            rows.update(zip(batch_ids, grads))
+        return GradientSet(ids, torch.from_numpy(np.stack([rows[s] for s in ids])) if ids else torch.zeros((0, 0)))
     batches = batches_for(examples, tokenizer, config.batch_size, ids=ids)
     return collect_gradients(model, batches, config, preconditioner=preconditioner, progress=progress)
 
@@ -223,13 +244,17 @@ def compute_gradients_resumable(
     preconditioner=None,
     chunk_size: int = 256,
     on_chunk: Callable[[int, int], None] | None = None,
+    backend: BackendConfig | None = None,
+    source: ModelSource | None = None,
 ) -> GradientSet:
     """:func:`compute_gradients` for ``ids``, committed chunk by chunk to safetensors shards in ``shard_dir``.
 
     ``shard_dir`` must be keyed by everything the gradients depend on (ids, model, gradient config,
     preconditioner); a shard whose ids differ from its chunk is recomputed. A killed run keeps every committed
     shard, so a re-run computes only the missing chunks. Chunks are a multiple of ``config.batch_size`` so the
-    batches (and so the float results) are the same whether or not a run was interrupted.
+    batches (and so the float results) are the same whether or not a run was interrupted. Every missing chunk
+    goes to ``backend`` as one stream (in parallel on Ray, whose results come back in any order); this process
+    writes each chunk's shard as soon as all of its rows are back.
 
     Returns:
         ``GradientSet`` with ``grads: (len(ids), P) float32`` in the order of ``ids``.
@@ -239,22 +264,29 @@ def compute_gradients_resumable(
     ids = list(ids)
     shard_dir = Path(shard_dir)
     step = max(config.batch_size, chunk_size - chunk_size % config.batch_size)
-    starts = list(range(0, len(ids), step))
-    parts: list[torch.Tensor] = []
-    for number, start in enumerate(starts):
-        chunk_ids = ids[start : start + step]
+    chunks = [ids[start : start + step] for start in range(0, len(ids), step)]
+    done: dict[int, np.ndarray] = {}
+    for number, chunk_ids in enumerate(chunks):
         shard = shard_dir / f"chunk-{number:05d}.safetensors"
         if shard.exists():
             arrays, meta = artifacts.load_arrays(shard)
             if meta.get("ids") == chunk_ids:
-                parts.append(torch.from_numpy(arrays["grads"]))
-                continue
-        grads = compute_gradients(model, tokenizer, examples, chunk_ids, config, preconditioner)
-        artifacts.save_arrays(shard, {"grads": grads.grads.detach().float().numpy()}, {"ids": chunk_ids})
-        parts.append(grads.grads.detach().float())
-        if on_chunk is not None:
-            on_chunk(number + 1, len(starts))
-    grads = torch.cat(parts) if parts else torch.zeros((0, 0))
+                done[number] = arrays["grads"]
+    todo = [number for number in range(len(chunks)) if number not in done]
+    chunk_of = {sample_id: number for number in todo for sample_id in chunks[number]}
+    rows: dict[str, np.ndarray] = {}
+    missing = [sample_id for number in todo for sample_id in chunks[number]]
+    stream = backends.gradient_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, preconditioner)
+    for batch_ids, grads in stream:
+        rows.update(zip(batch_ids, grads))
+        for number in sorted({chunk_of[s] for s in batch_ids}):
+            if number not in done and all(s in rows for s in chunks[number]):
+                done[number] = np.stack([rows.pop(s) for s in chunks[number]])
+                shard = shard_dir / f"chunk-{number:05d}.safetensors"
+                artifacts.save_arrays(shard, {"grads": done[number]}, {"ids": chunks[number]})
+                if on_chunk is not None:
+                    on_chunk(number + 1, len(chunks))
+    grads = torch.from_numpy(np.concatenate([done[n] for n in range(len(chunks))])) if chunks else torch.zeros((0, 0))
     return GradientSet(sample_ids=ids, grads=grads)
 
 
@@ -577,6 +609,8 @@ def run_selection(
     store_uri: str | Path,
     store_table: str = "embeddings",
     progress: bool = False,
+    backend: BackendConfig | None = None,
+    source: ModelSource | None = None,
 ) -> SelectionReport:
     """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``)."""
     timings: dict[str, float] = {}
@@ -586,6 +620,10 @@ def run_selection(
         raise ConfigError("the target set has no usable samples (all empty or without assistant tokens).")
     sizes = {"pool": len(pool_ids), "targets": len(target_examples), "budget": budget}
     method = recipe.method
+    if backend is not None and backend.name != "local" and recipe.optimizer == "adam" and method in ("id",):
+        # workers load `source` (the base weights); the warmed copy lives only in this process
+        raise ConfigError(f"optimizer='adam' is not supported with backend '{backend.name}' in run_selection; "
+                          "use the Dagster assets (the warmed checkpoint is loaded by the workers there).")
     if method == "id" and recipe.num_landmarks > len(pool_ids):
         # refuse before anything is embedded or written
         raise ConfigError(f"num_landmarks={recipe.num_landmarks} exceeds the pool size N={len(pool_ids)}; choose L <= N.")
@@ -625,12 +663,13 @@ def run_selection(
 
     store = open_store(store_uri, store_table, model_fingerprint, recipe, model.config.hidden_size)
     with timed("embeddings"):
-        embed_pool(model, tokenizer, pool_examples, store, recipe.embed, progress=progress)
+        embed_pool(model, tokenizer, pool_examples, store, recipe.embed, progress=progress, backend=backend, source=source)
     landmark_ids, holdout_ids = choose_landmarks(pool_ids, recipe.num_landmarks, recipe.num_holdout, recipe.seed)
     sizes.update(landmarks=len(landmark_ids), holdout=len(holdout_ids))
     with timed("landmark_gradients"):
         grads = compute_gradients(
-            grad_model, tokenizer, pool_examples, landmark_ids + holdout_ids, recipe.gradients, preconditioner, progress
+            grad_model, tokenizer, pool_examples, landmark_ids + holdout_ids, recipe.gradients, preconditioner, progress,
+            backend=backend, source=source,
         )
     lm_values = landmark_values(grads.grads[: len(landmark_ids)], targets.grads, recipe.aggregate)
     ho_values = landmark_values(grads.grads[len(landmark_ids) :], targets.grads, recipe.aggregate)

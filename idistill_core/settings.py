@@ -58,6 +58,8 @@ class Settings:
     commit_every: int = 256
     """Rows per committed chunk of embeddings (LanceDB) and landmark gradients (shards): a killed run loses at
     most one chunk of work."""
+    backend: Any = None
+    """A `backends.BackendConfig`: where embeddings and landmark gradients are computed (`local` or `ray`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.commit_every, int) or self.commit_every < 1:
@@ -109,6 +111,7 @@ def _build(cls, values: dict | None, where: str):
 
 def load_settings(profile: str | Path | None = None, home: str | Path | None = None) -> Settings:
     """Read a YAML profile (default ``profiles/default.yaml``); ``home`` overrides the profile's home."""
+    from idistill_core.backends import BackendConfig
     from idistill_core.pipeline import SelectionRecipe
     from idistill_core.train import FinetuneConfig
 
@@ -120,7 +123,7 @@ def load_settings(profile: str | Path | None = None, home: str | Path | None = N
     except FileNotFoundError:
         raise ConfigError(f"settings profile {path} does not exist.") from None
     allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below",
-               "commit_every"}
+               "commit_every", "backend"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
@@ -141,4 +144,5 @@ def load_settings(profile: str | Path | None = None, home: str | Path | None = N
         embeddings_table=str(raw.get("embeddings_table", "embeddings")),
         fidelity_warn_below=float(raw.get("fidelity_warn_below", 0.5)),
         commit_every=raw.get("commit_every", 256),
+        backend=_build(BackendConfig, raw.get("backend"), f"{path}: backend"),
     )

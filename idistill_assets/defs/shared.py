@@ -105,13 +105,19 @@ def base_model(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
     check_specs=[dg.AssetCheckSpec("embeddings_valid", asset=[PREFIX, "embeddings"], blocking=True)],
 )
 def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
-    """JVP embeddings of every pool sample in LanceDB; only sample ids not yet in the table are computed."""
+    """JVP embeddings of every pool sample in LanceDB; only sample ids not yet in the table are computed.
+
+    On the profile's `ray` backend the missing ids are first computed by a Ray driver (Dagster Pipes,
+    `idistill_assets.ray_job`); the local body below then finds them committed and reports as usual.
+    """
+    from idistill_assets.ray_job import run_on_backend
     from idistill_core.pipeline import embed_pool
 
     s = idistill.settings
     loaded = idistill.load_model(attn_implementation="eager")
     tokenized = tokenized_pool(idistill, loaded.tokenizer)
     store = idistill.store()
+    remote = run_on_backend(context, idistill, "embeddings")
 
     def on_commit(done: int, total: int) -> None:
         context.log.info("embeddings: committed %d / %d new samples", done, total)
@@ -137,6 +143,7 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
             "samples_per_second": round(report.inserted / report.seconds, 2) if report.inserted else 0.0,
             "truncated_samples": tokenized.num_truncated,
             "dropped_samples": len(tokenized.dropped_ids),
+            **remote,
         },
         check_results=[check],
     )
@@ -238,6 +245,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     """Landmark ids and their exact, projected (optionally Adam-preconditioned) gradients, plus held-out samples."""
     import shutil
 
+    from idistill_assets.ray_job import run_on_backend
     from idistill_core.pipeline import choose_landmarks, compute_gradients_resumable
 
     s = idistill.settings
@@ -263,6 +271,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
         context.log.info("landmark gradients: committed chunk %d / %d", done, total)
 
     start = time.perf_counter()
+    remote = run_on_backend(context, idistill, "landmarks", ids=landmark_ids + holdout_ids, shard_dir=str(shard_dir))
     grads = compute_gradients_resumable(
         model, tokenizer, tokenized.examples, landmark_ids + holdout_ids, s.recipe.gradients, shard_dir,
         preconditioner=pre, chunk_size=s.commit_every, on_chunk=on_chunk,
@@ -273,7 +282,9 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     artifacts.save_arrays(landmarks_path(idistill), {"landmarks": g[: len(landmark_ids)], "holdout": g[len(landmark_ids) :]}, meta)
     for stale in landmarks_path(idistill).parent.glob("shards-*"):  # this run's and any abandoned key's
         shutil.rmtree(stale, ignore_errors=True)
-    version = stable_hash({"ids": landmark_ids + holdout_ids, "grads": file_hash(landmarks_path(idistill))}, 16)
+    # from the inputs (as the embeddings' version), not the file's bytes: float bits differ with the thread count
+    # and device a backend runs on, and the version must be the same on the local and the ray backend
+    version = stable_hash({"ids": landmark_ids + holdout_ids, "inputs": key}, 16)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -284,6 +295,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "seconds": round(seconds, 2),
             "seconds_per_gradient": round(seconds / max(1, len(g)), 3),
             "dagster/uri": str(landmarks_path(idistill)),
+            **remote,
         },
     )
 

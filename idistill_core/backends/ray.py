@@ -1,0 +1,199 @@
+"""The Ray backend: the pool's missing ids mapped through ``ray.data`` with an actor pool.
+
+Each actor loads one model replica (``ModelSource``: spec + fingerprint it must match) and runs the core's own
+``embed_samples`` or ``iter_gradients`` on its tasks; a task is ``samples_per_task`` ids, cut into the local
+path's batches, so an actor computes exactly the batches the local backend would. Ray schedules the tasks,
+restarts a killed actor and retries its task (``max_restarts``); results stream back to the caller, which is
+the one writer: it commits them in chunks to LanceDB (insert-if-missing keyed by ``sample_id``), so a killed job
+resumes from its last commit and a duplicate row from a retried task can never reach the table.
+
+``ray_address`` None starts a private local cluster for the call (stopped afterwards); any other value joins an
+existing cluster (``auto`` from inside a Ray job, ``host:port``, or ``ray://`` for Ray Client). A process that
+already called ``ray.init`` (a test, a Dagster Pipes job) is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from idistill_core.backends import BackendConfig, ModelSource, select_rows
+from idistill_core.errors import ModelError
+
+logger = logging.getLogger("idistill")
+
+
+@contextlib.contextmanager
+def connected(backend: BackendConfig) -> Iterator[None]:
+    """Ray initialised for the duration: the caller's connection if there is one, else a new one (closed after)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if backend.ray_address is None:
+        memory = None if backend.object_store_mb is None else backend.object_store_mb * 1024**2
+        ray.init(address="local", include_dashboard=False, object_store_memory=memory, log_to_driver=True)
+    else:
+        ray.init(address=backend.ray_address, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class _Worker:
+    """One model replica; ``__call__`` maps a block of tasks (pyarrow) to ``{sample_id, value}`` rows."""
+
+    def __init__(
+        self, source: ModelSource, kind: str, config, pad_id: int, attn: str | None, preconditioner=None
+    ):
+        import torch
+
+        from idistill_core.models import load_model
+
+        loaded = load_model(source.spec, attn_implementation=attn, cache_dir=source.cache_dir)
+        if loaded.fingerprint != source.fingerprint:
+            raise ModelError(
+                f"Ray worker loaded '{source.spec}' with fingerprint {loaded.fingerprint}, the caller has "
+                f"{source.fingerprint}: the spec must resolve to the same weights on every node."
+            )
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.model = loaded.model.to(device)
+        self.kind = kind
+        self.config = config
+        self.pad_id = pad_id
+        self.preconditioner = preconditioner
+
+    def __call__(self, block) -> dict[str, np.ndarray]:
+        from idistill_core.batch import iter_batches
+
+        examples = [
+            {"sample_id": s, "input_ids": i, "labels": lab}
+            for ids, inputs, labels in zip(
+                block.column("sample_ids").to_pylist(),
+                block.column("input_ids").to_pylist(),
+                block.column("labels").to_pylist(),
+                strict=True,
+            )
+            for s, i, lab in zip(ids, inputs, labels, strict=True)
+        ]
+        batches = iter_batches(examples, self.config.batch_size, self.pad_id)
+        ids: list[str] = []
+        rows: list[np.ndarray] = []
+        if self.kind == "embed":
+            from idistill_core.embed import embed_samples
+
+            for sample_ids, vectors in embed_samples(self.model, batches, self.config):
+                ids += sample_ids
+                rows.append(vectors)
+        else:
+            from idistill_core.gradients import iter_gradients
+
+            for sample_ids, grads in iter_gradients(self.model, batches, self.config, self.preconditioner):
+                ids += sample_ids
+                rows.append(grads.detach().float().cpu().numpy())
+        return {"sample_id": np.asarray(ids, dtype=object), "value": np.concatenate(rows).astype(np.float32)}
+
+
+def _tasks(examples, ids: Sequence[str], samples_per_task: int, batch_size: int):
+    """One single-row Arrow table per task (so one block per task: the unit Ray schedules and retries)."""
+    import pyarrow as pa
+
+    step = -(-samples_per_task // batch_size) * batch_size
+    rows = select_rows(examples, ids)
+    tables = []
+    for start in range(0, len(ids), step):
+        part = rows.select(range(start, min(start + step, len(ids))))
+        tables.append(
+            pa.table(
+                {
+                    "sample_ids": pa.array([list(part["sample_id"])], pa.list_(pa.string())),
+                    "input_ids": pa.array([list(part["input_ids"])], pa.list_(pa.list_(pa.int32()))),
+                    "labels": pa.array([list(part["labels"])], pa.list_(pa.list_(pa.int32()))),
+                }
+            )
+        )
+    return tables
+
+
+def _stream(
+    backend: BackendConfig,
+    kind: str,
+    source: ModelSource,
+    examples,
+    ids: Sequence[str],
+    pad_id: int,
+    config,
+    attn: str | None,
+    preconditioner=None,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    if not ids:
+        return
+    import ray
+    import ray.data
+
+    with connected(backend):
+        gpus = backend.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        tasks = _tasks(examples, ids, backend.samples_per_task, config.batch_size)
+        logger.info(
+            "ray: %d samples in %d tasks over %d actor(s) (%g CPU, %g GPU each) on %s",
+            len(ids),
+            len(tasks),
+            backend.num_actors,
+            backend.cpus_per_actor,
+            gpus,
+            backend.ray_address or "a local cluster",
+        )
+        dataset = ray.data.from_arrow(tasks).map_batches(
+            _Worker,
+            fn_constructor_kwargs={
+                "source": source,
+                "kind": kind,
+                "config": config,
+                "pad_id": pad_id,
+                "attn": attn,
+                "preconditioner": preconditioner,
+            },
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=backend.num_actors),
+            num_cpus=backend.cpus_per_actor,
+            num_gpus=gpus,
+            max_restarts=backend.max_restarts,
+            max_task_retries=backend.max_restarts,
+        )
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [str(s) for s in batch["sample_id"]], np.asarray(batch["value"], dtype=np.float32)
+
+
+def embed_stream(
+    backend: BackendConfig,
+    model,
+    source: ModelSource,
+    examples,
+    ids: Sequence[str],
+    pad_id: int,
+    config,
+    progress: bool = False,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    # eager attention: the JVP needs forward-mode AD, which the CPU sdpa kernel lacks
+    return _stream(backend, "embed", source, examples, ids, pad_id, config, "eager")
+
+
+def gradient_stream(
+    backend: BackendConfig,
+    model,
+    source: ModelSource,
+    examples,
+    ids: Sequence[str],
+    pad_id: int,
+    config,
+    preconditioner=None,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    return _stream(backend, "gradients", source, examples, ids, pad_id, config, None, preconditioner)
