@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     "total_eflop": per_sample * count / 1e18,
                     "wall_h_8_gpus": seconds / 3600,
                     "wall_h_without_ray_overhead": seconds / ray_overhead / 3600,
-                "gpu_hours": seconds * GPUS / 3600,
+                    "gpu_hours": seconds * GPUS / 3600,
                     "usd": seconds * GPUS / 3600 * args.usd_per_gpu_hour,
                 }
             )

@@ -13,6 +13,7 @@ Bad input exits with status 2 and one line on stderr naming the problem.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -78,7 +79,12 @@ def _select(args) -> int:
     load_seconds = time.perf_counter() - start
     pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
     targets = tokenize_rows(target_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
-    with tempfile.TemporaryDirectory() as scratch:
+    cluster = contextlib.nullcontext()
+    if backend.name == "ray":  # one cluster connection for both Ray stages (embeddings, landmark gradients)
+        from idistill_core.backends.ray import connected
+
+        cluster = connected(backend)
+    with tempfile.TemporaryDirectory() as scratch, cluster:
         report = run_selection(
             loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, targets.examples, args.budget, recipe,
             store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),

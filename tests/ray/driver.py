@@ -37,7 +37,9 @@ def open_table(store: Path, loaded):
 
 
 def ray_backend(address: str | None, actors: int) -> BackendConfig:
-    return BackendConfig(name="ray", ray_address=address, num_actors=actors, samples_per_task=SAMPLES_PER_TASK)
+    return BackendConfig(
+        name="ray", ray_address=address, num_actors=actors, samples_per_task=SAMPLES_PER_TASK
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -47,9 +49,15 @@ def main(argv: list[str]) -> int:
     loaded, examples = tiny_pool(pool_dir)
     store = open_table(store_dir, loaded)
     report = embed_pool(
-        loaded.model, loaded.tokenizer, examples, store, EMBED, commit_every=COMMIT_EVERY,
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        store,
+        EMBED,
+        commit_every=COMMIT_EVERY,
         on_commit=lambda done, total: print(f"commit {done}", flush=True),
-        backend=ray_backend(address, actors), source=ModelSource.of(loaded),
+        backend=ray_backend(address, actors),
+        source=ModelSource.of(loaded),
     )
     print(f"done {report.computed} {report.already_present}", flush=True)
     return 0
