@@ -101,7 +101,7 @@ def measure(
     lm_values = workload.influence(g_landmarks, target_grads)
     ho_exact = workload.influence(g_holdout, target_grads)
     with watch("propagation"):
-        ids, scores, _ = propagate_scores(store, landmarks, lm_values, work.recipe.propagate)
+        ids, scores, _ = propagate_scores(store, pool_ids, landmarks, lm_values, work.recipe.propagate)
     with watch("selection"):
         for t in range(scores.shape[1]):
             select_samples(ids, scores[:, t], budget)

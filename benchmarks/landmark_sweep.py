@@ -80,7 +80,7 @@ def measure(
         values = workload.influence(g_landmarks, target_grads)
         ho_exact = workload.influence(g_holdout, target_grads)
         start = time.perf_counter()
-        ids, scores, _ = propagate_scores(store, order[:count], values, work.recipe.propagate)
+        ids, scores, _ = propagate_scores(store, store_info["ids"], order[:count], values, work.recipe.propagate)
         propagate_s = time.perf_counter() - start
         position = {s: i for i, s in enumerate(ids)}
         agreement = workload.rank_agreement(scores[[position[s] for s in holdout]], ho_exact)

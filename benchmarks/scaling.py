@@ -75,7 +75,7 @@ def measure(
         g_targets = compute_gradients(net, tokenizer, targets, None, recipe.gradients)
     values = landmark_values(g_landmarks.grads, g_targets.grads, "mean")
     with watch("propagation"):
-        out_ids, scores, _ = propagate_scores(store, landmarks, values, recipe.propagate)
+        out_ids, scores, _ = propagate_scores(store, ids, landmarks, values, recipe.propagate)
     with watch("selection"):
         select_samples(out_ids, scores, max(1, round(budget_fraction * len(out_ids))))
     return {"pool_n": len(ids), "stage_seconds": watch.seconds}

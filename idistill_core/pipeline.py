@@ -305,15 +305,24 @@ def landmark_values(landmark_grads: torch.Tensor, target_grads: torch.Tensor, ag
 
 
 def propagate_scores(
-    store: EmbeddingStore, landmark_ids: Sequence[str], values: np.ndarray, config: PropagateConfig, chunk_size: int = 4096
+    store: EmbeddingStore,
+    pool_ids: Sequence[str],
+    landmark_ids: Sequence[str],
+    values: np.ndarray,
+    config: PropagateConfig,
+    chunk_size: int = 4096,
 ) -> tuple[list[str], np.ndarray, KernelRidge]:
-    """KRR from landmark embeddings to every sample of the store: ``(ids, (N, T) float32, fitted model)``."""
+    """KRR from landmark embeddings to every sample of the pool: ``(pool ids, (N, T) float32, fitted model)``.
+
+    Only ``pool_ids`` are read from the store (by id, in that order): a store shared with other pools never
+    leaks their rows into the scores.
+    """
     landmark_emb = store.read(list(landmark_ids))
     ridge = KernelRidge.fit(landmark_emb, config)
     ids: list[str] = []
 
     def chunks():
-        for chunk_ids, chunk in store.iter_chunks(chunk_size):
+        for chunk_ids, chunk in store.iter_chunks(chunk_size, sample_ids=pool_ids):
             ids.extend(chunk_ids)
             yield chunk
 
@@ -471,7 +480,7 @@ def qp_outcome(
     binary search on λ for exactly ``budget`` non-zero weights."""
     from idistill_core.influence import SecondOrderTerms, pool_terms, qp_weights
 
-    chunks = [np.asarray(ridge.coefficients(chunk)) for _, chunk in store.iter_chunks()]
+    chunks = [np.asarray(ridge.coefficients(chunk)) for _, chunk in store.iter_chunks(sample_ids=list(ids))]
     coefficients = torch.from_numpy(np.concatenate(chunks).astype(np.float64))
     terms = SecondOrderTerms(
         p=torch.from_numpy(np.asarray(second["p"], dtype=np.float64)),
@@ -555,6 +564,7 @@ def exact_outcome(
 
 def landmark_outcome(
     store: EmbeddingStore,
+    pool_ids: Sequence[str],
     landmark_ids: Sequence[str],
     lm_values: np.ndarray,
     holdout_ids: Sequence[str],
@@ -572,7 +582,7 @@ def landmark_outcome(
     aggregate = aggregate or recipe.aggregate
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ids, scores, ridge = propagate_scores(store, landmark_ids, lm_values, recipe.propagate)
+    ids, scores, ridge = propagate_scores(store, pool_ids, landmark_ids, lm_values, recipe.propagate)
     timings["propagation"] = time.perf_counter() - start
     rho = None
     if len(holdout_ids) >= 3:
@@ -680,7 +690,7 @@ def run_selection(
                 grad_model, tokenizer, pool_examples, target_examples, landmark_ids, recipe, preconditioner
             )
     outcome, rho, stage_times = landmark_outcome(
-        store, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
+        store, pool_ids, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
     )
     timings.update(stage_times)
     return SelectionReport(outcome, timings, sizes, fidelity=rho)

@@ -127,6 +127,7 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
         commit_every=s.commit_every, on_commit=on_commit,
     )
     pool_ids = list(tokenized.examples["sample_id"])
+    write_embedded_pool(idistill, pool_ids, report.table_version, store.name)
     check = _check_embeddings(store, pool_ids)
     version = stable_hash({"model": loaded.fingerprint, "recipe": store.identity.recipe, "ids": ids_hash(pool_ids)}, 16)
     return dg.MaterializeResult(
@@ -147,6 +148,31 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
         },
         check_results=[check],
     )
+
+
+def embedded_pool_path(res: IdistillResource):
+    return res.artifact_dir("embeddings") / "pool_ids.parquet"
+
+
+def write_embedded_pool(res: IdistillResource, pool_ids: list[str], lance_version: int, table: str) -> None:
+    """Record which pool the embeddings materialization covered and the Lance version it left the table at."""
+    import pyarrow as pa
+
+    meta = {b"lance_version": str(lance_version).encode(), b"table": table.encode()}
+    artifacts.write_parquet(embedded_pool_path(res), pa.table({"sample_id": pa.array(pool_ids, pa.string())}).replace_schema_metadata(meta))
+
+
+def embedded_pool(res: IdistillResource):
+    """(pool ids as an Arrow array, the store pinned at the Lance version the embeddings materialization recorded).
+
+    Downstream assets score exactly this pool and read its vectors at that version (time travel), so neither rows
+    of other pools sharing the table nor a concurrent append can reach them.
+    """
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(embedded_pool_path(res))
+    version = int(table.schema.metadata[b"lance_version"])
+    return table.column("sample_id").combine_chunks(), res.store().at_version(version)
 
 
 def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:

@@ -11,6 +11,7 @@ import numpy as np
 from idistill_assets import plots
 from idistill_assets.defs.shared import (
     PREFIX,
+    embedded_pool,
     embeddings,
     gradient_model,
     landmarks,
@@ -207,8 +208,9 @@ def _score_target(res: IdistillResource, spec) -> dict:
     if spec.method == "id":
         arrays, meta = artifacts.load_arrays(folder / "landmark_influence.safetensors")
         second = {"p": arrays["p_second"], "q": arrays["q"]} if "q" in arrays else None
+        pool_ids, store = embedded_pool(res)
         outcome, rho, timings = landmark_outcome(
-            res.store(), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
+            store, pool_ids.to_pylist(), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
             spec.budget, recipe, second_order=second,
         )
         return {"outcome": outcome, "fidelity": rho, "timings": timings}

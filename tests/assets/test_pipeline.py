@@ -108,3 +108,25 @@ def test_second_target_and_grown_pool_embed_only_what_is_new(project, instance, 
     grown_rows = IdistillResource(profile=str(grown)).store().count()
     assert latest["inserted"].value == grown_rows - rows_before > 0  # only the new pool rows were embedded
     assert latest["already_present"].value == rows_before
+
+
+def test_pool_that_shrinks_under_a_shared_store_gets_weights_for_exactly_its_samples(project, instance, tmp_path):
+    profile, _ = project
+    big = write_profile(tmp_path, pool_size=120)
+    defs = build_definitions(str(big))
+    run_shared(defs, instance)
+    small = write_profile(tmp_path, pool_size=40)  # same home, so the same LanceDB table holds both pools
+    defs = build_definitions(str(small))
+    run_shared(defs, instance)
+    run_target(defs, instance, "arith", job="selection_job")
+    settings = load_settings(small)
+    pool_ids = set(pl.read_parquet(settings.artifacts / "pool" / "pool.parquet")["sample_id"])
+    from idistill_assets.resources import IdistillResource
+
+    assert IdistillResource(profile=str(small)).store().count() > len(pool_ids)  # the table is shared
+    folder = settings.artifacts / "targets" / "arith"
+    weights = pl.read_parquet(folder / "propagated_weights.parquet")
+    assert weights.height == len(pool_ids) and set(weights["sample_id"]) == pool_ids
+    assert abs(weights["weight"].sum() - len(pool_ids)) < 1e-6 * len(pool_ids)
+    subset = pl.read_parquet(folder / "subset.parquet")
+    assert set(subset["sample_id"]) <= pool_ids and subset.height == 12

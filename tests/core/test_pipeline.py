@@ -71,7 +71,7 @@ def test_fidelity_to_exact_mode_rises_with_the_number_of_landmarks(tiny, data, t
     for num in (6, 24, 96):
         landmark_ids = candidates[:num]  # nested sets, so only L changes
         values = np.array([[exact_scores[s]] for s in landmark_ids])
-        all_ids, scores, _ = propagate_scores(store, landmark_ids, values, RECIPE.propagate)
+        all_ids, scores, _ = propagate_scores(store, ids, landmark_ids, values, RECIPE.propagate)
         predicted = dict(zip(all_ids, scores[:, 0]))
         rhos[num] = spearman(np.array([predicted[s] for s in held_out]), np.array([exact_scores[s] for s in held_out]))
     assert rhos[96] > rhos[6] + 0.1, rhos
