@@ -5,7 +5,6 @@ These are computed once and reused by every target partition.
 
 
 import time
-from collections import Counter
 
 import dagster as dg
 import numpy as np
@@ -17,6 +16,15 @@ from idistill_core.hashing import config_fingerprint, file_hash, ids_hash, stabl
 
 PREFIX = "idistill"
 SHARED = "shared"
+
+
+def source_counts(frame) -> dict[str, int]:
+    """Samples per ``source`` (a parquet path or a polars frame), most frequent first (polars ``value_counts``)."""
+    import polars as pl
+
+    column = (pl.scan_parquet(frame) if not isinstance(frame, pl.DataFrame) else frame.lazy()).select("source")
+    counts = column.collect()["source"].value_counts(sort=True)
+    return dict(zip(counts["source"].to_list(), counts["count"].to_list()))
 
 
 def pool_path(res: IdistillResource):
@@ -60,7 +68,7 @@ def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.Ma
         rows = load_rows(s.pool.source, fmt=s.pool.format, limit=s.pool.limit)
     target = pool_path(idistill)
     artifacts.write_with(target, lambda tmp: rows.to_parquet(str(tmp)))
-    counts = Counter(rows["source"])
+    counts = source_counts(target)
     version = stable_hash({"ids": ids_hash(rows["sample_id"]), "file": file_hash(target)}, 16)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
@@ -68,10 +76,10 @@ def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.Ma
             "dagster/row_count": len(rows),
             "dagster/uri": str(target),
             "sources": plots.markdown_table(
-                [{"source": k, "samples": v, "share": v / len(rows)} for k, v in counts.most_common()],
+                [{"source": k, "samples": v, "share": v / len(rows)} for k, v in counts.items()],
                 ["source", "samples", "share"],
             ),
-            "composition": plots.bars(dict(counts.most_common()), "pool composition", "samples"),
+            "composition": plots.bars(counts, "pool composition", "samples"),
         },
     )
 
@@ -178,16 +186,17 @@ def embedded_pool(res: IdistillResource):
 def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:
     """Row count = usable pool, ids match, dimension and dtype as declared, every value finite."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    table_ids = store.sample_ids()
+    table_ids = store.id_array()
     field_type = store.vector_type
-    finite = all(np.isfinite(chunk).all() for _, chunk in store.iter_chunks())
     problems = []
-    if len(table_ids) != len(set(table_ids)):
+    if pc.count_distinct(table_ids).as_py() != len(table_ids):
         problems.append("duplicate sample ids")
-    missing = set(pool_ids) - set(table_ids)
+    missing = int((~store.present_mask(pool_ids)).sum())
     if missing:
-        problems.append(f"{len(missing)} pool samples without an embedding")
+        problems.append(f"{missing} pool samples without an embedding")
+    finite = not missing and all(np.isfinite(chunk).all() for _, chunk in store.iter_chunks(sample_ids=pool_ids))
     if not (pa.types.is_fixed_size_list(field_type) and field_type.list_size == store.identity.dim):
         problems.append(f"vector type {field_type} is not fixed_size_list[{store.identity.dim}]")
     if field_type.value_type != pa.float16():

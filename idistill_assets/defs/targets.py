@@ -3,7 +3,6 @@ propagated weights → selected subset."""
 
 
 import time
-from collections import Counter
 
 import dagster as dg
 import numpy as np
@@ -16,8 +15,9 @@ from idistill_assets.defs.shared import (
     gradient_model,
     landmarks,
     load_landmarks,
-    load_pool_rows,
     pool,
+    pool_path,
+    source_counts,
     tokenized_pool,
     warmup,
 )
@@ -152,9 +152,11 @@ def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillReso
     start = time.perf_counter()
     result = _score_target(idistill, spec)
     outcome = result["outcome"]
-    rows = load_pool_rows(idistill)
-    source_of = dict(zip(rows["sample_id"], rows["source"]))
-    table = outcome.to_arrow([source_of.get(s, "") for s in outcome.sample_ids])
+    import polars as pl
+
+    sources = pl.read_parquet(pool_path(idistill), columns=["sample_id", "source"])
+    scored = pl.from_arrow(outcome.to_arrow()).join(sources, on="sample_id", how="left", maintain_order="left")
+    table = scored.with_columns(pl.col("source").fill_null("")).to_arrow()
     path = target_dir(idistill, spec.name) / "propagated_weights.parquet"
     artifacts.write_parquet(path, table)
     rho = result.get("fidelity")
@@ -254,8 +256,8 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
         problems.append("duplicate sample ids")
     if subset["messages"].null_count():
         problems.append("ids missing from the pool")
-    counts = Counter(subset["source"].to_list())
-    pool_counts = Counter(pool_rows["source"].to_list())
+    counts = source_counts(subset)
+    pool_counts = source_counts(pool_rows)
     scale = len(ids) / max(1, len(pool_rows))
     top = subset.head(5).to_dicts()
     bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left").to_dicts()
@@ -266,11 +268,11 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
             "dagster/uri": str(folder / "subset.parquet"),
             "budget": spec.budget,
             "composition": plots.bars(
-                dict(counts.most_common()), f"{spec.name}: selected subset by source", "samples",
+                counts, f"{spec.name}: selected subset by source", "samples",
                 compare={k: v * scale for k, v in pool_counts.items()},
             ),
             "sources": plots.markdown_table(
-                [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.most_common()],
+                [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.items()],
                 ["source", "selected", "pool"],
             ),
             "weight_histogram": plots.histogram(subset["weight"].to_list(), f"{spec.name}: weights of selected", "weight"),

@@ -65,3 +65,86 @@ def test_reading_an_unknown_id_names_it(tmp_path):
     store.insert_missing(["a"], _vectors(1))
     with pytest.raises(StoreError, match="zzz"):
         store.read(["a", "zzz"])
+
+
+def test_key_is_declared_in_lance_and_indexed_once_rows_exist(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    assert store.primary_key == "sample_id"  # LanceDB's own key: merge_insert matches on it
+    assert not store.has_key_index()  # nothing to index yet
+    store.insert_missing([f"s{i}" for i in range(50)], _vectors(50))
+    assert store.has_key_index()
+    store.insert_missing([f"s{i}" for i in range(50, 80)], _vectors(30, seed=1), optimize_after_rows=10)
+    stats = store._table.index_stats("sample_id_idx")
+    assert stats.num_indexed_rows == 80 and stats.num_unindexed_rows == 0  # optimize folded the append in
+
+
+def test_reads_of_a_set_of_ids_come_back_in_the_requested_order(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    n = 3000
+    ids = [f"id-{i:05d}" for i in range(n)]
+    vectors = _vectors(n)
+    store.insert_missing(ids, vectors, commit_mb=0.05)  # several commits
+    order = np.random.default_rng(3).permutation(n)[:700]
+    expected = vectors[order].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(store.read([ids[i] for i in order]), expected)
+    chunks = list(store.iter_chunks(chunk_size=256, sample_ids=[ids[i] for i in order]))
+    assert [s for chunk_ids, _ in chunks for s in chunk_ids] == [ids[i] for i in order]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), expected)
+
+
+def test_commits_are_sized_in_megabytes(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", StoreIdentity("m", "r", 256))
+    per_commit = store.rows_per_commit(0.1)
+    assert per_commit == int(0.1 * 2**20 // (2 * 256 + 64))
+    before = store.version
+    n = 3 * per_commit + 5
+    store.insert_missing([f"s{i}" for i in range(n)], np.ones((n, 256), np.float32), commit_mb=0.1)
+    merges = store.version - before - 1  # the index build is one more commit
+    assert merges == 4 and store.count() == n
+
+
+def test_missing_ids_keep_the_requested_order_over_many_rows(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    store.insert_missing([f"s{i}" for i in range(0, 2000, 2)], _vectors(1000))
+    asked = [f"s{i}" for i in range(1999, -1, -1)]
+    assert store.missing_ids(asked) == [f"s{i}" for i in range(1999, -1, -2)]
+
+
+def test_a_view_pinned_at_a_version_does_not_see_later_appends(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    store.insert_missing(["a", "b"], _vectors(2))
+    version = store.version
+    store.insert_missing(["c"], _vectors(1, seed=5))
+    pinned = EmbeddingStore.open(tmp_path, "emb", IDENTITY, version=version)
+    assert pinned.count() == 2 and pinned.sample_ids() == ["a", "b"] and pinned.version == version
+    np.testing.assert_array_equal(pinned.read(["b"]), store.read(["b"]))
+    with pytest.raises(StoreError, match="'c'"):
+        pinned.read(["c"])
+    with pytest.raises(StoreError, match="pinned at version"):
+        pinned.insert_missing(["d"], _vectors(1))
+    with pytest.raises(StoreError, match="no version 999"):
+        store.at_version(999)
+
+
+def test_a_create_that_lost_the_race_opens_the_winners_table_with_its_rows(tmp_path):
+    # The one interleaving the old file lock guarded: process B saw no table, then A created it and committed
+    # rows before B's create ran. Replayed deterministically by hiding the table from B's listing.
+    winner = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    winner.insert_missing(["a", "b", "c"], _vectors(3))
+    from idistill_core import store as store_module
+
+    class StaleListing:
+        def __init__(self, db):
+            self._db = db
+
+        def list_tables(self):
+            return type("Tables", (), {"tables": []})()
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    table = EmbeddingStore._open_or_create(StaleListing(store_module._connect(tmp_path)), tmp_path, "emb", IDENTITY)
+    loser = EmbeddingStore(table, IDENTITY, str(tmp_path), "emb")
+    assert loser.count() == 3
+    assert loser.insert_missing(["c", "d"], _vectors(2, seed=9)) == 1
+    assert sorted(winner.sample_ids()) == ["a", "b", "c", "d"]
