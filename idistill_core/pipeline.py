@@ -34,7 +34,7 @@ from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
-from idistill_core.propagate import KernelRidge, PropagateConfig
+from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.store import EmbeddingStore, StoreIdentity
 from idistill_core.warmup import WarmupConfig
 
@@ -330,6 +330,19 @@ def propagate_scores(
     return ids, scores, ridge
 
 
+def shared_coefficients(
+    store: EmbeddingStore,
+    pool_ids: Sequence[str],
+    landmark_ids: Sequence[str],
+    config: PropagateConfig,
+    dtype: str = "float32",
+    on_chunk: Callable[[int, int], None] | None = None,
+):
+    """The target-independent KRR coefficients ``C (N, L)`` of the pool, built once and resumably in the store's
+    LanceDB folder (``(CoefficientTable, CoefficientReport)``); every target then needs only ``C · V``."""
+    return build_coefficients(store, pool_ids, landmark_ids, config, dtype=dtype, on_chunk=on_chunk)
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -349,6 +362,16 @@ def fidelity(
     if len(holdout_emb) < 3:
         return float("nan")
     predicted = np.asarray(ridge.predict(landmark_vals, [holdout_emb]))
+    return spearman(predicted.mean(axis=1), np.asarray(holdout_vals).mean(axis=1))
+
+
+def coefficient_fidelity(
+    coefficients: CoefficientTable, landmark_vals: np.ndarray, holdout_ids: Sequence[str], holdout_vals: np.ndarray
+) -> float:
+    """:func:`fidelity` from the shared coefficients: Spearman ρ of ``C_holdout · V`` against the exact values."""
+    if len(holdout_ids) < 3:
+        return float("nan")
+    predicted = coefficients.read(list(holdout_ids)).astype(np.float64) @ np.asarray(landmark_vals, dtype=np.float64)
     return spearman(predicted.mean(axis=1), np.asarray(holdout_vals).mean(axis=1))
 
 
@@ -473,15 +496,14 @@ def second_order_terms_for(
 
 
 def qp_outcome(
-    ridge: KernelRidge, store: EmbeddingStore, ids: Sequence[str], second: dict, budget: int, recipe: SelectionRecipe
+    ids: Sequence[str], coefficients: np.ndarray, second: dict, budget: int, recipe: SelectionRecipe
 ) -> SelectionOutcome:
     """Second-order weights over the whole pool: lift landmark terms with the KRR coefficients C (N, L)
     (g_i ≈ Σ_j C_ij g_j, so p_pool = C p_L and Q_pool = C Q_L Cᵀ, never formed) and solve the QP with a
     binary search on λ for exactly ``budget`` non-zero weights."""
     from idistill_core.influence import SecondOrderTerms, pool_terms, qp_weights
 
-    chunks = [np.asarray(ridge.coefficients(chunk)) for _, chunk in store.iter_chunks(sample_ids=list(ids))]
-    coefficients = torch.from_numpy(np.concatenate(chunks).astype(np.float64))
+    coefficients = torch.from_numpy(np.asarray(coefficients))
     terms = SecondOrderTerms(
         p=torch.from_numpy(np.asarray(second["p"], dtype=np.float64)),
         q=torch.from_numpy(np.asarray(second["q"], dtype=np.float64)),
@@ -563,8 +585,7 @@ def exact_outcome(
 
 
 def landmark_outcome(
-    store: EmbeddingStore,
-    pool_ids: Sequence[str],
+    coefficients: CoefficientTable,
     landmark_ids: Sequence[str],
     lm_values: np.ndarray,
     holdout_ids: Sequence[str],
@@ -574,7 +595,8 @@ def landmark_outcome(
     aggregate: str | None = None,
     second_order: dict | None = None,
 ) -> tuple[SelectionOutcome, float | None, dict[str, float]]:
-    """Influence Distillation proper: propagate landmark influence to the pool, then select.
+    """Influence Distillation proper: propagate landmark influence to the pool (``C · V`` with the shared
+    coefficients of exactly that pool, no refit), then select.
 
     Returns the outcome, the fidelity (Spearman ρ on held-out samples, None without them) and stage timings.
     ``second_order`` = {"p": (L,), "q": (L, L)} switches selection to the QP weights (paper §1.4).
@@ -582,14 +604,17 @@ def landmark_outcome(
     aggregate = aggregate or recipe.aggregate
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ids, scores, ridge = propagate_scores(store, pool_ids, landmark_ids, lm_values, recipe.propagate)
+    if list(landmark_ids) != coefficients.landmark_ids:
+        raise ConfigError("the landmark values' landmarks differ from those the propagation coefficients were built for.")
+    ids, scores = coefficients.propagate(lm_values)
     timings["propagation"] = time.perf_counter() - start
     rho = None
     if len(holdout_ids) >= 3:
-        rho = fidelity(ridge, lm_values, store.read(list(holdout_ids)), ho_values)
+        rho = coefficient_fidelity(coefficients, lm_values, holdout_ids, ho_values)
     start = time.perf_counter()
     if second_order is not None:
-        outcome = qp_outcome(ridge, store, ids, second_order, budget, recipe)
+        matrix_ids, matrix = coefficients.matrix()
+        outcome = qp_outcome(matrix_ids, matrix, second_order, budget, recipe)
     else:
         outcome = select_samples(ids, scores, budget, aggregate, recipe.seed, method="id")
     timings["selection"] = time.perf_counter() - start
@@ -689,8 +714,10 @@ def run_selection(
             second = second_order_terms_for(
                 grad_model, tokenizer, pool_examples, target_examples, landmark_ids, recipe, preconditioner
             )
+    with timed("coefficients"):
+        coefficients, _ = shared_coefficients(store, pool_ids, landmark_ids, recipe.propagate)
     outcome, rho, stage_times = landmark_outcome(
-        store, pool_ids, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
+        coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
     )
     timings.update(stage_times)
     return SelectionReport(outcome, timings, sizes, fidelity=rho)

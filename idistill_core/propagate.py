@@ -11,7 +11,7 @@ deterministic and identical across targets.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -198,3 +198,256 @@ class KernelRidge:
         if not parts:
             return torch.empty(0, vals.shape[1], dtype=torch.float64)
         return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared propagation coefficients: C = K(X, X_L)(K_LL + λI)⁻¹, one row per pool sample, for every target
+# ---------------------------------------------------------------------------------------------------------
+COEFFICIENT_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class CoefficientSpec:
+    """Everything the coefficient rows depend on; its fingerprint names the Lance table.
+
+    The coefficients do not depend on the target, so one table serves every target of a pool.
+    """
+
+    embeddings_table: str
+    embeddings_version: int
+    pool_hash: str
+    landmark_ids: tuple[str, ...]
+    propagate: str
+    """``PropagateConfig.fingerprint()``."""
+    dtype: str = "float32"
+    chunk_rows: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.dtype not in COEFFICIENT_DTYPES:
+            raise ConfigError(f"coefficient dtype must be one of {COEFFICIENT_DTYPES}; got {self.dtype!r}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"coefficient chunk_rows must be >= 1; got {self.chunk_rows}")
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(self, 16)
+
+    def table_name(self) -> str:
+        return f"coefficients_{self.fingerprint()}"
+
+
+@dataclass
+class CoefficientReport:
+    table: str
+    version: int
+    rows: int
+    chunks_computed: int
+    chunks_reused: int
+    seconds: float
+    sigma: float | None
+    ridge_abs: float
+
+
+class CoefficientTable:
+    """An ``N × L`` Lance table ``(sample_id, chunk, c)`` of KRR coefficients, keyed by ``sample_id``.
+
+    Built by :func:`build_coefficients` for exactly one pool, so streaming the whole table streams that pool.
+    :meth:`propagate` is a new target's whole propagation: ``C · V`` for landmark values ``V (L, T)``, streamed
+    in batches (memory ``O(batch · L + N · T)``), no kernel and no refit.
+    """
+
+    def __init__(self, dataset, name: str, landmark_ids: list[str]):
+        self._dataset = dataset
+        self.name = name
+        self.landmark_ids = landmark_ids
+
+    @classmethod
+    def open(cls, uri: str, name: str, version: int | None = None) -> CoefficientTable:
+        """Open the table (at ``version`` when given: later writes stay invisible)."""
+        import json
+
+        import lancedb
+
+        from idistill_core.errors import StoreError
+
+        db = lancedb.connect(str(uri))
+        if name not in db.list_tables().tables:
+            raise StoreError(f"no propagation coefficients table '{name}' in {uri}; materialize the propagation.")
+        dataset = db.open_table(name).to_lance()
+        if version is not None:
+            dataset = dataset.checkout_version(int(version))
+        meta = json.loads(dataset.schema.metadata[b"idistill"])
+        return cls(dataset, name, list(meta["landmark_ids"]))
+
+    @property
+    def version(self) -> int:
+        return int(self._dataset.version)
+
+    @property
+    def num_landmarks(self) -> int:
+        return len(self.landmark_ids)
+
+    def count(self) -> int:
+        return int(self._dataset.count_rows())
+
+    def iter_chunks(self, batch_rows: int = 16384) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(ids, (n, L) float32)`` batches of the whole table (its pool), in table order."""
+        for batch in self._dataset.to_batches(columns=["sample_id", "c"], batch_size=batch_rows):
+            if batch.num_rows:
+                yield batch.column("sample_id").to_pylist(), _matrix(batch.column("c"), self.num_landmarks)
+
+    def read(self, sample_ids: Sequence[str]) -> np.ndarray:
+        """``(len(sample_ids), L) float32`` coefficient rows in the order given."""
+        from idistill_core.store import read_by_id
+
+        rows = read_by_id(self._dataset, sample_ids, ["sample_id", "c"], self.name, "they are not in its pool")
+        return _matrix(rows.column("c"), self.num_landmarks)
+
+    def matrix(self) -> tuple[list[str], np.ndarray]:
+        """The whole ``(N, L) float32`` matrix with its ids (second order needs ``C`` at once)."""
+        ids: list[str] = []
+        parts = []
+        for chunk_ids, chunk in self.iter_chunks():
+            ids += chunk_ids
+            parts.append(chunk)
+        return ids, np.concatenate(parts) if parts else np.zeros((0, self.num_landmarks), np.float32)
+
+    def propagate(self, values: np.ndarray, batch_rows: int = 16384) -> tuple[list[str], np.ndarray]:
+        """``(pool ids, (N, T) float32)`` scores ``C · V`` for landmark values ``V (L, T)``, streamed."""
+        from idistill_core.errors import DataError
+
+        vals = np.asarray(values, dtype=np.float64)
+        if vals.ndim != 2 or vals.shape[0] != self.num_landmarks:
+            raise DataError(f"values must be (L={self.num_landmarks}, T); got shape {vals.shape}")
+        if not np.isfinite(vals).all():
+            raise NumericalError("landmark values have non-finite entries")
+        ids: list[str] = []
+        parts = []
+        for chunk_ids, chunk in self.iter_chunks(batch_rows):
+            ids += chunk_ids
+            parts.append((chunk.astype(np.float64) @ vals).astype(np.float32))
+        return ids, np.concatenate(parts) if parts else np.zeros((0, vals.shape[1]), np.float32)
+
+
+def _matrix(column, width: int) -> np.ndarray:
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)
+
+
+def build_coefficients(
+    store,
+    pool_ids: Sequence[str],
+    landmark_ids: Sequence[str],
+    config: PropagateConfig,
+    dtype: str = "float32",
+    chunk_rows: int = 16384,
+    on_chunk=None,
+) -> tuple[CoefficientTable, CoefficientReport]:
+    """Compute (or resume) the coefficient table of ``pool_ids`` in the store's LanceDB folder.
+
+    The pool is split into fixed chunks of ``chunk_rows`` ids (pool order); each chunk is one commit, so a
+    killed build keeps every committed chunk and a re-run computes only the chunks not in the table yet. The
+    table's name is the fingerprint of everything the rows depend on (the store's table and Lance version, the
+    pool, the landmarks, the propagate config, dtype, chunking): a changed input gets a new table.
+
+    Args:
+        store: an ``EmbeddingStore`` (ideally pinned at the version the pool was embedded at).
+        pool_ids: the ``N`` pool samples (landmarks and held-out samples among them).
+        landmark_ids: the ``L`` landmarks, in the order of the landmark values' rows.
+        config: kernel, ridge and bandwidth.
+        dtype: ``float32`` or ``float16`` storage of the coefficients.
+        on_chunk: called with ``(chunks done, chunks total)`` after each commit.
+    """
+    import json
+    import time
+
+    import lancedb
+    import pyarrow as pa
+
+    from idistill_core.hashing import ids_hash
+
+    start = time.perf_counter()
+    import pyarrow.compute as pc
+
+    pool = pa.array(list(pool_ids), pa.string()) if not isinstance(pool_ids, pa.Array) else pool_ids
+    if pc.count_distinct(pool).as_py() != len(pool):
+        raise DataError("pool_ids has duplicate sample ids")
+    landmark_ids = list(landmark_ids)
+    spec = CoefficientSpec(
+        embeddings_table=store.name,
+        embeddings_version=store.version,
+        pool_hash=ids_hash(pool.to_pylist()),
+        landmark_ids=tuple(landmark_ids),
+        propagate=config.fingerprint(),
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+    )
+    num_l = len(landmark_ids)
+    value_type = pa.float32() if dtype == "float32" else pa.float16()
+    schema = pa.schema(
+        [
+            pa.field(
+                "sample_id", pa.string(), nullable=False,
+                metadata={b"lance-schema:unenforced-primary-key:position": b"1"},
+            ),
+            pa.field("chunk", pa.int32()),
+            pa.field("c", pa.list_(value_type, num_l)),
+        ],
+        metadata={b"idistill": json.dumps({"landmark_ids": landmark_ids, "spec": spec.fingerprint()}).encode()},
+    )
+    db = lancedb.connect(store.uri)
+    name = spec.table_name()
+    table = db.create_table(name, schema=schema, exist_ok=True)
+    done = set()
+    if table.count_rows():
+        done = set(np.unique(table.to_lance().to_table(columns=["chunk"]).column("chunk").to_numpy()).tolist())
+    chunks = range(0, len(pool), chunk_rows)
+    ridge = KernelRidge.fit(store.read(landmark_ids), config)
+    computed = 0
+    for number, first in enumerate(chunks):
+        if number in done:
+            continue
+        chunk_ids = pool.slice(first, chunk_rows)
+        coeffs = ridge.coefficients(store.read(chunk_ids)).numpy()
+        if not np.isfinite(coeffs).all():
+            raise NumericalError(f"propagation coefficients of chunk {number} are not finite; raise the ridge")
+        with np.errstate(over="ignore"):
+            stored = coeffs.astype(np.float32 if dtype == "float32" else np.float16)
+        if not np.isfinite(stored).all():
+            raise NumericalError(f"propagation coefficients of chunk {number} overflow {dtype}; use float32")
+        batch = pa.table(
+            {
+                "sample_id": chunk_ids,
+                "chunk": pa.array(np.full(len(chunk_ids), number, np.int32)),
+                "c": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), value_type), num_l),
+            },
+            schema=schema,
+        )
+        # insert-if-missing: a second builder racing on the same chunk never duplicates its rows
+        table.merge_insert("sample_id").when_not_matched_insert_all().use_index(False).execute(batch)
+        computed += 1
+        if on_chunk is not None:
+            on_chunk(number + 1, len(chunks))
+    if not any(index.columns == ["sample_id"] for index in table.list_indices()):
+        from lancedb.index import BTree
+
+        table.create_index("sample_id", config=BTree(), replace=False)
+    if computed > 1:
+        table.optimize()
+    report = CoefficientReport(
+        table=name,
+        version=int(table.version),
+        rows=int(table.count_rows()),
+        chunks_computed=computed,
+        chunks_reused=len(chunks) - computed,
+        seconds=time.perf_counter() - start,
+        sigma=ridge.sigma,
+        ridge_abs=ridge.ridge_abs,
+    )
+    logger.info(
+        "propagate: coefficients %s: %d rows, %d chunks computed, %d reused (%.1fs)",
+        name, report.rows, computed, report.chunks_reused, report.seconds,
+    )
+    return CoefficientTable.open(store.uri, name, report.version), report

@@ -96,6 +96,23 @@ def _as_id_array(sample_ids: Iterable[str] | pa.Array) -> pa.Array:
     return pa.array(list(sample_ids), pa.string())
 
 
+def read_by_id(dataset, sample_ids: Iterable[str] | pa.Array, columns: list[str], name: str, hint: str) -> pa.Table:
+    """Rows of a Lance dataset keyed by ``sample_id``, in the order of ``sample_ids``; every id must be present.
+
+    One scan filtered on the key (a BTREE index lookup when the index exists), then a vectorised reorder
+    (``pyarrow.compute.index_in``).
+    """
+    wanted = _as_id_array(sample_ids)
+    if len(wanted) == 0:
+        return dataset.schema.empty_table().select(columns)
+    found = dataset.to_table(columns=columns, filter=pc.field("sample_id").isin(wanted))
+    position = pc.index_in(wanted, value_set=found.column("sample_id"))
+    if position.null_count:
+        missing = wanted.filter(position.is_null()).to_pylist()[:5]
+        raise StoreError(f"LanceDB table '{name}' has no row for sample ids {missing}; {hint}.")
+    return found.take(position)
+
+
 class EmbeddingStore:
     """A LanceDB table of per-sample embeddings, keyed by ``sample_id``.
 
@@ -228,19 +245,7 @@ class EmbeddingStore:
         One scan filtered on the indexed key, then a vectorised reorder (``index_in``): only the wanted rows
         are decoded and no Python code runs per row.
         """
-        wanted = _as_id_array(sample_ids)
-        if len(wanted) == 0:
-            return pa.table({"sample_id": wanted, "vector": pa.array([], self.vector_type)})
-        found = self._dataset().to_table(
-            columns=["sample_id", "vector"], filter=pc.field("sample_id").isin(wanted)
-        )
-        position = pc.index_in(wanted, value_set=found.column("sample_id"))
-        if position.null_count:
-            missing = wanted.filter(position.is_null()).to_pylist()[:5]
-            raise StoreError(
-                f"LanceDB table '{self.name}' has no embedding for sample ids {missing}; embed the pool first."
-            )
-        return found.take(position)
+        return read_by_id(self._dataset(), sample_ids, ["sample_id", "vector"], self.name, "embed the pool first")
 
     def read(self, sample_ids: Sequence[str] | pa.Array) -> np.ndarray:
         """``(len(sample_ids), D) float32`` vectors in the order given; every id must be present."""

@@ -338,3 +338,57 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
 def load_landmarks(res: IdistillResource):
     arrays, meta = artifacts.load_arrays(landmarks_path(res))
     return meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"]
+
+
+def propagation_path(res: IdistillResource):
+    return res.artifact_dir("propagation") / "coefficients.json"
+
+
+@dg.asset(
+    key=[PREFIX, "propagation"],
+    deps=[embeddings, landmarks],
+    group_name=SHARED,
+    kinds={"lancedb", "numpy"},
+    code_version="propagation-v1",
+    pool="lancedb_writer",
+)
+def propagation(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """Target-independent KRR coefficients C = K(X, X_L)(K_LL + λI)⁻¹ of every pool sample (an N × L Lance table,
+    committed chunk by chunk and resumed after a kill); a target's propagation is then one product C · V."""
+    from idistill_core.pipeline import shared_coefficients
+
+    s = idistill.settings
+    pool_ids, store = embedded_pool(idistill)
+    landmark_ids, _, _, _ = load_landmarks(idistill)
+
+    def on_chunk(done: int, total: int) -> None:
+        context.log.info("propagation coefficients: committed chunk %d / %d", done, total)
+
+    table, report = shared_coefficients(store, pool_ids, landmark_ids, s.recipe.propagate, on_chunk=on_chunk)
+    artifacts.write_json(
+        propagation_path(idistill),
+        {"uri": str(store.uri), "table": report.table, "version": report.version, "embeddings_version": store.version},
+    )
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{report.table}@{report.version}"),
+        metadata={
+            "dagster/row_count": report.rows,
+            "dagster/uri": f"{store.uri}::{report.table}",
+            "lance_version": report.version,
+            "embeddings_lance_version": store.version,
+            "landmarks": table.num_landmarks,
+            "chunks_computed": report.chunks_computed,
+            "chunks_reused": report.chunks_reused,
+            "sigma": float(report.sigma) if report.sigma is not None else float("nan"),
+            "ridge_abs": report.ridge_abs,
+            "seconds": round(report.seconds, 2),
+        },
+    )
+
+
+def load_propagation(res: IdistillResource):
+    """The shared coefficient table, opened at the Lance version the propagation materialization recorded."""
+    from idistill_core.propagate import CoefficientTable
+
+    state = artifacts.read_json(propagation_path(res))
+    return CoefficientTable.open(state["uri"], state["table"], state["version"])

@@ -10,13 +10,14 @@ import numpy as np
 from idistill_assets import plots
 from idistill_assets.defs.shared import (
     PREFIX,
-    embedded_pool,
     embeddings,
     gradient_model,
     landmarks,
     load_landmarks,
+    load_propagation,
     pool,
     pool_path,
+    propagation,
     source_counts,
     tokenized_pool,
     warmup,
@@ -138,9 +139,9 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
 
 @_partitioned(
     "propagated_weights",
-    [embeddings, landmark_influence, pool],
+    [embeddings, propagation, landmark_influence, pool],
     {"numpy", "parquet"},
-    "propagate-v1",
+    "propagate-v2",
     check_specs=[
         dg.AssetCheckSpec("weights_valid", asset=[PREFIX, "propagated_weights"], blocking=True),
         dg.AssetCheckSpec("fidelity", asset=[PREFIX, "propagated_weights"]),
@@ -210,9 +211,8 @@ def _score_target(res: IdistillResource, spec) -> dict:
     if spec.method == "id":
         arrays, meta = artifacts.load_arrays(folder / "landmark_influence.safetensors")
         second = {"p": arrays["p_second"], "q": arrays["q"]} if "q" in arrays else None
-        pool_ids, store = embedded_pool(res)
         outcome, rho, timings = landmark_outcome(
-            store, pool_ids.to_pylist(), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
+            load_propagation(res), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
             spec.budget, recipe, second_order=second,
         )
         return {"outcome": outcome, "fidelity": rho, "timings": timings}

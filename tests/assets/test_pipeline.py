@@ -18,7 +18,7 @@ PER_TARGET = [
     "random_checkpoint",
     "eval_scores",
 ]
-SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks"]
+SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks", "propagation"]
 
 
 def key(name: str) -> dg.AssetKey:
@@ -55,6 +55,8 @@ def test_definitions_load_with_the_documented_graph():
     for name in SHARED:
         assert graph.get(key(name)).partitions_def is None, name
     assert key("embeddings") in graph.get(key("propagated_weights")).parent_keys
+    assert key("propagation") in graph.get(key("propagated_weights")).parent_keys
+    assert {key("embeddings"), key("landmarks")} <= graph.get(key("propagation")).parent_keys
     assert key("landmarks") in graph.get(key("landmark_influence")).parent_keys
     assert key("target_spec") in graph.get(key("target_gradients")).parent_keys
     assert key("selected_subset") in graph.get(key("finetuned_checkpoint")).parent_keys

@@ -88,3 +88,59 @@ def test_config_and_input_errors_are_one_liners():
     with pytest.raises(DataError, match="one per landmark"):
         krr.predict(values[:3], [pool])
     assert PropagateConfig().fingerprint() != PropagateConfig(ridge=0.1).fingerprint()
+
+
+# -- shared coefficients --------------------------------------------------------------------------------------
+def _coefficient_store(tmp_path, n=300, extra=50, dim=8):
+    from idistill_core.store import EmbeddingStore, StoreIdentity
+
+    rng = np.random.default_rng(0)
+    store = EmbeddingStore.open(tmp_path, "emb", StoreIdentity("m", "r", dim))
+    ids = [f"p{i:04d}" for i in range(n + extra)]
+    store.insert_missing(ids, rng.normal(size=(n + extra, dim)).astype(np.float32))
+    pool = ids[extra:][::-1]  # a pool that is not the table and not in table order
+    return store, pool
+
+
+def test_shared_coefficients_times_values_equal_the_fitted_ridge_on_exactly_the_pool(tmp_path):
+    from idistill_core.propagate import build_coefficients
+
+    store, pool = _coefficient_store(tmp_path)
+    landmarks = pool[::10]
+    config = PropagateConfig(ridge=0.05)
+    table, report = build_coefficients(store, pool, landmarks, config, chunk_rows=64)
+    assert report.rows == len(pool) and report.chunks_computed == 5
+    values = np.random.default_rng(1).normal(size=(len(landmarks), 3))
+    ids, scores = table.propagate(values)
+    assert sorted(ids) == sorted(pool)  # the other 50 rows of the store never appear
+    ridge = KernelRidge.fit(store.read(landmarks), config)
+    expected = ridge.predict(values, [store.read(ids)]).numpy()
+    # coefficients are stored in float32: a relative error of a few float32 eps per term, L terms
+    tol = 8 * np.finfo(np.float32).eps * np.abs(ridge.coefficients(store.read(ids)).numpy()) @ np.abs(values)
+    assert (np.abs(scores - expected) <= tol + 1e-12).all()
+    np.testing.assert_allclose(table.read(pool[:3]), ridge.coefficients(store.read(pool[:3])).numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_coefficient_build_resumes_from_the_last_committed_chunk(tmp_path):
+    from idistill_core.propagate import build_coefficients
+
+    store, pool = _coefficient_store(tmp_path, n=200, extra=0)
+    landmarks = pool[:20]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(done, total):
+        if done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_coefficients(store, pool, landmarks, PropagateConfig(), chunk_rows=50, on_chunk=kill_after_two)
+    table, report = build_coefficients(store, pool, landmarks, PropagateConfig(), chunk_rows=50)
+    assert (report.chunks_reused, report.chunks_computed) == (2, 2) and report.rows == 200
+    fresh, _ = build_coefficients(store, pool, landmarks, PropagateConfig(ridge=0.02), chunk_rows=50)
+    assert fresh.name != table.name  # another config is another table
+    ids, matrix = table.matrix()
+    order = np.argsort(ids)
+    expected = KernelRidge.fit(store.read(landmarks)).coefficients(store.read(sorted(ids))).numpy()
+    np.testing.assert_allclose(matrix[order], expected, rtol=1e-6, atol=1e-7)
