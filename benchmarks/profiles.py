@@ -247,6 +247,11 @@ for _key in ("extrapolate_to", "budget_fraction", "breakdown_samples", "time_bud
 SMOKE["embed_dtype"]["target_examples"] = None
 EXTENDED["embed_dtype"] = FULL["embed_dtype"]
 
+# Benchmark (benchmarks/scale.py): the data plane at N = 100k and 1M, synthetic embeddings, L = 1024 (issue 11).
+FULL["scale"] = {"sizes": [100_000, 1_000_000], "num_landmarks": 1024, "targets": 3, "seed": 0}
+SMOKE["scale"] = {"sizes": [2_000], "num_landmarks": 64, "targets": 3, "seed": 0}
+EXTENDED["scale"] = FULL["scale"]
+
 PROFILES = {"full": FULL, "smoke": SMOKE, "extended": EXTENDED}
 ORDER = ["jvp_cost", "end_to_end", "landmark_sweep", "scaling", "propagation", "gpu"]
-EXTRA = ["embed_dtype"]
+EXTRA = ["embed_dtype", "scale"]
