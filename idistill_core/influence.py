@@ -641,3 +641,136 @@ def first_order_weights(p: torch.Tensor, k: int, total: float | None = None) -> 
         lam = 1.0
     w = project_simplex(p / lam, total)
     return w
+
+
+# --------------------------------------------------------------------------------------------------
+# Sketched second order: the same normalisation and projection as first order, memory O(L · P)
+# --------------------------------------------------------------------------------------------------
+
+
+def sketched_second_order_terms(
+    model: torch.nn.Module,
+    landmark_batches: Iterable[TokenBatch],
+    target_batches: Iterable[TokenBatch],
+    config,
+    preconditioner: Preconditioner | None = None,
+    lr: float | None = None,
+    num_source: int | None = None,
+) -> SecondOrderTerms:
+    """``p`` and ``Q`` of the quadratic model in first order's space, from projected probes only.
+
+    First order scores ``(S u_i)·(S ĝ_T)`` with ``u_i = a ⊙ g_i / ‖a ⊙ g_i‖`` (``a = 1`` for GD) and ``ĝ_T`` the
+    mean of the unit target gradients ``g_t/‖g_t‖``, ``S`` the gradient projection (``GradientConfig``). Here
+    the step is taken along those same directions and the target loss is the matching normalised mean
+    ``L̂_T = (1/T) Σ_t ℓ_t / ‖g_t‖`` (norms held fixed at θ), whose gradient is ``ĝ_T`` and Hessian
+    ``Ĥ_T = (1/T) Σ_t H_t / ‖g_t‖``. Every bilinear form is read through the sketch:
+
+        uᵢᵀ Ĥ uⱼ ≈ (S uᵢ)·(S Ĥ uⱼ),   uᵢᵀ ĝ_T ≈ (S uᵢ)·(S ĝ_T),   uᵢᵀ Ĥ b ≈ (S uᵢ)·(S Ĥ b)   (AdamW),
+
+    so only ``S u_i`` and ``S Ĥ u_i`` (``P`` floats each) are kept: memory ``O(L · P + d)`` instead of
+    ``O(L · d)``. With ``η → 0``, ``p`` is exactly first order's landmark value (same ``u_i``, same ``S``), so
+    the QP selection tends to the first-order one. The sketch is unbiased for each form (JL); its error
+    shrinks like ``1/√P`` and vanishes when ``S`` is the identity (``proj_dim=None``).
+
+    Cost: per landmark one backward and one Hessian-vector product through the target graph, which is built
+    once for all target samples (memory grows with the number of target samples: use a few).
+
+    Args:
+        model: causal LM in eval mode.
+        landmark_batches: the source samples, in order.
+        target_batches: the target samples.
+        config: the ``GradientConfig`` of first order (parameter subset, projection, seed); ``max_params``
+            must be None (the HVP needs the full direction).
+        preconditioner: AdamW ``a``/``b``; None for GD.
+        lr: ``η``; defaults to ``preconditioner.lr`` (0 for GD).
+        num_source: ``|S|``; defaults to the number of landmarks.
+    """
+    from idistill_core.gradients import select_parameters
+    from idistill_core.projection import RademacherProjector, SRHTProjector
+
+    if config.max_params is not None:
+        raise ConfigError("sketched second order needs GradientConfig.max_params=None (HVPs use the full direction)")
+    names = select_parameters(model, config.param_subset)
+    params = _named_params(model, names)
+    dim = sum(p.numel() for p in params)
+    projector = None
+    if config.proj_dim is not None and config.proj_dim < dim:
+        cls = SRHTProjector if config.proj_type == "srht" else RademacherProjector
+        projector = cls(dim, config.proj_dim, seed=config.seed)
+
+    def sketch(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().float()[None]
+        return (v if projector is None else projector.project(v))[0].double()
+
+    if preconditioner is not None:
+        eta = preconditioner.lr if lr is None else lr
+        missing = [n for n in names if n not in preconditioner.a or n not in preconditioner.b]
+        if missing:
+            raise ConfigError(f"preconditioner has no a/b entry for parameter '{missing[0]}'")
+        a = _flat(preconditioner.a[n].to(params[0]) for n in names)
+        b = _flat(preconditioner.b[n].to(params[0]) for n in names)
+    else:
+        eta = 0.0 if lr is None else lr
+        a = b = None
+    if eta < 0 or not math.isfinite(eta):
+        raise ConfigError(f"lr must be finite and >= 0; got {eta}")
+
+    with torch.enable_grad(), eager_attention(model):
+        # the normalised target gradient, with its graph, summed over every target sample
+        g_hat, loss_sum, num_targets = None, 0.0, 0
+        for batch in target_batches:
+            losses = sample_losses(model, batch)
+            for i in range(len(batch)):
+                g = torch.autograd.grad(losses[i], params, create_graph=True)
+                norm = _flat(x.detach() for x in g).norm()
+                if float(norm) == 0.0 or not math.isfinite(float(norm)):
+                    raise NumericalError(f"target sample '{batch.sample_ids[i]}' has a zero or non-finite gradient")
+                scaled = [x / norm for x in g]
+                g_hat = scaled if g_hat is None else [s + x for s, x in zip(g_hat, scaled)]
+            loss_sum += float(losses.detach().sum())
+            num_targets += len(batch)
+        if num_targets == 0:
+            raise DataError("target_batches is empty")
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            hv = torch.autograd.grad(g_hat, params, grad_outputs=_split_like(v, params), retain_graph=True)
+            return _flat(hv) / num_targets
+
+        s_g = sketch(_flat(x.detach() for x in g_hat) / num_targets)
+        s_u, s_hu = [], []
+        for batch in landmark_batches:
+            for row in per_sample_flat_gradients(model, batch, names):
+                u = row if a is None else row * a
+                norm = u.norm()
+                if float(norm) == 0.0:
+                    raise NumericalError("a landmark has a zero (preconditioned) gradient; cannot normalise")
+                u = u / norm
+                s_u.append(sketch(u))
+                s_hu.append(sketch(hvp(u)))
+                del u, row
+        if not s_u:
+            raise DataError("landmark_batches is empty")
+        s_hb = sketch(hvp(b)) if b is not None else None
+        b_h_b = float(b @ hvp(b)) if b is not None else 0.0
+        g_b = float(_flat(x.detach() for x in g_hat) @ b) / num_targets if b is not None else 0.0
+
+    su, shu = torch.stack(s_u), torch.stack(s_hu)
+    n_land = su.shape[0]
+    n_src = n_land if num_source is None else num_source
+    if n_src <= 0:
+        raise ConfigError(f"num_source must be >= 1; got {n_src}")
+    q = su @ shu.T / n_src
+    q = 0.5 * (q + q.T)
+    p_first = su @ s_g
+    if b is None:
+        p, constant, constant_first = p_first, 0.0, 0.0
+    else:
+        p = p_first - eta * (su @ s_hb)
+        constant_first = -eta * g_b
+        constant = constant_first + 0.5 * eta**2 * b_h_b
+    if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())):
+        raise NumericalError("second-order terms p/Q are not finite")
+    return SecondOrderTerms(
+        p=p, q=q, lr=float(eta), num_source=n_src, constant=float(constant), p_first=p_first,
+        constant_first=float(constant_first), target_loss=loss_sum / num_targets,
+    )

@@ -473,17 +473,18 @@ def second_order_terms_for(
 ) -> dict:
     """Landmark ``p`` (L,) and ``Q`` (L, L) of the quadratic model of the mean target loss after one step.
 
-    Raw gradients of the selected parameter subset (no projection, no normalisation), Hessian-vector products
-    of the target loss along each landmark direction (⊙ the Adam factor with a preconditioner).
+    Sketched (``influence.sketched_second_order_terms``): the landmark directions and target gradient are first
+    order's (unit-normalised, ⊙ the Adam factor with a preconditioner, projected by ``recipe.gradients``), and
+    only projected gradients and projected Hessian-vector products are kept, so memory is O(L · P), and η → 0
+    gives back the first-order landmark values.
     """
-    from idistill_core.influence import second_order_terms
+    from idistill_core.influence import sketched_second_order_terms
 
-    names = select_parameters(model, recipe.gradients.param_subset)
-    terms = second_order_terms(
+    terms = sketched_second_order_terms(
         model,
         batches_for(pool_examples, tokenizer, 1, ids=landmark_ids),
         batches_for(target_examples, tokenizer, recipe.batch_size),
-        names,
+        recipe.gradients,
         preconditioner=preconditioner,
         lr=recipe.lr,
     )
