@@ -8,11 +8,28 @@ from idistill_core.cli import main
 
 
 def _select(data, pool_file, store, out, *extra):
-    return main([
-        "select", "--pool", str(pool_file), "--target", str(data / "targets/arith/dev.jsonl"),
-        "--model", "tiny-llama", "--budget", "10", "--landmarks", "12", "--profile", "profiles/tiny.yaml",
-        "--store", str(store), "--out", str(out), *extra,
-    ])
+    return main(
+        [
+            "select",
+            "--pool",
+            str(pool_file),
+            "--target",
+            str(data / "targets/arith/dev.jsonl"),
+            "--model",
+            "tiny-llama",
+            "--budget",
+            "10",
+            "--landmarks",
+            "12",
+            "--profile",
+            "profiles/tiny.yaml",
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("order", ["first", "second"])
