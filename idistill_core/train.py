@@ -246,8 +246,10 @@ def finetune(
         "supervised_tokens": result.supervised_tokens,
         "seconds": seconds,
     }
+    # Under `accelerate launch` every rank holds the same weights; one writes the checkpoint.
+    writer = trainer.is_world_process_zero()
     del trainer  # drops the optimizer state before the merge/save
-    if out_dir is None:
+    if out_dir is None or not writer:
         _merge_lora(trained, config)
         return result
     with _atomic_dir(Path(out_dir)) as tmp:
@@ -685,7 +687,11 @@ def _load_cached(out: Path, key: str, model: torch.nn.Module) -> FinetuneResult 
         supervised_tokens=int(summary.get("supervised_tokens", 0)),
         cached=True,
         fingerprint=key,
-        extra={"log_history": summary.get("log_history", []), "precision": summary["config"]["precision"]},
+        extra={
+            "log_history": summary.get("log_history", []),
+            "precision": summary["config"]["precision"],
+            "trl": summary.get("trl_version", "?"),
+        },
     )
 
 

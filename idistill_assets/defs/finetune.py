@@ -60,6 +60,9 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
             "first_loss": float(losses[0]),
             "final_loss": float(losses[-1]),
             "loss_curve": plots.line(losses, f"{spec.name}: {name} loss", "step", "train loss"),
+            # the curve above is the trainer's log history (TRL SFTTrainer, one entry per optimizer step)
+            "trainer": f"trl {result.extra.get('trl', '?')}",
+            "train_precision": str(result.extra.get("precision", s.finetune.precision)),
         },
     )
 
