@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from idistill_core.data import normalize_number, render_chat
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.hashing import config_fingerprint
+from idistill_core.targets import LM_EVAL_TASKS
 
 logger = logging.getLogger("idistill")
 
@@ -491,8 +492,6 @@ def _eval_nll(model, tokenizer, rows, prompt_ids, references, config, progress) 
 
 # --- lm-evaluation-harness (optional, beside the built-in metrics) -----------------------------------
 
-LM_EVAL_TASKS = ("gsm8k-local",)
-"""Task templates ``evaluate_lm_eval`` can write for a target's local test file."""
 
 
 def lm_eval_task_config(name: str, data_file: str | Path, max_new_tokens: int, stops: Sequence[str]) -> dict:
