@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/finetune_trl.json")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; best is compared")
     args = parser.parse_args()
     s = load_settings()
     ft = s.finetune
@@ -68,7 +69,8 @@ def main() -> None:
         "precision": train.resolve_precision(ft.precision, loaded.model),
     }
     results = {}
-    for name in ("old_loop", "trl", "old_loop_again", "trl_again"):
+    names = [f"{kind}_{i}" for i in range(args.repeats) for kind in ("old_loop", "trl")]
+    for name in names:
         model = copy.deepcopy(loaded.model)
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
@@ -85,16 +87,16 @@ def main() -> None:
         }
         print(name, round(results[name]["seconds"], 1), "s", flush=True)
         del model
-    trl_s = min(results["trl"]["seconds"], results["trl_again"]["seconds"])
-    old_s = min(results["old_loop"]["seconds"], results["old_loop_again"]["seconds"])
+    trl_s = min(v["seconds"] for k, v in results.items() if k.startswith("trl"))
+    old_s = min(v["seconds"] for k, v in results.items() if k.startswith("old_loop"))
     report = {
         "benchmark": "finetune_trl",
         "model": s.model,
         "recipe": recipe,
         "examples": len(examples),
-        "trl_over_old_loop_best_of_2": trl_s / old_s,
+        "trl_over_old_loop_best": trl_s / old_s,
         "max_rel_loss_diff": max(
-            abs(a - b) / abs(b) for a, b in zip(results["trl"]["losses"], results["old_loop"]["losses"])
+            abs(a - b) / abs(b) for a, b in zip(results["trl_0"]["losses"], results["old_loop_0"]["losses"])
         ),
         "runs": results,
         "cpu": _cpu(),
