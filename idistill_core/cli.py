@@ -129,7 +129,8 @@ def _finetune(args) -> int:
         rows = load_rows(args.train, fmt=args.format)
     examples = tokenize_rows(rows, loaded.tokenizer, args.max_length).examples
     config = FinetuneConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                            precision=args.precision, use_weights=args.use_weights)
+                            precision=args.precision, use_weights=args.use_weights,
+                            grad_accum=args.grad_accum, lora_rank=args.lora_rank)
     loaded.model.train()
     result = finetune(loaded.model, loaded.tokenizer, examples, config, out_dir=args.out, progress=True)
     print(f"fine-tuned {len(examples)} samples for {result.steps} steps in {result.seconds:.1f}s; "
@@ -200,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=int, default=8)
     ft.add_argument("--max-length", type=int, default=256)
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--precision", choices=["bf16-autocast", "fp32"], default="bf16-autocast")
+    ft.add_argument("--precision", choices=["auto", "bf16-autocast", "fp32"], default="bf16-autocast")
     ft.add_argument("--use-weights", action="store_true")
+    ft.add_argument("--grad-accum", type=int, default=1)
+    ft.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (peft) instead of all weights")
     ft.add_argument("--pool", default=None, help="with a selection file as --train: take the selected rows' text from this pool")
     ft.set_defaults(func=_finetune)
 

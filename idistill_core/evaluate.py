@@ -20,12 +20,14 @@ is off.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from idistill_core.data import normalize_number, render_chat
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.hashing import config_fingerprint
+from idistill_core.targets import LM_EVAL_TASKS
 
 logger = logging.getLogger("idistill")
 
@@ -485,3 +488,107 @@ def _eval_nll(model, tokenizer, rows, prompt_ids, references, config, progress) 
     # Pooled over tokens (nats per reference token), as in research/feasibility.md §5.2.
     score = total / count
     return EvalResult("nll", score, len(rows), {"answer_nll": score, "tokens": count}, predictions)
+
+
+# --- lm-evaluation-harness (optional, beside the built-in metrics) -----------------------------------
+
+
+
+def lm_eval_task_config(name: str, data_file: str | Path, max_new_tokens: int, stops: Sequence[str]) -> dict:
+    """The harness task config (what its YAML holds) of template ``name`` over a local JSON-lines file.
+
+    ``gsm8k-local`` is the harness's own ``gsm8k`` task (its ``flexible-extract`` filter and ``exact_match``
+    settings) pointed at ``data_file`` (fields ``prompt``, ``answer``), zero-shot, with our rendered prompt.
+    """
+    if name not in LM_EVAL_TASKS:
+        raise ConfigError(f"unknown lm_eval task {name!r}; expected one of {LM_EVAL_TASKS}")
+    return {
+        "task": f"idistill-{name}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}",
+        "num_fewshot": 0,
+        "generation_kwargs": {"until": list(stops), "do_sample": False, "max_gen_toks": max_new_tokens},
+        "filter_list": [
+            {
+                "name": "flexible-extract",
+                "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                    {"function": "take_first"},
+                ],
+            }
+        ],
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": False,
+                "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
+            }
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def evaluate_lm_eval(
+    model: torch.nn.Module, tokenizer: Any, rows: Iterable[Mapping], task: str, config: EvalConfig = EvalConfig()
+) -> dict[str, Any]:
+    """Score ``model`` with lm-evaluation-harness on target ``rows`` (no hub: a task YAML over a local file).
+
+    The prompts are rendered as ``evaluate`` renders them (chat template + generation prompt), written with
+    their ``answer`` to a JSON-lines file, and a generated custom task YAML points the harness at it.
+
+    Returns:
+        ``{"lm_eval_version", "task", "task_config", "results"}`` with the harness's own metric numbers.
+    """
+    import tempfile
+    from importlib.metadata import version
+
+    import lm_eval
+    import yaml
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise DataError(f"evaluate_lm_eval(task={task!r}) got no rows")
+    vocab = tokenizer.get_vocab()
+    stops = [t for t in END_OF_TURN_TOKENS if t in vocab]
+    with tempfile.TemporaryDirectory(prefix="idistill-lmeval-") as folder:
+        data = Path(folder) / "test.jsonl"
+        with data.open("w") as f:
+            for row in rows:
+                prompt, _ = _split_reference(row)
+                answer = str(_require(row, "answer", f"lm_eval:{task}"))
+                text = render_chat(prompt, tokenizer, add_generation_prompt=True)
+                f.write(json.dumps({"prompt": text, "answer": normalize_number(answer) or answer.strip()}) + "\n")
+        task_config = lm_eval_task_config(task, data, config.max_new_tokens, stops)
+        (Path(folder) / f"{task_config['task']}.yaml").write_text(yaml.safe_dump(task_config))
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=config.batch_size,
+            device=str(_device(model)),
+            max_length=config.max_length + config.max_new_tokens,
+            add_bos_token=False,  # the rendered template already holds any BOS it wants
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task_config["task"]],
+                task_manager=TaskManager(include_path=folder, include_defaults=False),
+                num_fewshot=0,
+                log_samples=False,
+            )
+        finally:
+            model.train(was_training)
+    task_config["dataset_kwargs"] = {"data_files": {"test": "<rendered target test rows>"}}
+    results = {k: v for k, v in out["results"][task_config["task"]].items() if isinstance(v, (int, float))}
+    return {"lm_eval_version": version("lm_eval"), "task": task, "task_config": task_config, "results": results}

@@ -13,6 +13,7 @@ A target file ``targets/<name>.yaml``::
     order: first                   # first | second
     aggregate: mean                # mean | rr
     finetune: true                 # also fine-tune and evaluate on the subset
+    lm_eval: {task: gsm8k-local}   # optional: also score with lm-evaluation-harness (local test file, no hub)
 
 The optimizer (GD or Adam preconditioning) is a property of the shared landmark gradients, so it is set once in
 the settings profile (``recipe.optimizer``), not per target.
@@ -41,7 +42,10 @@ _OPTIONAL = {
     "order": "first",
     "aggregate": "mean",
     "finetune": True,
+    "lm_eval": None,
 }
+LM_EVAL_TASKS = ("gsm8k-local",)
+"""Harness task templates a target may name (``evaluate.lm_eval_task_config``)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class TargetSpec:
     order: str = "first"
     aggregate: str = "mean"
     finetune: bool = True
+    lm_eval: str | None = None
+    """lm-evaluation-harness task template scored beside ``metric`` (None: our metric only)."""
     source_file: Path | None = None
 
     def version(self) -> str:
@@ -122,6 +128,13 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
             )
     if not isinstance(values["finetune"], bool):
         raise ConfigError(f"{path}: field 'finetune' must be true or false; got {values['finetune']!r}.")
+    lm_eval = values["lm_eval"]
+    if lm_eval is not None:
+        if not isinstance(lm_eval, dict) or set(lm_eval) != {"task"} or lm_eval["task"] not in LM_EVAL_TASKS:
+            raise ConfigError(
+                f"{path}: field 'lm_eval' must be {{task: <one of {', '.join(LM_EVAL_TASKS)}>}}; got {lm_eval!r}."
+            )
+        lm_eval = lm_eval["task"]
     return TargetSpec(
         name=name,
         metric=metric,
@@ -134,6 +147,7 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         order=values["order"],
         aggregate=values["aggregate"],
         finetune=values["finetune"],
+        lm_eval=lm_eval,
         source_file=path,
     )
 

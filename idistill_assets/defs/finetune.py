@@ -60,6 +60,9 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
             "first_loss": float(losses[0]),
             "final_loss": float(losses[-1]),
             "loss_curve": plots.line(losses, f"{spec.name}: {name} loss", "step", "train loss"),
+            # the curve above is the trainer's log history (TRL SFTTrainer, one entry per optimizer step)
+            "trainer": f"trl {result.extra.get('trl', '?')}",
+            "train_precision": str(result.extra.get("precision", s.finetune.precision)),
         },
     )
 
@@ -118,6 +121,12 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -
         seconds[name] = time.perf_counter() - start
         results[name] = result
         context.log.info("%s %s: %s = %.4f on %d (%.1f s)", spec.name, name, spec.metric, result.score, result.n, seconds[name])
+    harness = {}
+    if spec.lm_eval:  # the harness's own numbers beside ours, same models and test rows
+        from idistill_core.evaluate import evaluate_lm_eval
+
+        for name, get in models.items():
+            harness[name] = evaluate_lm_eval(get(), base.tokenizer, rows, spec.lm_eval, config)
     table = [
         {
             "model": name,
@@ -128,7 +137,9 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -
         }
         for name, r in results.items()
     ]
-    artifacts.write_json(folder / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table})
+    artifacts.write_json(
+        folder / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table, "lm_eval": harness}
+    )
     columns = sorted({k for row in table for k in row}, key=lambda k: (k != "model", k != "score", k))
     id_score, random_score = results["influence_distillation"].score, results["random"].score
     lower_is_better = spec.metric == "nll"
@@ -140,6 +151,15 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -
             "scores": plots.markdown_table(table, columns),
             "comparison": plots.bars({k: r.score for k, r in results.items()}, f"{spec.name}: {spec.metric}", spec.metric),
             **{f"score_{k}": float(r.score) for k, r in results.items()},
+            **(
+                {
+                    "lm_eval_version": next(iter(harness.values()))["lm_eval_version"],
+                    "lm_eval_task_config": dg.MetadataValue.json(next(iter(harness.values()))["task_config"]),
+                    "lm_eval_results": dg.MetadataValue.json({k: h["results"] for k, h in harness.items()}),
+                }
+                if harness
+                else {}
+            ),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -320,3 +320,36 @@ def test_rows_missing_what_their_metric_needs_are_rejected_by_sample_id():
 def test_bad_eval_config_fields_are_rejected_by_name(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         EvalConfig(**kwargs)
+
+
+def test_lm_eval_harness_and_our_metric_give_the_same_exact_match(tmp_path):
+    """The harness really runs (HFLM over the in-memory model, a generated task YAML over a local file, its
+    regex filter and exact_match); a tiny model fine-tuned to answer four questions, scored on those four with
+    the right gold and the same four with a wrong gold, gets 0.5 from both."""
+    import datasets
+
+    from idistill_core.data import tokenize_rows
+    from idistill_core.evaluate import evaluate_lm_eval
+    from idistill_core.models import load_model
+    from idistill_core.train import FinetuneConfig, finetune
+
+    loaded = load_model("tiny-llama", seed=0)
+    qa = [("Tom has 3 apples and buys 5 more. How many apples?", 8), ("Sara had 24 cookies and ate 9.", 15),
+          ("A box holds 6 eggs. How many eggs in 2 boxes?", 12), ("Lena has 7 pens and loses 2.", 5)]
+
+    def row(i, q, a, gold):
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}]
+        return {"sample_id": f"r{i}", "source": "arith", "messages": messages, "answer": str(gold)}
+
+    train_rows = [row(i, q, a, a) for i, (q, a) in enumerate(qa)]
+    examples = tokenize_rows(datasets.Dataset.from_list(train_rows), loaded.tokenizer, 128).examples
+    finetune(loaded.model, loaded.tokenizer, examples, FinetuneConfig(lr=1e-2, max_steps=60, batch_size=4,
+                                                                      precision="fp32"))
+    test_rows = train_rows + [row(4 + i, q, a, a + 1) for i, (q, a) in enumerate(qa)]
+    config = EvalConfig(max_new_tokens=16, batch_size=8)
+    ours = evaluate(loaded.model, loaded.tokenizer, test_rows, "em-number", config)
+    harness = evaluate_lm_eval(loaded.model, loaded.tokenizer, test_rows, "gsm8k-local", config)
+    assert ours.score == 0.5, [p["prediction"] for p in ours.predictions]
+    assert harness["results"]["exact_match,flexible-extract"] == ours.score
+    assert harness["lm_eval_version"].startswith("0.4")
+    assert harness["task_config"]["output_type"] == "generate_until"

@@ -49,3 +49,19 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_target_spec(bad, [tmp_path])
     with pytest.raises(ConfigError, match="does not exist"):
         load_target_spec(tmp_path / "none.yaml", [tmp_path])
+
+
+def test_lm_eval_field_names_a_known_harness_task(tmp_path):
+    from idistill_core.errors import ConfigError
+    from idistill_core.targets import load_target_spec
+
+    (tmp_path / "d.jsonl").write_text("")
+    base = "name: t\nmetric: em-number\ndev: d.jsonl\ntest: d.jsonl\nbudget: 4\n"
+    good = tmp_path / "t.yaml"
+    good.write_text(base + "lm_eval: {task: gsm8k-local}\n")
+    assert load_target_spec(good, [tmp_path]).lm_eval == "gsm8k-local"
+    good.write_text(base)
+    assert load_target_spec(good, [tmp_path]).lm_eval is None
+    good.write_text(base + "lm_eval: {task: mmlu-hub}\n")
+    with pytest.raises(ConfigError, match="lm_eval"):
+        load_target_spec(good, [tmp_path])
