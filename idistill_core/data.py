@@ -149,6 +149,12 @@ def _where(origin: str, line: int) -> str:
 
 
 def _check_messages(messages: Any, sample_id: str, where: str) -> list[dict]:
+    if isinstance(messages, str):
+        raise DataError(
+            f"{where}: sample {sample_id!r} field 'messages' is a string (JSON text?), not a list of "
+            "{role, content} objects; decode it (json.loads) before writing the file, so that in parquet it is "
+            "list<struct<role: string, content: string>>"
+        )
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: sample {sample_id!r} has missing or empty 'messages'")
     clean = []
@@ -162,6 +168,11 @@ def _check_messages(messages: Any, sample_id: str, where: str) -> list[dict]:
             )
         if not isinstance(content, str):
             raise DataError(f"{where}: sample {sample_id!r} has non-string content for role {role!r}")
+        if role == "assistant" and not content.strip():
+            raise DataError(
+                f"{where}: sample {sample_id!r} has an empty assistant message (turn {len(clean) + 1}); "
+                "training on it would only teach the end-of-turn token: fill in the reply or drop the row"
+            )
         clean.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: sample {sample_id!r} has no assistant turn")
@@ -174,7 +185,7 @@ def _check_messages(messages: Any, sample_id: str, where: str) -> list[dict]:
 
 def _convert_chat(raw: Mapping, default_source: str) -> dict:
     source = raw.get("source") or default_source
-    row = {"sample_id": raw.get("sample_id"), "source": str(source), "messages": raw.get("messages")}
+    row = {"sample_id": raw.get("sample_id"), "source": source, "messages": raw.get("messages")}
     for column in METRIC_COLUMNS:
         if raw.get(column) is not None:
             row[column] = raw[column]
@@ -275,13 +286,42 @@ _CONVERTERS = {
 }
 
 
-def detect_format(columns: Iterable[str], origin: str = "input") -> str:
+# Fields a schema takes a row's identity or content from; a row whose columns fit two schemas that read it
+# differently is ambiguous and auto-detection refuses it (it would silently change the row's sample_id or text).
+_IDENTITY = {"chat": ("sample_id", "source"), "tulu": ("id", "dataset")}
+
+
+def ambiguity(columns: Iterable[str], origin: str, option: str = "fmt") -> str | None:
+    """The one-line reason ``columns`` fit more than one schema in different ways, or None."""
+    present = set(columns)
+    if set(_SCHEMA_COLUMNS["tulu"]) <= present and present & set(_IDENTITY["chat"]):
+        chat_fields = ", ".join(sorted(present & set(_IDENTITY["chat"])))
+        return (
+            f"{origin}: columns fit both chat ({chat_fields}, messages) and Tulu V2 (id, dataset, messages), which "
+            f"take the sample id from different fields; pass {option} chat (sample_id from 'sample_id') or "
+            f"{option} tulu (sample_id from 'id')"
+        )
+    if "messages" in present:
+        for fmt in ("squad", "mmlu", "gsm8k"):
+            if set(_SCHEMA_COLUMNS[fmt]) <= present:
+                return (
+                    f"{origin}: columns fit both chat (messages) and {fmt} ({', '.join(_SCHEMA_COLUMNS[fmt])}), "
+                    f"which build different conversations; pass {option} chat or {option} {fmt}"
+                )
+    return None
+
+
+def detect_format(columns: Iterable[str], origin: str = "input", option: str = "fmt") -> str:
     """Name of the raw schema whose identifying columns are all present.
 
     Raises:
-        DataError: no known schema matches.
+        DataError: no known schema matches, or the columns fit two schemas that read a row differently
+            (the message names the ``option`` value that resolves it).
     """
     present = set(columns)
+    reason = ambiguity(present, origin, option)
+    if reason is not None:
+        raise DataError(reason)
     for fmt in _AUTO_ORDER:
         if set(_SCHEMA_COLUMNS[fmt]) <= present:
             return fmt
@@ -289,7 +329,7 @@ def detect_format(columns: Iterable[str], origin: str = "input") -> str:
         return "chat"
     raise DataError(
         f"{origin}: cannot detect the schema from columns {sorted(present)}; expected 'messages' "
-        "(chat/tulu), or gsm8k/squad/mmlu columns; pass fmt= explicitly"
+        f"(chat/tulu), or gsm8k/squad/mmlu columns; pass {option} explicitly"
     )
 
 
@@ -301,6 +341,13 @@ def convert_row(raw: Mapping, fmt: str, default_source: str = "data") -> dict:
 def _finish(row: dict, where: str) -> dict:
     sample_id = row.get("sample_id")
     label = str(sample_id) if sample_id is not None else "(no id)"
+    for name in ("sample_id", "source"):
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            raise DataError(
+                f"{where}: sample {label!r} field {name!r} is {type(value).__name__} ({value!r}), expected a "
+                f"string; write it as a string (in parquet: cast the column to string)"
+            )
     messages = _check_messages(row.get("messages"), label, where)
     source = str(row.get("source") or "data")
     if sample_id is None or str(sample_id) == "":
@@ -319,9 +366,24 @@ def _finish(row: dict, where: str) -> dict:
 # Raw readers: yield (line-or-row number, raw dict)
 
 
+def _not_utf8(path: Path, where: str, err: UnicodeDecodeError, offset: int) -> DataError:
+    byte = err.object[err.start]
+    return DataError(
+        f"{where}: byte 0x{byte:02x} at file offset {offset} is not valid UTF-8; re-save {path.name} as UTF-8 "
+        f"(e.g. iconv -f latin1 -t utf-8 {path.name})"
+    )
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"{path}:{number}:{err.start + 1}"  # line:column, the column counted in bytes
+                raise _not_utf8(path, where, err, offset + err.start) from None
+            offset += len(data)
             if not line.strip():
                 continue
             try:
@@ -334,9 +396,15 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict]]:
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise _not_utf8(path, f"{path}:{line}:{column}", err, err.start) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -363,9 +431,72 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for raw in batch.to_pylist():
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:
+            raise _parquet_not_utf8(path, batch, number) from None
+        for raw in rows:
             number += 1
             yield number, raw
+
+
+def _parquet_not_utf8(path: Path, batch, before: int) -> DataError:
+    """Name the row and column of the first string that is not UTF-8 (parquet does not validate them)."""
+    for i in range(batch.num_rows):
+        for name in batch.schema.names:
+            try:
+                batch.column(name).slice(i, 1).to_pylist()
+            except UnicodeDecodeError as err:
+                return DataError(
+                    f"{path} row {before + i + 1} column {name!r}: byte 0x{err.object[err.start]:02x} at "
+                    f"offset {err.start} of the value is not valid UTF-8; re-encode that column as UTF-8"
+                )
+    return DataError(f"{path}: rows {before + 1}-{before + batch.num_rows} hold text that is not valid UTF-8")
+
+
+# Arrow types a parquet column must have for each schema (checked before any row is read).
+def _string(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _messages_type(t) -> bool:
+    import pyarrow as pa
+
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    return all(name in fields and _string(fields[name]) for name in ("role", "content"))
+
+
+_PARQUET_TYPES = {
+    "chat": {"sample_id": (_string, "string"), "source": (_string, "string"),
+             "messages": (_messages_type, "list<struct<role: string, content: string>>")},
+    "tulu": {"id": (_string, "string"), "dataset": (_string, "string"),
+             "messages": (_messages_type, "list<struct<role: string, content: string>>")},
+    "gsm8k": {"question": (_string, "string"), "answer": (_string, "string")},
+    "squad": {"id": (_string, "string"), "context": (_string, "string"), "question": (_string, "string")},
+    "mmlu": {"question": (_string, "string")},
+}
+
+
+def _check_parquet_types(path: Path, fmt: str) -> None:
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(path).schema_arrow
+    for name, (ok, expected) in _PARQUET_TYPES[fmt].items():
+        if name not in schema.names:
+            continue
+        found = schema.field(name).type
+        if ok(found):
+            continue
+        hint = "cast the column"
+        if name == "messages" and _string(found):
+            hint = "it holds JSON text: decode it (json.loads) into a list of {role, content} structs"
+        raise DataError(
+            f"{path}: parquet column {name!r} has type {found}; fmt={fmt!r} needs {expected} ({hint})"
+        )
 
 
 def _first_columns(path: Path) -> list[str]:
@@ -377,8 +508,14 @@ def _first_columns(path: Path) -> list[str]:
     raise DataError(f"{path}: empty dataset (no rows)")
 
 
-def _generate_rows(path: str, fmt: str, limit: int | None, default_source: str, stamp: str) -> Iterator[dict]:
-    """Generator behind ``Dataset.from_generator``; ``stamp`` (size, mtime) only busts the datasets cache."""
+def _generate_rows(
+    path: str, fmt: str, limit: int | None, default_source: str, stamp: str, detected: str | None = None
+) -> Iterator[dict]:
+    """Generator behind ``Dataset.from_generator``; ``stamp`` (size, mtime) only busts the datasets cache.
+
+    ``detected``: the option name when ``fmt`` was auto-detected from the first row; every later row is then
+    checked for the same ambiguity (a jsonl row may carry other fields than the first).
+    """
     file = Path(path)
     suffix = file.suffix.lower()
     reader = {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}[suffix]
@@ -389,6 +526,10 @@ def _generate_rows(path: str, fmt: str, limit: int | None, default_source: str, 
         if limit is not None and count >= limit:
             break
         where = _where(str(file), number)
+        if detected is not None:
+            reason = ambiguity(raw, where, detected)
+            if reason is not None:
+                raise DataError(reason)
         try:
             row = _finish(convert(raw, default_source), where)
         except DataError as err:
@@ -459,6 +600,7 @@ def load_rows(
     limit: int | None = None,
     *,
     cache_dir: str | Path | None = None,
+    format_option: str = "fmt",
 ) -> datasets.Dataset:
     """Load pool or target rows in our schema from a local file (or directory) or a hub dataset.
 
@@ -472,6 +614,7 @@ def load_rows(
         limit: keep only the first ``limit`` rows.
         cache_dir: where ``datasets`` keeps the Arrow files (default: its own cache,
             ``$HF_DATASETS_CACHE``).
+        format_option: how the caller spells ``fmt`` (``--pool-format``, ``pool.format``), for messages.
 
     Returns:
         A disk-backed Dataset with columns ``sample_id, source, messages`` plus the metric columns
@@ -479,8 +622,10 @@ def load_rows(
 
     Raises:
         DataError: missing file, malformed JSON (with line number), a parquet file missing a schema column,
-            missing/empty messages, an unknown role, no assistant turn, a duplicate ``sample_id`` (both row
-            numbers), or an empty dataset.
+            a byte that is not UTF-8 (line, column and file offset), a parquet column of the wrong type,
+            missing/empty messages (or messages stored as a JSON string), an unknown role, no assistant turn, an
+            empty assistant message, a non-string ``sample_id``, a duplicate ``sample_id`` (both row numbers),
+            columns that fit two schemas with ``fmt="auto"``, or an empty dataset.
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown fmt {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -496,28 +641,32 @@ def load_rows(
     )
     try:
         if is_hub:
-            ds = _load_hub(text, fmt, split, limit, cache_dir)
+            ds = _load_hub(text, fmt, split, limit, cache_dir, format_option)
         else:
-            ds = _load_local(path, fmt, split, limit, cache_dir)
+            ds = _load_local(path, fmt, split, limit, cache_dir, format_option)
     except datasets.exceptions.DatasetGenerationError as err:
         raise _unwrap(err) from None
     return _drop_empty_metric_columns(ds)
 
 
-def _load_local(path: Path, fmt: str, split: str | None, limit: int | None, cache_dir) -> datasets.Dataset:
+def _load_local(
+    path: Path, fmt: str, split: str | None, limit: int | None, cache_dir, option: str = "fmt"
+) -> datasets.Dataset:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     path = _resolve_local(path, split)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet"):
         raise DataError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json or .parquet")
+    detected = None
     if fmt == "auto":
-        fmt = detect_format(_first_columns(path), str(path))
+        fmt, detected = detect_format(_first_columns(path), str(path), option), option
     if suffix == ".parquet":
         columns = set(_parquet_columns(path))
         missing = [c for c in _SCHEMA_COLUMNS[fmt] if c not in columns]
         if missing:
             raise DataError(f"{path}: parquet schema has no column {missing[0]!r} needed by fmt={fmt!r}")
+        _check_parquet_types(path, fmt)
     stat = path.stat()
     default_source = path.stem if path.stem not in ("train", "dev", "test") else path.parent.name
     logger.info("loading %s rows from %s", fmt, path)
@@ -531,11 +680,14 @@ def _load_local(path: Path, fmt: str, split: str | None, limit: int | None, cach
             "limit": limit,
             "default_source": default_source,
             "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
+            "detected": detected,
         },
     )
 
 
-def _load_hub(text: str, fmt: str, split: str | None, limit: int | None, cache_dir) -> datasets.Dataset:
+def _load_hub(
+    text: str, fmt: str, split: str | None, limit: int | None, cache_dir, option: str = "fmt"
+) -> datasets.Dataset:
     name, _, config = text.partition(":")
     default_config, default_split = _HUB_DEFAULTS.get(name, (None, "train"))
     split = split or default_split
@@ -550,7 +702,7 @@ def _load_hub(text: str, fmt: str, split: str | None, limit: int | None, cache_d
             f"{name}: not a local file and not loadable from the hub ({type(err).__name__}: {first})"
         ) from None
     if fmt == "auto":
-        fmt = _HUB_FORMATS.get(name) or detect_format(raw_ds.column_names, name)
+        fmt = _HUB_FORMATS.get(name) or detect_format(raw_ds.column_names, name, option)
     if limit is not None:
         raw_ds = raw_ds.select(range(min(limit, len(raw_ds))))
     if len(raw_ds) == 0:
