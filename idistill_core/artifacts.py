@@ -2,6 +2,8 @@
 
 Tensors go to safetensors (never pickle), tables to parquet, descriptions to JSON. Every writer builds the
 result in a temporary sibling and renames it into place, so a killed run never leaves a half-written file.
+A temporary sibling is named after the process that writes it (``.<name>.tmp-<pid>-...``); the next write of
+the same target removes those of processes that no longer run (what a SIGKILL leaves behind).
 """
 
 from __future__ import annotations
@@ -16,27 +18,54 @@ from pathlib import Path
 
 import numpy as np
 
+from idistill_core import faults
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(target: Path) -> None:
+    """Temp siblings of ``target`` left by killed processes (never a running writer's)."""
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = stale.name[len(f".{target.name}.tmp-") :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
 
 @contextmanager
 def atomic_path(target: str | Path, is_dir: bool = False):
     """Yield a temporary path next to ``target``; on success it replaces ``target`` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    prefix = f".{target.name}.tmp-{os.getpid()}-"
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     else:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(handle)
         tmp = Path(name)
     try:
         yield tmp
+        faults.point("rename.before")
         if is_dir and target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.tmp-{os.getpid()}-old")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        faults.point("rename.after")
     except BaseException:
         if is_dir:
             shutil.rmtree(tmp, ignore_errors=True)

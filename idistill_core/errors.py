@@ -27,3 +27,22 @@ class StoreError(IdistillError):
 
 class NumericalError(IdistillError):
     """A computation produced non-finite values (NaN/Inf) for a named sample or stage."""
+
+
+class OutputError(IdistillError):
+    """An output file or folder cannot be written (bad path, no permission, not enough free disk)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the process (raised by the CLI's and the main job's signal handlers).
+
+    A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it and stages keep what they
+    committed (to resume from) instead of rolling back as they do on errors.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.name = signal.Signals(signum).name

@@ -31,7 +31,7 @@ from idistill_core import backends
 from idistill_core.backends import BackendConfig, ModelSource
 from idistill_core.batch import TokenBatch, iter_batches
 from idistill_core.embed import EmbedConfig
-from idistill_core.errors import ConfigError
+from idistill_core.errors import ConfigError, IdistillError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
 from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
@@ -158,9 +158,11 @@ def embed_pool(
 ) -> EmbedReport:
     """Embed the pool samples that the store does not hold yet, committing every ``commit_every`` rows.
 
-    A killed run keeps the committed chunks; a re-run computes only the ids still missing. ``backend`` says where
-    the vectors are computed (default: here, on ``model``; ``ray`` workers load ``source``); this process stays
-    the one writer.
+    A killed or interrupted run keeps the committed chunks (valid rows: a re-run computes only the ids still
+    missing). A run that fails with an error (a NaN in a later sample, say) rolls the table back to its version
+    at the start, so no row of a failed run stays; when another writer committed in between, the rows are kept
+    instead. Either way the error message says which. ``backend`` says where the vectors are computed (default:
+    here, on ``model``; ``ray`` workers load ``source``); this process stays the one writer.
     """
     start = time.perf_counter()
     all_ids = list(examples["sample_id"])
@@ -169,24 +171,48 @@ def embed_pool(
     inserted = computed = 0
     pending_ids: list[str] = []
     pending_vectors: list[np.ndarray] = []
+    start_version = latest = store.version
+    ours = True  # every commit since start_version is this run's
 
     def commit() -> None:
-        nonlocal inserted, pending_ids, pending_vectors
+        nonlocal inserted, pending_ids, pending_vectors, latest, ours
         if pending_ids:
+            before = store.version
             inserted += store.insert_missing(pending_ids, np.concatenate(pending_vectors))
+            ours = ours and before == latest and store.version <= before + 1
+            latest = store.version
             if on_commit is not None:
                 on_commit(inserted, len(missing))
             pending_ids, pending_vectors = [], []
 
-    if missing:
-        stream = backends.embed_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, progress)
-        for ids, vectors in stream:
-            computed += len(ids)
-            pending_ids += ids
-            pending_vectors.append(vectors)
-            if len(pending_ids) >= commit_every:
-                commit()
-        commit()
+    try:
+        if missing:
+            stream = backends.embed_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, progress)
+            for ids, vectors in stream:
+                computed += len(ids)
+                pending_ids += ids
+                pending_vectors.append(vectors)
+                if len(pending_ids) >= commit_every:
+                    commit()
+            commit()
+    except Exception as error:  # an interrupt (BaseException) keeps the committed rows to resume from
+        if inserted == 0:
+            raise
+        restored = store.restore(start_version, expected_latest=latest) if ours else None
+        if restored is not None:
+            outcome = (
+                f"the table '{store.name}' was rolled back to version {start_version} "
+                f"({inserted} rows of this run removed)"
+            )
+        else:
+            outcome = (
+                f"this run's {inserted} rows in '{store.name}' are kept (another writer committed since); "
+                "a re-run resumes from them"
+            )
+        logger.error("embeddings failed: %s", outcome)
+        if isinstance(error, IdistillError):
+            raise type(error)(f"{error}; {outcome}") from None
+        raise
     return EmbedReport(
         inserted=inserted,
         already_present=len(all_ids) - len(missing),
@@ -250,11 +276,13 @@ def compute_gradients_resumable(
     """:func:`compute_gradients` for ``ids``, committed chunk by chunk to safetensors shards in ``shard_dir``.
 
     ``shard_dir`` must be keyed by everything the gradients depend on (ids, model, gradient config,
-    preconditioner); a shard whose ids differ from its chunk is recomputed. A killed run keeps every committed
-    shard, so a re-run computes only the missing chunks. Chunks are a multiple of ``config.batch_size`` so the
-    batches (and so the float results) are the same whether or not a run was interrupted. Every missing chunk
-    goes to ``backend`` as one stream (in parallel on Ray, whose results come back in any order); this process
-    writes each chunk's shard as soon as all of its rows are back.
+    preconditioner); a shard whose ids differ from its chunk is recomputed. A killed or interrupted run keeps
+    every committed shard, so a re-run computes only the missing chunks; a run that fails with an error removes
+    the shards it wrote itself (keeping those of earlier runs), so a failure leaves the folder as it found it.
+    Chunks are a multiple of ``config.batch_size`` so the batches (and so the float results) are the same whether
+    or not a run was interrupted. Every missing chunk goes to ``backend`` as one stream (in parallel on Ray,
+    whose results come back in any order); this process writes each chunk's shard as soon as all of its rows are
+    back.
 
     Returns:
         ``GradientSet`` with ``grads: (len(ids), P) float32`` in the order of ``ids``.
@@ -276,16 +304,30 @@ def compute_gradients_resumable(
     chunk_of = {sample_id: number for number in todo for sample_id in chunks[number]}
     rows: dict[str, np.ndarray] = {}
     missing = [sample_id for number in todo for sample_id in chunks[number]]
-    stream = backends.gradient_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, preconditioner)
-    for batch_ids, grads in stream:
-        rows.update(zip(batch_ids, grads))
-        for number in sorted({chunk_of[s] for s in batch_ids}):
-            if number not in done and all(s in rows for s in chunks[number]):
-                done[number] = np.stack([rows.pop(s) for s in chunks[number]])
-                shard = shard_dir / f"chunk-{number:05d}.safetensors"
-                artifacts.save_arrays(shard, {"grads": done[number]}, {"ids": chunks[number]})
-                if on_chunk is not None:
-                    on_chunk(number + 1, len(chunks))
+    written: list[Path] = []
+    try:
+        stream = backends.gradient_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, preconditioner)
+        for batch_ids, grads in stream:
+            rows.update(zip(batch_ids, grads))
+            for number in sorted({chunk_of[s] for s in batch_ids}):
+                if number not in done and all(s in rows for s in chunks[number]):
+                    done[number] = np.stack([rows.pop(s) for s in chunks[number]])
+                    shard = shard_dir / f"chunk-{number:05d}.safetensors"
+                    artifacts.save_arrays(shard, {"grads": done[number]}, {"ids": chunks[number]})
+                    written.append(shard)
+                    if on_chunk is not None:
+                        on_chunk(number + 1, len(chunks))
+    except Exception as error:  # an interrupt (BaseException) keeps the shards to resume from
+        if not written:
+            raise
+        for shard in written:
+            shard.unlink(missing_ok=True)
+        if shard_dir.exists() and not any(shard_dir.iterdir()):
+            shard_dir.rmdir()
+        outcome = f"the {len(written)} gradient shards of this run were removed from {shard_dir}"
+        if isinstance(error, IdistillError):
+            raise type(error)(f"{error}; {outcome}") from None
+        raise
     grads = torch.from_numpy(np.concatenate([done[n] for n in range(len(chunks))])) if chunks else torch.zeros((0, 0))
     return GradientSet(sample_ids=ids, grads=grads)
 
@@ -647,8 +689,12 @@ def run_selection(
     progress: bool = False,
     backend: BackendConfig | None = None,
     source: ModelSource | None = None,
+    commit_every: int = 256,
+    on_commit: Callable[[int, int], None] | None = None,
 ) -> SelectionReport:
-    """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``)."""
+    """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``).
+
+    ``commit_every`` and ``on_commit`` go to :func:`embed_pool` (the only stage that commits)."""
     timings: dict[str, float] = {}
     pool_ids = list(pool_examples["sample_id"])
     _check_budget(budget, len(pool_ids))
@@ -699,7 +745,10 @@ def run_selection(
 
     store = open_store(store_uri, store_table, model_fingerprint, recipe, model.config.hidden_size)
     with timed("embeddings"):
-        embed_pool(model, tokenizer, pool_examples, store, recipe.embed, progress=progress, backend=backend, source=source)
+        embed_pool(
+            model, tokenizer, pool_examples, store, recipe.embed, commit_every=commit_every, progress=progress,
+            on_commit=on_commit, backend=backend, source=source,
+        )
     landmark_ids, holdout_ids = choose_landmarks(pool_ids, recipe.num_landmarks, recipe.num_holdout, recipe.seed)
     sizes.update(landmarks=len(landmark_ids), holdout=len(holdout_ids))
     with timed("landmark_gradients"):

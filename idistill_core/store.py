@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from idistill_core import faults
 from idistill_core.errors import NumericalError, StoreError
 
 logger = logging.getLogger("idistill")
@@ -344,7 +345,9 @@ class EmbeddingStore:
                 # ids (3 of 3 runs of tests/reliability/test_concurrency.py); scanning the key column did not (3 of 3
                 # clean) and costs one string column per commit.
                 merge = self._table.merge_insert("sample_id").when_not_matched_insert_all().use_index(False)
+                faults.point("store.commit.before")
                 result = merge.execute(table)
+                faults.point("store.commit.after")
                 return int(result.num_inserted_rows)
             except Exception as error:  # lance raises a generic error when its own retries are exhausted
                 if not _is_conflict(error) or attempt == retries - 1:
@@ -354,6 +357,22 @@ class EmbeddingStore:
                 )
                 time.sleep(0.2 * (attempt + 1))
         return 0
+
+    def restore(self, version: int, expected_latest: int | None = None) -> int | None:
+        """Roll the table back to ``version``: one new commit whose rows are that version's.
+
+        With ``expected_latest``, nothing is done (None is returned) when the latest version is another one,
+        i.e. another writer committed since (checked just before the commit: a writer committing in between
+        the check and the restore would lose its rows, which its own re-run inserts again); otherwise returns
+        the new version.
+        """
+        self._require_writable()
+        if expected_latest is not None and self.version != expected_latest:
+            return None
+        faults.point("store.commit.before")
+        self._table.restore(version)
+        faults.point("store.commit.after")
+        return self.version
 
     def has_key_index(self) -> bool:
         return any(index.columns == ["sample_id"] for index in self._table.list_indices())
