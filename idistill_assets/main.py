@@ -84,7 +84,70 @@ def print_summary(instance, settings, profile: str, registry: dict, names: list[
         )
 
 
+def _committed_rows(settings) -> int:
+    """Rows in the embeddings table (what a re-run resumes from); 0 when there is none yet."""
+    try:
+        import lancedb
+
+        db = lancedb.connect(str(settings.lancedb_uri))
+        return int(db.open_table(settings.embeddings_table).count_rows())
+    except Exception:  # noqa: BLE001 - no folder or no table yet: nothing committed
+        return 0
+
+
+def _was_interrupted(result) -> bool:
+    """Dagster turns SIGINT in a step into a DagsterExecutionInterruptedError step failure."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            while error is not None:
+                if error.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt", "Interrupted"):
+                    return True
+                error = error.cause
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the main job; Ctrl-C / SIGTERM end it with one line and status 130 / 143 (committed work kept)."""
+    import signal
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt  # what Dagster knows how to unwind a step with
+
+    # Dagster maps SIGTERM onto its own SIGINT handler during a run, so the wakeup fd (written by the
+    # interpreter for every signal, whoever handles it) is how we learn which one arrived.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    holder: dict = {}
+    try:
+        code = _main(argv, holder)
+    except KeyboardInterrupt:
+        code = None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_fd)
+        try:
+            received = [n for n in os.read(read_end, 1024) if n in (signal.SIGINT, signal.SIGTERM)]
+        except BlockingIOError:
+            received = []
+        os.close(read_end)
+        os.close(write_end)
+    if code is None or (received and code != 0):
+        signum = received[0] if received else signal.SIGINT
+        rows = _committed_rows(holder["settings"]) if "settings" in holder else 0
+        print(
+            f"idistill: interrupted ({signal.Signals(signum).name}); {rows} rows committed, re-run to resume",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    return code
+
+
+def _main(argv: list[str] | None, holder: dict) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("IDISTILL_PROFILE", "profiles/default.yaml"))
     parser.add_argument("--home", default=None, help="override the profile's home folder")
@@ -100,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     from idistill_core.targets import load_registry
 
     settings = load_settings(args.profile, args.home)
+    holder["settings"] = settings
     instance = _instance(settings.home)
     defs = build_definitions(args.profile, str(settings.home))
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
     step = time.perf_counter()
-    result = defs.resolve_job_def("shared_job").execute_in_process(instance=instance)
+    result = defs.resolve_job_def("shared_job").execute_in_process(instance=instance, raise_on_error=False)
     timings["shared"] = time.perf_counter() - step
+    if _was_interrupted(result):
+        raise KeyboardInterrupt
     if not result.success:
         print("shared assets failed; see the log above", file=sys.stderr)
         return 1
@@ -122,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         step = time.perf_counter()
         run = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=name, raise_on_error=False)
         timings[name] = time.perf_counter() - step
+        if _was_interrupted(run):
+            raise KeyboardInterrupt
         if not run.success:
             failed.append(name)
 

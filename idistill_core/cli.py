@@ -7,7 +7,9 @@
     idistill finetune --train FILE --model SPEC --out DIR [--steps N] [--lr LR] [--batch-size B]
     idistill eval --model SPEC_OR_DIR --test FILE --metric em-number|squad|mc|nll --out FILE.json
 
-Bad input exits with status 2 and one line on stderr naming the problem.
+Bad input (a file, row, option or output path that cannot be used, or too little free disk) exits with
+status 2 and one line on stderr naming the problem, before the first model call and with nothing written.
+Ctrl-C / SIGTERM exit with 130 / 143 and one line saying what was committed; written files are never torn.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from idistill_core.errors import IdistillError
+from idistill_core.errors import IdistillError, Interrupted
 
 
 def _data_builtin(args) -> int:
@@ -64,19 +68,29 @@ def _backend(args):
 
 
 def _select(args) -> int:
-    from idistill_core import artifacts
+    from idistill_core import artifacts, validate
     from idistill_core.backends import ModelSource
     from idistill_core.data import load_rows, tokenize_rows
     from idistill_core.models import load_model
     from idistill_core.pipeline import run_selection
 
     recipe = _recipe(args)
+    validate.check_output_file(args.out, "--out")
+    store_root = Path(args.store) if args.store else Path(tempfile.gettempdir())
+    validate.check_output_folder(store_root, "--store" if args.store else "temporary folder")
     backend = _backend(args)
     start = time.perf_counter()
-    pool_rows = load_rows(args.pool, fmt=args.pool_format)
-    target_rows = load_rows(args.target, fmt=args.target_format)
+    pool_rows = load_rows(args.pool, fmt=args.pool_format, format_option="--pool-format")
+    target_rows = load_rows(args.target, fmt=args.target_format, format_option="--target-format")
     loaded = load_model(args.model, attn_implementation="eager")
     load_seconds = time.perf_counter() - start
+    need = validate.DiskNeed()
+    if recipe.method == "id":
+        dim = recipe.embed.output_dim(loaded.model.config.hidden_size)
+        need.add(store_root, f"embeddings {len(pool_rows)}x{dim}x2 B", validate.embedding_bytes(len(pool_rows), dim))
+    ids = pool_rows["sample_id"]
+    need.add(Path(args.out).parent, "selection", validate.selection_bytes(len(ids), map(len, ids)))
+    validate.check_free_space(need)
     pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
     targets = tokenize_rows(target_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
     cluster = contextlib.nullcontext()
@@ -88,6 +102,7 @@ def _select(args) -> int:
         report = run_selection(
             loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, targets.examples, args.budget, recipe,
             store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
+            commit_every=args.commit_every,
         )
     sources = dict(zip(pool_rows["sample_id"], pool_rows["source"]))
     table = report.outcome.to_arrow([sources.get(s, "") for s in report.outcome.sample_ids])
@@ -112,21 +127,41 @@ def _select(args) -> int:
     return 0
 
 
+def _read_selection(path: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from idistill_core.errors import DataError
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        chosen = pq.read_table(path).to_pydict()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable selection parquet ({err})") from None
+    if "sample_id" not in chosen:
+        raise DataError(f"{path}: a selection file needs a 'sample_id' column (found {sorted(chosen)})")
+    return chosen
+
+
 def _finetune(args) -> int:
+    from idistill_core import validate
     from idistill_core.data import load_rows, tokenize_rows
     from idistill_core.models import load_model
     from idistill_core.train import FinetuneConfig, finetune
 
+    validate.check_output_folder(args.out, "--out")
+    chosen = _read_selection(args.train) if args.pool else None
+    if args.pool:
+        pool_rows = load_rows(args.pool, fmt=args.format, format_option="--format")
+    else:
+        train_rows = load_rows(args.train, fmt=args.format, format_option="--format")
     loaded = load_model(args.model)
     if args.pool:
         # a selection file (sample_id, selected, ...) names the rows; their text comes from the pool
-        import pyarrow.parquet as pq
-
-        chosen = pq.read_table(args.train).to_pydict()
         keep = {s for s, picked in zip(chosen["sample_id"], chosen.get("selected", [True] * len(chosen["sample_id"]))) if picked}
-        rows = load_rows(args.pool, fmt=args.format).filter(lambda r: r["sample_id"] in keep)
+        rows = pool_rows.filter(lambda r: r["sample_id"] in keep)
     else:
-        rows = load_rows(args.train, fmt=args.format)
+        rows = train_rows
     examples = tokenize_rows(rows, loaded.tokenizer, args.max_length).examples
     config = FinetuneConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                             precision=args.precision, use_weights=args.use_weights,
@@ -139,13 +174,14 @@ def _finetune(args) -> int:
 
 
 def _eval(args) -> int:
-    from idistill_core import artifacts
+    from idistill_core import artifacts, validate
     from idistill_core.data import load_rows
     from idistill_core.evaluate import EvalConfig, evaluate
     from idistill_core.models import load_model
 
+    validate.check_output_file(args.out, "--out")
+    rows = load_rows(args.test, fmt=args.format, limit=args.limit, format_option="--format")
     loaded = load_model(args.model)
-    rows = load_rows(args.test, fmt=args.format, limit=args.limit)
     result = evaluate(loaded.model, loaded.tokenizer, rows, args.metric,
                       EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size), progress=True)
     artifacts.write_json(args.out, {"metric": result.metric, "score": result.score, "n": result.n,
@@ -183,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--max-length", type=int, default=None)
     select.add_argument("--profile", default=None, help="take the recipe from a settings profile")
     select.add_argument("--store", default=None, help="LanceDB folder to keep/reuse embeddings (default: temporary)")
+    select.add_argument("--commit-every", type=int, default=256, help="embedding rows per LanceDB commit")
     select.add_argument("--out", required=True)
     select.add_argument("--backend", choices=["local", "ray"], default=None,
                         help="where embeddings and landmark gradients run (default: the profile's, else local)")
@@ -221,14 +258,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _store_rows(uri: str) -> int:
+    """Rows committed to the embeddings table under ``uri`` (what a re-run resumes from)."""
+    try:
+        import lancedb
+
+        return int(lancedb.connect(uri).open_table("embeddings").count_rows())
+    except Exception:  # noqa: BLE001 - no folder or no table yet: nothing committed
+        return 0
+
+
+def _interrupted_line(args, stop: Interrupted) -> str:
+    if args.command != "select":
+        return f"idistill: interrupted ({stop.name}); no output was written, re-run the command"
+    if args.store:
+        rows = _store_rows(args.store)
+        return f"idistill: interrupted ({stop.name}); {rows} rows committed to {args.store}, re-run to resume"
+    return (
+        f"idistill: interrupted ({stop.name}); no output was written and the embeddings were in a temporary "
+        "store (pass --store to keep them); re-run the command"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGINT and SIGTERM unwind like an exception, so temp files are removed and committed rows are kept;
+    # a handler can only be set from the main thread (an embedding caller's thread keeps its own).
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, _interrupt) for signum in handled}
     try:
         return args.func(args)
     except IdistillError as error:
         print(f"idistill: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as stop:
+        stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
+        print(_interrupted_line(args, stop), file=sys.stderr)
+        return 128 + stop.signum
+    except OSError as error:  # the disk filled up or a file vanished mid-run: one line, not a traceback
+        print(f"idistill: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
