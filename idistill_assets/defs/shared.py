@@ -53,10 +53,16 @@ def tokenized_pool(res: IdistillResource, tokenizer):
 )
 def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """The training pool, normalised to the chat schema (sample_id, source, messages) as parquet."""
+    from idistill_core import validate
     from idistill_core.builtin import write_builtin, write_gsm8k
     from idistill_core.data import load_rows
 
     s = idistill.settings
+    # every folder the shared assets write, probed before any work (nothing is created by the probe)
+    validate.check_output_folder(s.artifacts, "artifacts folder")
+    validate.check_output_folder(s.lancedb_uri, "LanceDB folder")
+    if s.pool.source == "builtin":
+        validate.check_output_folder(s.data_root, "data folder")
     if s.pool.source == "builtin":
         out = s.data_root / "builtin"
         summary = write_builtin(out, pool_size=s.pool.builtin_size, seed=s.pool.builtin_seed)
@@ -65,7 +71,7 @@ def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.Ma
             write_gsm8k(out, cache_dir=s.cache_dir, seed=s.pool.builtin_seed)
         rows = load_rows(str(out / "pool.jsonl"), fmt="chat", limit=s.pool.limit)
     else:
-        rows = load_rows(s.pool.source, fmt=s.pool.format, limit=s.pool.limit)
+        rows = load_rows(s.pool.source, fmt=s.pool.format, limit=s.pool.limit, format_option="pool.format")
     target = pool_path(idistill)
     artifacts.write_with(target, lambda tmp: rows.to_parquet(str(tmp)))
     counts = source_counts(target)

@@ -39,7 +39,11 @@ def micro_data(folder: Path) -> dict[str, Path]:
     write_builtin(folder, pool_size=POOL, seed=0, dev_size=2, test_size=2)
     profile = folder / "micro.yaml"
     profile.write_text(yaml.safe_dump(MICRO))
-    return {"pool": folder / "pool.jsonl", "target": folder / "targets" / "arith" / "dev.jsonl", "profile": profile}
+    return {
+        "pool": folder / "pool.jsonl",
+        "target": folder / "targets" / "arith" / "dev.jsonl",
+        "profile": profile,
+    }
 
 
 def select_argv(data: dict, out: Path, store: Path | None, **flags) -> list[str]:
@@ -68,7 +72,12 @@ def env(fault: str | None = None) -> dict:
 
 def start(argv: list[str], fault: str | None = None, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [IDISTILL, *argv], cwd=cwd or REPO, env=env(fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [IDISTILL, *argv],
+        cwd=cwd or REPO,
+        env=env(fault),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

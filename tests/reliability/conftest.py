@@ -128,6 +128,8 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str, list[str]]]:
     """name -> (file, error class, fragments the one-line message must contain)."""
     folder.mkdir(parents=True, exist_ok=True)
     b = {**GOOD, "sample_id": "b"}
+    latin1 = folder / "latin1.jsonl"
+    latin1.write_bytes((json.dumps(GOOD) + "\n" + json.dumps({**b, "source": "caf\u00e9"}, ensure_ascii=False) + "\n").encode("latin-1"))
     schema = folder / "schema.parquet"
     pq.write_table(pa.table({"text": ["x"], "label": [1]}), schema)
     cases = {
@@ -160,6 +162,19 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str, list[str]]]:
         "duplicate_sample_id": (
             jsonl(folder / "dup.jsonl", [GOOD, dict(GOOD)]),
             ["dup.jsonl", "sample_id 'a' appears twice (lines 1 and 2)"],
+        ),
+        "not_utf8": (latin1, ["latin1.jsonl:2:", "byte 0xe9", "not valid UTF-8"]),
+        "messages_json_string": (
+            jsonl(folder / "strmsg.jsonl", [GOOD, {**b, "messages": json.dumps(GOOD["messages"])}]),
+            ["strmsg.jsonl:2", "sample 'b'", "field 'messages' is a string", "json.loads"],
+        ),
+        "empty_assistant_message": (
+            jsonl(folder / "emptyasst.jsonl", [GOOD, {**b, "messages": [GOOD["messages"][0], {"role": "assistant", "content": ""}]}]),
+            ["emptyasst.jsonl:2", "sample 'b'", "empty assistant message"],
+        ),
+        "chat_or_tulu": (
+            jsonl(folder / "tuluish.jsonl", [{**GOOD, "id": "x", "dataset": "flan"}]),
+            ["tuluish.jsonl", "fit both chat", "Tulu V2", "chat", "tulu"],
         ),
     }
     return {name: (path, "DataError", fragments) for name, (path, fragments) in cases.items()}

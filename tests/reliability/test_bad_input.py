@@ -41,6 +41,10 @@ FILE_CASES = [
     "unknown_role",
     "no_assistant_turn",
     "duplicate_sample_id",
+    "not_utf8",
+    "messages_json_string",
+    "empty_assistant_message",
+    "chat_or_tulu",
 ]
 
 
@@ -258,3 +262,24 @@ def test_store_refuses_non_finite_embeddings_naming_the_sample(tmp_path):
     with pytest.raises(NumericalError, match="embedding of sample 'b' overflows float16"):
         store.insert_missing(["a", "b", "c"], vectors)
     assert store.count() == 0
+
+
+@pytest.mark.parametrize("where", ["home_is_a_file", "lancedb_is_a_file", "read_only_home"])
+def test_unwritable_home_or_lancedb_folder_fails_the_pool_asset_before_any_work(where, tmp_path, instance):
+    if where == "read_only_home" and not Path("/sys/kernel").is_dir():
+        pytest.skip("needs Linux sysfs as a read-only folder")
+    profile = tiny_project(tmp_path / "project")
+    home = {"home_is_a_file": tmp_path / "home", "lancedb_is_a_file": tmp_path / "home2",
+            "read_only_home": Path("/sys/kernel/idistill-home")}[where]
+    if where == "home_is_a_file":
+        home.write_text("x")
+    if where == "lancedb_is_a_file":
+        home.mkdir()
+        (home / "lancedb").write_text("x")
+    edit_profile(profile, home=str(home))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    result = run_assets(profile, instance, ["pool"])
+    fragment = {"home_is_a_file": f"{home} is a file, not a folder", "lancedb_is_a_file": "LanceDB folder",
+                "read_only_home": "cannot write in /sys/kernel"}[where]
+    assert_run_fails_with(result, "OutputError", fragment)
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing created

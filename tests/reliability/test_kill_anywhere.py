@@ -27,7 +27,10 @@ CHAIN = [
 
 def outputs_equal(a: pl.DataFrame, b: pl.DataFrame) -> None:
     assert a["sample_id"].to_list() == b["sample_id"].to_list()
-    assert a.filter(pl.col("selected"))["sample_id"].to_list() == b.filter(pl.col("selected"))["sample_id"].to_list()
+    assert (
+        a.filter(pl.col("selected"))["sample_id"].to_list()
+        == b.filter(pl.col("selected"))["sample_id"].to_list()
+    )
     # a resumed run embeds the same batches, but allow float32 rounding where a kernel path could change
     eps = float(np.finfo(np.float32).eps)
     for column in ("score", "weight"):
@@ -37,7 +40,9 @@ def outputs_equal(a: pl.DataFrame, b: pl.DataFrame) -> None:
 
 def test_select_killed_at_every_commit_and_rename_point_resumes_to_the_uninterrupted_result(tmp_path):
     data = micro_data(tmp_path / "data")
-    references = [start(select_argv(data, tmp_path / f"ref{i}.parquet", tmp_path / f"ref{i}")) for i in (0, 1)]
+    references = [
+        start(select_argv(data, tmp_path / f"ref{i}.parquet", tmp_path / f"ref{i}")) for i in (0, 1)
+    ]
     for child in references:
         code, _, err = finish(child)
         assert code == 0, err[-3000:]
@@ -64,10 +69,14 @@ def test_select_killed_at_every_commit_and_rename_point_resumes_to_the_uninterru
             outputs_equal(pl.read_parquet(out), reference)
         assert out.exists() == fault.startswith("rename.after"), fault
         if fault.startswith("rename.before"):
-            assert [p.name for p in out.parent.glob(".selection.parquet.tmp-*")], "the temp file is the kill's"
+            assert [p.name for p in out.parent.glob(".selection.parquet.tmp-*")], (
+                "the temp file is the kill's"
+            )
 
     code, _, err = run(select_argv(data, out, store))
     assert code == 0, err[-3000:]
     assert table(store) == ref_rows
     outputs_equal(pl.read_parquet(out), reference)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["selection.parquet"]  # killed writers' temps removed
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "selection.parquet"
+    ]  # killed writers' temps removed
