@@ -145,3 +145,17 @@ def _identity_of(settings) -> StoreIdentity:
     table = lancedb.connect(str(settings.lancedb_uri)).open_table(settings.embeddings_table)
     stored = json.loads(table.schema.metadata[b"idistill"])
     return StoreIdentity(stored["model_fingerprint"], stored["recipe"], stored["dim"])
+
+
+def test_a_writer_whose_view_is_older_than_another_writers_commit_never_duplicates_ids(tmp_path):
+    # The interleaving forced step by step: A opens the table, B commits ids A is about to insert, A inserts
+    # from its older view. LanceDB accepts both inserts of a stale-view merge_insert (duplicates, every time);
+    # the store refreshes to the latest commit before each write, so A skips B's ids.
+    identity = StoreIdentity("model", "recipe", 2)
+    first = EmbeddingStore.open(tmp_path, "emb", identity)
+    second = EmbeddingStore.open(tmp_path, "emb", identity)
+    assert first.version == second.version
+    assert second.insert_missing(["x", "y"], np.ones((2, 2), np.float32)) == 2
+    assert first.insert_missing(["x", "y", "z"], np.full((3, 2), 2, np.float32)) == 1
+    ids = EmbeddingStore.open(tmp_path, "emb", identity).sample_ids()
+    assert sorted(ids) == ["x", "y", "z"]
