@@ -42,7 +42,7 @@ def target_dir(res: IdistillResource, name: str):
 def target_rows(spec, which: str = "dev"):
     from idistill_core.data import load_rows
 
-    return load_rows(str(spec.dev if which == "dev" else spec.test), fmt=spec.format)
+    return load_rows(str(spec.dev if which == "dev" else spec.test), fmt=spec.format, format_option="format:")
 
 
 @dg.observable_source_asset(key=[PREFIX, "target_spec"], partitions_def=targets, group_name=TARGET)
