@@ -21,6 +21,13 @@ Raw schemas (``fmt`` values) and how they are converted:
 - ``mmlu`` (``cais/mmlu``: ``question, subject, choices, answer``): user = question + options ``A.``-``D.``,
   assistant = ``The answer is X.``, ``answer`` = the letter, ``choices`` = the option texts.
 
+``fmt="auto"`` picks the schema from the columns and refuses columns that fit two schemas which read a row
+differently (chat's ``sample_id``/``source`` next to Tulu V2's ``id``/``dataset``; ``messages`` next to
+gsm8k/squad/mmlu columns), naming the option that resolves it: auto-detection never changes a row's identity.
+Text must be UTF-8 (a bad byte is named by line, byte column and file offset) and every field has its exact type
+(``messages`` a list of ``{role, content}`` strings, not JSON text; ``sample_id`` a string; no empty assistant
+message).
+
 Tokenisation (``tokenize_rows``) renders each conversation with ``tokenizer.apply_chat_template`` when the
 tokenizer has a ``chat_template``. Otherwise it uses this plain template (``{bos}`` is the tokenizer's BOS
 token or empty, ``{eos}`` its EOS token or empty)::

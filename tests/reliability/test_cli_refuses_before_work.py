@@ -140,6 +140,7 @@ def _cases(folder: Path, data: dict) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not READ_ONLY.is_dir(), reason="needs Linux sysfs as a read-only folder")
 def test_every_bad_input_and_output_path_is_refused_with_one_line_and_nothing_created(tmp_path):
     data = micro_data(tmp_path / "data")
