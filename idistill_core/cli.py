@@ -294,14 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except IdistillError as error:
-        print(f"idistill: error: {type(error).__name__}: {error}", file=sys.stderr)
+        # a leading newline: a progress bar may be mid-line on stderr, and this line must stand alone
+        print(f"\nidistill: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as stop:
         stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
-        print(_interrupted_line(args, stop), file=sys.stderr)
+        print("\n" + _interrupted_line(args, stop), file=sys.stderr)
         return 128 + stop.signum
     except OSError as error:  # the disk filled up or a file vanished mid-run: one line, not a traceback
-        print(f"idistill: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"\nidistill: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     finally:
         for signum, handler in previous.items():
