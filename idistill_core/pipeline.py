@@ -179,7 +179,7 @@ def embed_pool(
         if pending_ids:
             before = store.version
             inserted += store.insert_missing(pending_ids, np.concatenate(pending_vectors))
-            ours = ours and before == latest and store.version <= before + 1
+            ours = ours and before == latest  # (one insert may be several commits of its own)
             latest = store.version
             if on_commit is not None:
                 on_commit(inserted, len(missing))
