@@ -103,6 +103,8 @@ def _select(args) -> int:
     for key, value in report.sizes.items():
         if key in ("landmarks", "holdout"):
             print(f"  {key}: {value}")
+    for step, line in report.precision.items():
+        print(f"  precision ({step}): {line}")
     stage_times = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
     print(f"  stage times: model load {load_seconds:.1f}s, {stage_times}")
     if report.fidelity is not None:
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=int, default=8)
     ft.add_argument("--max-length", type=int, default=256)
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--precision", choices=["auto", "bf16-autocast", "fp32"], default="bf16-autocast")
+    ft.add_argument("--precision", choices=["auto", "bf16-autocast", "fp32"], default="auto",
+                    help="auto: bf16-autocast where this device runs bfloat16 natively and faster, else fp32")
     ft.add_argument("--use-weights", action="store_true")
     ft.add_argument("--grad-accum", type=int, default=1)
     ft.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (peft) instead of all weights")

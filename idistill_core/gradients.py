@@ -31,6 +31,7 @@ from idistill_core.architecture import eager_attention
 from idistill_core.batch import IGNORE_INDEX, TokenBatch
 from idistill_core.errors import ConfigError, NumericalError
 from idistill_core.hashing import config_fingerprint
+from idistill_core.precision import PrecisionResolver
 from idistill_core.projection import RademacherProjector, SRHTProjector
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class GradientConfig:
     """Seeds the coordinate mask and the projection."""
     batch_size: int = 1
     """1: loop of ordinary backward passes (fastest on CPU); > 1: ``vmap(grad)`` over chunks."""
+    dtype: str = "float32"
+    """Forward/backward matmul precision: ``float32``, ``bfloat16`` (autocast; fp32 weights and gradients) or
+    ``auto`` (bfloat16 where native and measured faster, ``precision.PrecisionResolver``)."""
 
     def __post_init__(self) -> None:
         if not self.param_subset:
@@ -91,6 +95,8 @@ class GradientConfig:
             raise ConfigError(f"GradientConfig.proj_dim must be >= 1 or None; got {self.proj_dim}")
         if self.batch_size < 1:
             raise ConfigError(f"GradientConfig.batch_size must be >= 1; got {self.batch_size}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"GradientConfig.dtype must be auto, float32 or bfloat16; got {self.dtype!r}")
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
@@ -320,6 +326,7 @@ def iter_gradients(
     config: GradientConfig = GradientConfig(),
     preconditioner: AdamPreconditioner | None = None,
     progress: bool = False,
+    resolver: PrecisionResolver | None = None,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Stream reduced per-sample gradients, one result per input batch.
 
@@ -330,6 +337,7 @@ def iter_gradients(
         preconditioner: Adam factors (``warmup.adam_preconditioner``) applied as ``g ⊙ a``; pass it
             for LANDMARK (training-pool) gradients only, never for targets (paper §3.4).
         progress: tqdm bar over batches.
+        resolver: resolves ``config.dtype == "auto"`` (a fresh one when None).
 
     Yields:
         ``(sample_ids, grads)`` with ``grads: (B, P) float32`` on CPU.
@@ -339,15 +347,21 @@ def iter_gradients(
         NumericalError: a sample with no supervised token, or a non-finite / zero gradient.
     """
     reducer = _Reducer(model, config, preconditioner)
+    decision = (resolver or PrecisionResolver()).resolve_for_model(config.dtype, model)
     logger.info(
-        "gradients: %d tensors, %d coordinates -> %d (%s)",
+        "gradients: %d tensors, %d coordinates -> %d (%s), %s",
         len(reducer.names),
         reducer.dim,
         reducer.out_dim,
         config.proj_type if reducer.projector is not None else "raw",
+        decision.summary(),
     )
+    device_type = next(model.parameters()).device.type
     for batch in tqdm(batches, disable=not progress, desc="gradients", unit="batch"):
-        grads = _per_sample(model, batch, reducer.names, config.batch_size)
+        # Autocast covers the forward only: weights and gradients stay float32 and the reduction (mask, norm,
+        # projection) runs outside it in float32.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=decision.autocast):
+            grads = _per_sample(model, batch, reducer.names, config.batch_size)
         yield list(batch.sample_ids), reducer(grads, batch.sample_ids).cpu()
 
 

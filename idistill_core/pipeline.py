@@ -34,6 +34,7 @@ from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
+from idistill_core.precision import PrecisionResolver
 from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.store import EmbeddingStore, StoreIdentity
 from idistill_core.warmup import WarmupConfig
@@ -99,6 +100,23 @@ class SelectionRecipe:
 
     def embed_fingerprint(self, model_fingerprint: str) -> str:
         return config_fingerprint(self.embed) + "-" + model_fingerprint[:8] + f"-len{self.max_length}"
+
+
+def resolve_recipe(recipe: SelectionRecipe, model, resolver: PrecisionResolver | None = None
+                   ) -> tuple[SelectionRecipe, dict[str, str]]:
+    """``recipe`` with every ``auto`` precision made concrete for ``model``'s device, and one line per decision.
+
+    Done before anything is fingerprinted (embedding store, gradient shards), so results computed in different
+    dtypes never share a key.
+    """
+    import dataclasses
+
+    resolver = resolver or PrecisionResolver()
+    embed, embed_decision = recipe.embed.resolved(model, resolver)
+    grad_decision = resolver.resolve_for_model(recipe.gradients.dtype, model)
+    gradients = dataclasses.replace(recipe.gradients, dtype=grad_decision.dtype)
+    lines = {"embeddings": embed_decision.summary(), "gradients": grad_decision.summary()}
+    return dataclasses.replace(recipe, embed=embed, gradients=gradients), lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -632,6 +650,8 @@ class SelectionReport:
     sizes: dict[str, int]
     fidelity: float | None = None
     notes: list[str] = field(default_factory=list)
+    precision: dict[str, str] = field(default_factory=dict)
+    """Resolved compute precision per step, with the reason (``precision.PrecisionDecision.summary``)."""
 
 
 def run_selection(
@@ -647,8 +667,10 @@ def run_selection(
     progress: bool = False,
     backend: BackendConfig | None = None,
     source: ModelSource | None = None,
+    resolver: PrecisionResolver | None = None,
 ) -> SelectionReport:
     """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``)."""
+    recipe, precision = resolve_recipe(recipe, model, resolver)
     timings: dict[str, float] = {}
     pool_ids = list(pool_examples["sample_id"])
     _check_budget(budget, len(pool_ids))
@@ -677,7 +699,7 @@ def run_selection(
     if method in ("random", "midppl", "rds"):
         with timed("baseline"):
             outcome = baseline_outcome(method, model, tokenizer, pool_examples, target_examples, budget, recipe)
-        return SelectionReport(outcome, timings, sizes)
+        return SelectionReport(outcome, timings, sizes, precision=precision)
 
     preconditioner = None
     grad_model = model
@@ -695,7 +717,7 @@ def run_selection(
                 grad_model, tokenizer, pool_examples, targets.grads, budget, recipe, preconditioner,
                 method=method, progress=progress,
             )
-        return SelectionReport(outcome, timings, sizes)
+        return SelectionReport(outcome, timings, sizes, precision=precision)
 
     store = open_store(store_uri, store_table, model_fingerprint, recipe, model.config.hidden_size)
     with timed("embeddings"):
@@ -721,4 +743,4 @@ def run_selection(
         coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
     )
     timings.update(stage_times)
-    return SelectionReport(outcome, timings, sizes, fidelity=rho)
+    return SelectionReport(outcome, timings, sizes, fidelity=rho, precision=precision)
