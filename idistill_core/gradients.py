@@ -32,7 +32,7 @@ from idistill_core.batch import IGNORE_INDEX, TokenBatch
 from idistill_core.errors import ConfigError, NumericalError
 from idistill_core.hashing import config_fingerprint
 from idistill_core.precision import PrecisionResolver
-from idistill_core.projection import RademacherProjector, SRHTProjector
+from idistill_core.projection import PROJECTORS, make_projector
 
 if TYPE_CHECKING:
     from idistill_core.warmup import AdamPreconditioner
@@ -62,7 +62,8 @@ class GradientConfig:
     """Keep at most this many gradient coordinates, a seeded random subset spread over the selected
     tensors in proportion to their sizes (paper §3.2); None keeps all."""
     proj_type: str = "srht"
-    """``"srht"`` (randomized Hadamard, O(d log d)) or ``"rademacher"`` (dense, only for small d)."""
+    """``"srht"`` (randomized Hadamard, O(d log d)), ``"countsketch"`` (signed CountSketch, O(d), applied
+    tensor by tensor) or ``"rademacher"`` (dense, only for small d); see ``projection``."""
     proj_dim: int | None = 8192
     """``P``; None, or a value >= the (masked) gradient size, keeps the raw gradient."""
     normalize: bool = True
@@ -87,9 +88,9 @@ class GradientConfig:
                 ) from None
         if self.max_params is not None and self.max_params < 1:
             raise ConfigError(f"GradientConfig.max_params must be >= 1 or None; got {self.max_params}")
-        if self.proj_type not in ("srht", "rademacher"):
+        if self.proj_type not in PROJECTORS:
             raise ConfigError(
-                f"GradientConfig.proj_type must be 'srht' or 'rademacher'; got {self.proj_type!r}"
+                f"GradientConfig.proj_type must be one of {', '.join(PROJECTORS)}; got {self.proj_type!r}"
             )
         if self.proj_dim is not None and self.proj_dim < 1:
             raise ConfigError(f"GradientConfig.proj_dim must be >= 1 or None; got {self.proj_dim}")
@@ -234,13 +235,17 @@ def _vmap_grads(model: nn.Module, batch: TokenBatch, names: list[str]) -> dict[s
         return vmap(grad(loss_fn), in_dims=(None, 0, 0))(selected, batch.input_ids, batch.labels)
 
 
-def _flatten(grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+def _pieces(grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> list[torch.Tensor]:
     pieces = []
     for name, g in grads.items():
         flat = g.reshape(g.shape[0], -1)
         mask = masks.get(name)
         pieces.append(flat if mask is None else flat[:, mask.to(flat.device)])
-    return torch.cat(pieces, dim=1)
+    return pieces
+
+
+def _flatten(grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    return torch.cat(_pieces(grads, masks), dim=1)
 
 
 def flat_gradients(
@@ -293,31 +298,37 @@ class _Reducer:
             if missing:
                 raise ConfigError(f"preconditioner has no factor for parameter {missing[0]!r}")
             a = {n: preconditioner.a[n].reshape(1, -1) for n in self.names}
-            self.scale = _flatten(a, self.masks)[0]
+            self.scale = [piece[0] for piece in _pieces(a, self.masks)]
         self.projector = None
         if config.proj_dim is not None and config.proj_dim < self.dim:
-            cls = SRHTProjector if config.proj_type == "srht" else RademacherProjector
-            self.projector = cls(self.dim, config.proj_dim, seed=config.seed)
+            self.projector = make_projector(config.proj_type, self.dim, config.proj_dim, config.seed)
         self.out_dim = self.dim if self.projector is None else config.proj_dim
         self.normalize = config.normalize
 
     def __call__(self, grads: dict[str, torch.Tensor], sample_ids: list[str]) -> torch.Tensor:
-        flat = _flatten(grads, self.masks)
+        # Tensor by tensor: the unit norm is linear, so it is applied as one (B, 1) factor at the end, and a
+        # per-tensor projector (CountSketch) never needs the concatenated gradient.
+        pieces = _pieces(grads, self.masks)
         if self.scale is not None:
-            flat = flat * self.scale.to(device=flat.device, dtype=flat.dtype)
-        bad = ~torch.isfinite(flat).all(dim=1)
+            pieces = [p * a.to(device=p.device, dtype=p.dtype) for p, a in zip(pieces, self.scale, strict=True)]
+        bad = ~torch.stack([torch.isfinite(p).all(dim=1) for p in pieces]).all(dim=0)
         if bad.any():
             raise NumericalError(f"sample {sample_ids[int(bad.nonzero()[0])]!r}: non-finite gradient")
-        flat = flat.float()
+        factor = None
         if self.normalize:
-            norms = flat.norm(dim=1, keepdim=True)
+            # float32 accumulation (no float32 copy of a bf16 piece); float64 pieces keep float64
+            wide = [torch.linalg.vector_norm(p, dim=1, dtype=torch.promote_types(p.dtype, torch.float32)) for p in pieces]
+            norms = torch.stack(wide).norm(dim=0).float()[:, None]
             zero = (norms[:, 0] == 0).nonzero().flatten()
             if len(zero):
                 raise NumericalError(
                     f"sample {sample_ids[int(zero[0])]!r}: zero gradient cannot be normalised"
                 )
-            flat = flat / norms
-        return flat if self.projector is None else self.projector.project(flat)
+            factor = 1.0 / norms
+        if self.projector is not None:
+            return self.projector.project_pieces(pieces, factor)
+        flat = torch.cat([p.float() for p in pieces], dim=1)
+        return flat if factor is None else flat * factor
 
 
 def iter_gradients(
