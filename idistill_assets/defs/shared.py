@@ -153,6 +153,7 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
             "truncated_samples": tokenized.num_truncated,
             "dropped_samples": len(tokenized.dropped_ids),
             "precision": idistill.precision(s.recipe.embed.dtype).summary(),
+            "padding_fraction": round(report.padding_fraction, 4),
             **remote,
         },
         check_results=[check],
