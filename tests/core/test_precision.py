@@ -100,3 +100,10 @@ def test_recipe_resolution_makes_fingerprints_concrete(native_cpu, monkeypatch):
     assert resolved.gradients.dtype == recipe.gradients.dtype  # float32 by default, explicit
     assert resolved.embed_fingerprint("m" * 8) != recipe.embed_fingerprint("m" * 8)
     assert lines["embeddings"].startswith("bfloat16 (auto:")
+
+
+def test_auto_keeps_float32_for_shapes_too_small_to_time(native_cpu, monkeypatch):
+    # A tiny model's probe takes microseconds; noise there must never flip runs between dtypes.
+    _fake_probe(monkeypatch, 0.02, 0.001)
+    decision = PrecisionResolver().resolve("auto", "cpu", (32, 64))
+    assert decision.dtype == "float32" and "too small" in decision.reason
