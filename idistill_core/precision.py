@@ -37,9 +37,10 @@ REQUESTS = ("auto", "float32", "bfloat16")
 PROBE_MARGIN = 0.8
 """bfloat16 must take <= this fraction of the float32 probe time. Native machines measure 0.2-0.5x, emulated
 ones 5-100x, so 0.8 separates them with room for noise."""
-MIN_PROBE_MS = 0.5
-"""Below this float32 probe time the shapes are too small for bf16 to pay (and a microsecond timing is noise
-that could flip the decision between two runs): float32 without comparing."""
+MIN_MLP_SIZE = 1 << 18
+"""Below ``hidden * intermediate`` of this many entries (SmolLM2-135M: 885k; the tests' tiny models: 2k) a
+GEMM is too small for bf16 to pay, and its microsecond probe is noise that could flip the decision between two
+runs on a loaded machine: float32, decided from the shapes alone so it is deterministic."""
 PROBE_TOKENS = 128
 PROBE_REPEATS = 3
 """Timed calls per dtype after one warm-up call; the best is kept."""
@@ -209,11 +210,11 @@ class PrecisionResolver:
         native, capability = self._capability(device)
         if not native:
             return PrecisionDecision("float32", "auto", "no native bfloat16", str(device), capability)
+        if shapes[0] * shapes[1] < MIN_MLP_SIZE:
+            reason = f"model too small for bfloat16 to pay (MLP {shapes[0]}x{shapes[1]})"
+            return PrecisionDecision("float32", "auto", reason, str(device), capability)
         fp32, bf16 = probe_ms(device, *shapes, tokens=self.tokens, repeats=self.repeats)
         fp32, bf16 = round(fp32, 3), round(bf16, 3)
-        if fp32 < MIN_PROBE_MS:
-            reason = f"model too small for bfloat16 to pay (float32 probe {fp32} ms < {MIN_PROBE_MS} ms)"
-            return PrecisionDecision("float32", "auto", reason, str(device), capability, fp32, bf16)
         if bf16 <= self.margin * fp32:
             reason = f"native bfloat16, measured {bf16 / fp32:.2f}x the float32 time"
             return PrecisionDecision("bfloat16", "auto", reason, str(device), capability, fp32, bf16)

@@ -70,8 +70,8 @@ def test_resolver_probes_once_per_device_and_shape(native_cpu, monkeypatch):
     resolver = PrecisionResolver()
     first = resolver.resolve("auto", "cpu", (576, 1536))
     assert resolver.resolve("auto", "cpu", (576, 1536)) is first
-    resolver.resolve("auto", "cpu", (64, 128))
-    assert calls == [("cpu", 576, 1536), ("cpu", 64, 128)]
+    resolver.resolve("auto", "cpu", (1024, 4096))
+    assert calls == [("cpu", 576, 1536), ("cpu", 1024, 4096)]
     assert PrecisionResolver().resolve("auto", "cpu", (576, 1536)) is not first  # no hidden global cache
 
 
@@ -93,7 +93,7 @@ def test_recipe_resolution_makes_fingerprints_concrete(native_cpu, monkeypatch):
     from tests.conftest import tiny_llama
 
     _fake_probe(monkeypatch, 10.0, 3.0)
-    model = tiny_llama(fork_rng=True)
+    model = tiny_llama(fork_rng=True, intermediate_size=8192)  # an MLP big enough to be probed
     recipe = SelectionRecipe()
     resolved, lines = resolve_recipe(recipe, model, PrecisionResolver())
     assert recipe.embed.dtype == "auto" and resolved.embed.dtype == "bfloat16"
@@ -104,6 +104,7 @@ def test_recipe_resolution_makes_fingerprints_concrete(native_cpu, monkeypatch):
 
 def test_auto_keeps_float32_for_shapes_too_small_to_time(native_cpu, monkeypatch):
     # A tiny model's probe takes microseconds; noise there must never flip runs between dtypes.
-    _fake_probe(monkeypatch, 0.02, 0.001)
+    calls = _fake_probe(monkeypatch, 0.02, 0.001)
     decision = PrecisionResolver().resolve("auto", "cpu", (32, 64))
     assert decision.dtype == "float32" and "too small" in decision.reason
+    assert calls == []  # decided from the shapes: no timing, so no run-to-run flip
