@@ -74,7 +74,8 @@ class GradientConfig:
     """1: loop of ordinary backward passes (fastest on CPU); > 1: ``vmap(grad)`` over chunks."""
     dtype: str = "float32"
     """Forward/backward matmul precision: ``float32``, ``bfloat16`` (autocast; fp32 weights and gradients) or
-    ``auto`` (bfloat16 where native and measured faster, ``precision.PrecisionResolver``)."""
+    ``auto`` (bfloat16 where native and measured faster, ``precision.PrecisionResolver``). float32 by default:
+    bf16 autocast measured 2.7x SLOWER per sample on an AMX CPU at batch 1 (BENCHMARKS.md, issue 10)."""
 
     def __post_init__(self) -> None:
         if not self.param_subset:
