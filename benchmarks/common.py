@@ -80,7 +80,12 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "forced_kernels": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
     }
+    from idistill_core.precision import cpu_bf16_capability
+
+    info["cpu_bf16"] = cpu_bf16_capability()[1]
     try:
         import transformers
 

@@ -90,7 +90,7 @@ def _embeddings(pipes, res, backend) -> dict:
         loaded.tokenizer,
         tokenized.examples,
         store,
-        s.recipe.embed,
+        res.recipe().embed,  # auto precision resolved, as the store's identity was
         commit_every=s.commit_every,
         on_commit=on_commit,
         backend=backend,
@@ -129,7 +129,7 @@ def _landmarks(pipes, res, backend, ids: list[str], shard_dir: str) -> dict:
         tokenizer,
         tokenized.examples,
         ids,
-        s.recipe.gradients,
+        res.recipe().gradients,
         shard_dir,
         preconditioner=pre,
         chunk_size=s.commit_every,

@@ -20,6 +20,7 @@ class IdistillResource(dg.ConfigurableResource):
 
     _model_cache: dict = PrivateAttr(default_factory=dict)
     _settings: Settings | None = PrivateAttr(default=None)
+    _resolver: object = PrivateAttr(default=None)
 
     @property
     def settings(self) -> Settings:
@@ -39,13 +40,30 @@ class IdistillResource(dg.ConfigurableResource):
             )
         return self._model_cache[key]
 
+    def precision(self, requested: str):
+        """``requested`` (``auto``/``float32``/``bfloat16``) resolved on the base model (one probe per run)."""
+        from idistill_core.precision import PrecisionResolver
+
+        if self._resolver is None:
+            self._resolver = PrecisionResolver()
+        return self._resolver.resolve_for_model(requested, self.load_model().model)
+
+    def recipe(self):
+        """The profile's recipe with ``auto`` precisions resolved for this machine (fingerprints use it)."""
+        import dataclasses
+
+        r = self.settings.recipe
+        embed = dataclasses.replace(r.embed, dtype=self.precision(r.embed.dtype).dtype)
+        gradients = dataclasses.replace(r.gradients, dtype=self.precision(r.gradients.dtype).dtype)
+        return dataclasses.replace(r, embed=embed, gradients=gradients)
+
     def store(self) -> EmbeddingStore:
-        """The embedding table of the base model under the profile's embedding recipe."""
+        """The embedding table of the base model under the profile's (resolved) embedding recipe."""
         from idistill_core.pipeline import open_store
 
         s = self.settings
         loaded = self.load_model()
-        return open_store(s.lancedb_uri, s.embeddings_table, loaded.fingerprint, s.recipe, loaded.model.config.hidden_size)
+        return open_store(s.lancedb_uri, s.embeddings_table, loaded.fingerprint, self.recipe(), loaded.model.config.hidden_size)
 
     def artifact_dir(self, *parts: str) -> Path:
         path = self.settings.artifacts.joinpath(*parts)

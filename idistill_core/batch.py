@@ -3,11 +3,18 @@
 A tokenized example is a mapping with ``sample_id`` (str), ``input_ids`` (list[int]) and ``labels``
 (list[int], ``-100`` where the token is not supervised). Batches are right-padded; the attention mask
 marks real tokens, so "last real token" of row ``b`` is ``attention_mask[b].sum() - 1``.
+
+Length bucketing: real pools mix 20- and 256-token samples, and a batch costs its longest row times its
+size, so passes over a pool batch samples in :func:`length_order` (a stable sort by token length over the
+whole pass). Results are keyed by ``sample_id``; callers that return rows put them back in their own order.
+A stable sort over the whole pass (not per window) keeps resumable passes identical: when a killed pass
+committed a prefix of whole batches, the samples still missing sort into exactly the batches the
+uninterrupted pass would have formed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +95,20 @@ def iter_batches(
             buffer = []
     if buffer:
         yield collate(buffer, pad_token_id)
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Positions sorted by length, ties kept in input order (a stable sort, so deterministic)."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
+    """Share of padded positions when ``lengths`` are batched in this order, ``batch_size`` rows at a time."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0; got {batch_size}")
+    real = padded = 0
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start : start + batch_size]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 1.0 - real / padded if padded else 0.0

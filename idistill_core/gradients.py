@@ -31,7 +31,8 @@ from idistill_core.architecture import eager_attention
 from idistill_core.batch import IGNORE_INDEX, TokenBatch
 from idistill_core.errors import ConfigError, NumericalError
 from idistill_core.hashing import config_fingerprint
-from idistill_core.projection import RademacherProjector, SRHTProjector
+from idistill_core.precision import PrecisionResolver
+from idistill_core.projection import PROJECTORS, make_projector
 
 if TYPE_CHECKING:
     from idistill_core.warmup import AdamPreconditioner
@@ -61,7 +62,8 @@ class GradientConfig:
     """Keep at most this many gradient coordinates, a seeded random subset spread over the selected
     tensors in proportion to their sizes (paper §3.2); None keeps all."""
     proj_type: str = "srht"
-    """``"srht"`` (randomized Hadamard, O(d log d)) or ``"rademacher"`` (dense, only for small d)."""
+    """``"srht"`` (randomized Hadamard, O(d log d)), ``"countsketch"`` (signed CountSketch, O(d), applied
+    tensor by tensor) or ``"rademacher"`` (dense, only for small d); see ``projection``."""
     proj_dim: int | None = 8192
     """``P``; None, or a value >= the (masked) gradient size, keeps the raw gradient."""
     normalize: bool = True
@@ -70,6 +72,10 @@ class GradientConfig:
     """Seeds the coordinate mask and the projection."""
     batch_size: int = 1
     """1: loop of ordinary backward passes (fastest on CPU); > 1: ``vmap(grad)`` over chunks."""
+    dtype: str = "float32"
+    """Forward/backward matmul precision: ``float32``, ``bfloat16`` (autocast; fp32 weights and gradients) or
+    ``auto`` (bfloat16 where native and measured faster, ``precision.PrecisionResolver``). float32 by default:
+    bf16 autocast measured 2.7x SLOWER per sample on an AMX CPU at batch 1 (BENCHMARKS.md, issue 10)."""
 
     def __post_init__(self) -> None:
         if not self.param_subset:
@@ -83,14 +89,16 @@ class GradientConfig:
                 ) from None
         if self.max_params is not None and self.max_params < 1:
             raise ConfigError(f"GradientConfig.max_params must be >= 1 or None; got {self.max_params}")
-        if self.proj_type not in ("srht", "rademacher"):
+        if self.proj_type not in PROJECTORS:
             raise ConfigError(
-                f"GradientConfig.proj_type must be 'srht' or 'rademacher'; got {self.proj_type!r}"
+                f"GradientConfig.proj_type must be one of {', '.join(PROJECTORS)}; got {self.proj_type!r}"
             )
         if self.proj_dim is not None and self.proj_dim < 1:
             raise ConfigError(f"GradientConfig.proj_dim must be >= 1 or None; got {self.proj_dim}")
         if self.batch_size < 1:
             raise ConfigError(f"GradientConfig.batch_size must be >= 1; got {self.batch_size}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"GradientConfig.dtype must be auto, float32 or bfloat16; got {self.dtype!r}")
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
@@ -228,13 +236,17 @@ def _vmap_grads(model: nn.Module, batch: TokenBatch, names: list[str]) -> dict[s
         return vmap(grad(loss_fn), in_dims=(None, 0, 0))(selected, batch.input_ids, batch.labels)
 
 
-def _flatten(grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+def _pieces(grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> list[torch.Tensor]:
     pieces = []
     for name, g in grads.items():
         flat = g.reshape(g.shape[0], -1)
         mask = masks.get(name)
         pieces.append(flat if mask is None else flat[:, mask.to(flat.device)])
-    return torch.cat(pieces, dim=1)
+    return pieces
+
+
+def _flatten(grads: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    return torch.cat(_pieces(grads, masks), dim=1)
 
 
 def flat_gradients(
@@ -287,31 +299,37 @@ class _Reducer:
             if missing:
                 raise ConfigError(f"preconditioner has no factor for parameter {missing[0]!r}")
             a = {n: preconditioner.a[n].reshape(1, -1) for n in self.names}
-            self.scale = _flatten(a, self.masks)[0]
+            self.scale = [piece[0] for piece in _pieces(a, self.masks)]
         self.projector = None
         if config.proj_dim is not None and config.proj_dim < self.dim:
-            cls = SRHTProjector if config.proj_type == "srht" else RademacherProjector
-            self.projector = cls(self.dim, config.proj_dim, seed=config.seed)
+            self.projector = make_projector(config.proj_type, self.dim, config.proj_dim, config.seed)
         self.out_dim = self.dim if self.projector is None else config.proj_dim
         self.normalize = config.normalize
 
     def __call__(self, grads: dict[str, torch.Tensor], sample_ids: list[str]) -> torch.Tensor:
-        flat = _flatten(grads, self.masks)
+        # Tensor by tensor: the unit norm is linear, so it is applied as one (B, 1) factor at the end, and a
+        # per-tensor projector (CountSketch) never needs the concatenated gradient.
+        pieces = _pieces(grads, self.masks)
         if self.scale is not None:
-            flat = flat * self.scale.to(device=flat.device, dtype=flat.dtype)
-        bad = ~torch.isfinite(flat).all(dim=1)
+            pieces = [p * a.to(device=p.device, dtype=p.dtype) for p, a in zip(pieces, self.scale, strict=True)]
+        bad = ~torch.stack([torch.isfinite(p).all(dim=1) for p in pieces]).all(dim=0)
         if bad.any():
             raise NumericalError(f"sample {sample_ids[int(bad.nonzero()[0])]!r}: non-finite gradient")
-        flat = flat.float()
+        factor = None
         if self.normalize:
-            norms = flat.norm(dim=1, keepdim=True)
+            # float32 accumulation (no float32 copy of a bf16 piece); float64 pieces keep float64
+            wide = [torch.linalg.vector_norm(p, dim=1, dtype=torch.promote_types(p.dtype, torch.float32)) for p in pieces]
+            norms = torch.stack(wide).norm(dim=0).float()[:, None]
             zero = (norms[:, 0] == 0).nonzero().flatten()
             if len(zero):
                 raise NumericalError(
                     f"sample {sample_ids[int(zero[0])]!r}: zero gradient cannot be normalised"
                 )
-            flat = flat / norms
-        return flat if self.projector is None else self.projector.project(flat)
+            factor = 1.0 / norms
+        if self.projector is not None:
+            return self.projector.project_pieces(pieces, factor)
+        flat = torch.cat([p.float() for p in pieces], dim=1)
+        return flat if factor is None else flat * factor
 
 
 def iter_gradients(
@@ -320,6 +338,7 @@ def iter_gradients(
     config: GradientConfig = GradientConfig(),
     preconditioner: AdamPreconditioner | None = None,
     progress: bool = False,
+    resolver: PrecisionResolver | None = None,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Stream reduced per-sample gradients, one result per input batch.
 
@@ -330,6 +349,7 @@ def iter_gradients(
         preconditioner: Adam factors (``warmup.adam_preconditioner``) applied as ``g ⊙ a``; pass it
             for LANDMARK (training-pool) gradients only, never for targets (paper §3.4).
         progress: tqdm bar over batches.
+        resolver: resolves ``config.dtype == "auto"`` (a fresh one when None).
 
     Yields:
         ``(sample_ids, grads)`` with ``grads: (B, P) float32`` on CPU.
@@ -339,15 +359,21 @@ def iter_gradients(
         NumericalError: a sample with no supervised token, or a non-finite / zero gradient.
     """
     reducer = _Reducer(model, config, preconditioner)
+    decision = (resolver or PrecisionResolver()).resolve_for_model(config.dtype, model)
     logger.info(
-        "gradients: %d tensors, %d coordinates -> %d (%s)",
+        "gradients: %d tensors, %d coordinates -> %d (%s), %s",
         len(reducer.names),
         reducer.dim,
         reducer.out_dim,
         config.proj_type if reducer.projector is not None else "raw",
+        decision.summary(),
     )
+    device_type = next(model.parameters()).device.type
     for batch in tqdm(batches, disable=not progress, desc="gradients", unit="batch"):
-        grads = _per_sample(model, batch, reducer.names, config.batch_size)
+        # Autocast covers the forward only: weights and gradients stay float32 and the reduction (mask, norm,
+        # projection) runs outside it in float32.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=decision.autocast):
+            grads = _per_sample(model, batch, reducer.names, config.batch_size)
         yield list(batch.sample_ids), reducer(grads, batch.sample_ids).cpu()
 
 

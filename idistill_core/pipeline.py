@@ -29,11 +29,12 @@ import torch
 
 from idistill_core import backends
 from idistill_core.backends import BackendConfig, ModelSource
-from idistill_core.batch import TokenBatch, iter_batches
+from idistill_core.batch import TokenBatch, iter_batches, length_order, padding_fraction
 from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError, IdistillError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
+from idistill_core.precision import PrecisionResolver
 from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.store import EmbeddingStore, StoreIdentity
 from idistill_core.warmup import WarmupConfig
@@ -101,6 +102,23 @@ class SelectionRecipe:
         return config_fingerprint(self.embed) + "-" + model_fingerprint[:8] + f"-len{self.max_length}"
 
 
+def resolve_recipe(recipe: SelectionRecipe, model, resolver: PrecisionResolver | None = None
+                   ) -> tuple[SelectionRecipe, dict[str, str]]:
+    """``recipe`` with every ``auto`` precision made concrete for ``model``'s device, and one line per decision.
+
+    Done before anything is fingerprinted (embedding store, gradient shards), so results computed in different
+    dtypes never share a key.
+    """
+    import dataclasses
+
+    resolver = resolver or PrecisionResolver()
+    embed, embed_decision = recipe.embed.resolved(model, resolver)
+    grad_decision = resolver.resolve_for_model(recipe.gradients.dtype, model)
+    gradients = dataclasses.replace(recipe.gradients, dtype=grad_decision.dtype)
+    lines = {"embeddings": embed_decision.summary(), "gradients": grad_decision.summary()}
+    return dataclasses.replace(recipe, embed=embed, gradients=gradients), lines
+
+
 # ---------------------------------------------------------------------------------------------------------
 # tokenized examples helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -109,16 +127,45 @@ def _pad_id(tokenizer) -> int:
     return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
-def batches_for(examples, tokenizer, batch_size: int, ids: Sequence[str] | None = None) -> Iterable[TokenBatch]:
-    """Batches of the tokenized ``examples`` (optionally only ``ids``, in that order)."""
+def _rows_for(examples, ids: Sequence[str] | None) -> list[int]:
     if ids is None:
-        return iter_batches(examples, batch_size, _pad_id(tokenizer))
+        return list(range(len(examples)))
     position = {sample_id: i for i, sample_id in enumerate(examples["sample_id"])}
     missing = [s for s in ids if s not in position]
     if missing:
         raise ConfigError(f"sample ids {missing[:5]} are not in the tokenized pool.")
-    selected = examples.select([position[s] for s in ids])
-    return iter_batches(selected, batch_size, _pad_id(tokenizer))
+    return [position[s] for s in ids]
+
+
+def batches_for(
+    examples, tokenizer, batch_size: int, ids: Sequence[str] | None = None, bucket: bool = True
+) -> Iterable[TokenBatch]:
+    """Batches of the tokenized ``examples`` (optionally only ``ids``).
+
+    With ``bucket`` (default) the rows are batched in ``batch.length_order`` (shortest first) to cut padding,
+    so batches do NOT come in ``ids`` order: key results by ``sample_id`` (see :func:`in_order`). Without it
+    they come in ``ids`` (or row) order.
+    """
+    rows = _rows_for(examples, ids)
+    if bucket and batch_size > 1:
+        lengths = [len(x) for x in examples.select(rows)["input_ids"]]
+        rows = [rows[i] for i in length_order(lengths)]
+    return iter_batches(examples.select(rows), batch_size, _pad_id(tokenizer))
+
+
+def batch_padding(examples, batch_size: int, ids: Sequence[str] | None = None, bucket: bool = True) -> float:
+    """Padding fraction of :func:`batches_for` with the same arguments (the share of wasted positions)."""
+    lengths = [len(x) for x in examples.select(_rows_for(examples, ids))["input_ids"]]
+    if bucket and batch_size > 1:
+        lengths = [lengths[i] for i in length_order(lengths)]
+    return padding_fraction(lengths, batch_size)
+
+
+def in_order(wanted: Sequence[str], got: Sequence[str], values):
+    """``values`` (rows keyed by ``got``) re-ordered to ``wanted``; numpy arrays and tensors alike."""
+    position = {s: i for i, s in enumerate(got)}
+    index = [position[s] for s in wanted]
+    return values[torch.as_tensor(index)] if torch.is_tensor(values) else np.asarray(values)[index]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,6 +180,8 @@ class EmbedReport:
     row_count: int
     computed: int = 0
     """Samples embedded by this call (on whichever backend); a re-run after a kill computes only the missing."""
+    padding_fraction: float = 0.0
+    """Share of padded positions in the batches this call computed (length-bucketed)."""
 
 
 def open_store(
@@ -185,8 +234,14 @@ def embed_pool(
                 on_commit(inserted, len(missing))
             pending_ids, pending_vectors = [], []
 
+    padding = 0.0
     try:
         if missing:
+            # length-bucketed: every backend batches ids in the order given (batch.py: why one global stable sort)
+            lengths = [len(x) for x in examples.select(_rows_for(examples, missing))["input_ids"]]
+            missing = [missing[i] for i in length_order(lengths)]
+            padding = padding_fraction(sorted(lengths), config.batch_size)
+            logger.info("embeddings: length-bucketed batches, padding fraction %.3f", padding)
             stream = backends.embed_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, progress)
             for ids, vectors in stream:
                 computed += len(ids)
@@ -220,6 +275,7 @@ def embed_pool(
         table_version=store.version,
         row_count=store.count(),
         computed=computed,
+        padding_fraction=padding,
     )
 
 
@@ -257,7 +313,11 @@ def compute_gradients(
             rows.update(zip(batch_ids, grads))
         return GradientSet(ids, torch.from_numpy(np.stack([rows[s] for s in ids])) if ids else torch.zeros((0, 0)))
     batches = batches_for(examples, tokenizer, config.batch_size, ids=ids)
-    return collect_gradients(model, batches, config, preconditioner=preconditioner, progress=progress)
+    got = collect_gradients(model, batches, config, preconditioner=preconditioner, progress=progress)
+    wanted = list(examples["sample_id"]) if ids is None else list(ids)
+    if got.sample_ids == wanted or not got.sample_ids:
+        return got
+    return GradientSet(wanted, in_order(wanted, got.sample_ids, got.grads))  # batches were length-bucketed
 
 
 def compute_gradients_resumable(
@@ -599,17 +659,19 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
         scores = np.asarray(baselines.random_scores(pool_ids, recipe.seed))
         return select_samples(pool_ids, scores, budget, method=method)
     if method == "midppl":
-        ids, nll = baselines.midppl_scores(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
-        ids, nll = list(ids), np.asarray(nll, dtype=np.float64)
+        got, nll = baselines.midppl_scores(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
+        ids, nll = pool_ids, np.asarray(in_order(pool_ids, list(got), nll), dtype=np.float64)
         picked = list(baselines.midppl_select(ids, nll, budget).sample_ids)
         return SelectionOutcome(ids, nll, uniform_weights(ids, picked), picked, method)
     if method == "rds":
-        ids, cosine = baselines.rds_scores(
+        got, cosine = baselines.rds_scores(
             model,
             batches_for(pool_examples, tokenizer, recipe.batch_size),
-            batches_for(target_examples, tokenizer, recipe.batch_size),
+            # targets in file order: their columns set the round-robin order
+            batches_for(target_examples, tokenizer, recipe.batch_size, bucket=False),
         )
-        return select_samples(list(ids), np.asarray(cosine), budget, aggregate="rr", seed=recipe.seed, method=method)
+        cosine = in_order(pool_ids, list(got), np.asarray(cosine))  # batches were length-bucketed
+        return select_samples(pool_ids, cosine, budget, aggregate="rr", seed=recipe.seed, method=method)
     raise ConfigError(f"'{method}' is not a forward-only baseline (random, midppl, rds).")
 
 
@@ -674,6 +736,8 @@ class SelectionReport:
     sizes: dict[str, int]
     fidelity: float | None = None
     notes: list[str] = field(default_factory=list)
+    precision: dict[str, str] = field(default_factory=dict)
+    """Resolved compute precision per step, with the reason (``precision.PrecisionDecision.summary``)."""
 
 
 def run_selection(
@@ -689,12 +753,14 @@ def run_selection(
     progress: bool = False,
     backend: BackendConfig | None = None,
     source: ModelSource | None = None,
+    resolver: PrecisionResolver | None = None,
     commit_every: int = 256,
     on_commit: Callable[[int, int], None] | None = None,
 ) -> SelectionReport:
     """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``).
 
     ``commit_every`` and ``on_commit`` go to :func:`embed_pool` (the only stage that commits)."""
+    recipe, precision = resolve_recipe(recipe, model, resolver)
     timings: dict[str, float] = {}
     pool_ids = list(pool_examples["sample_id"])
     _check_budget(budget, len(pool_ids))
@@ -723,7 +789,7 @@ def run_selection(
     if method in ("random", "midppl", "rds"):
         with timed("baseline"):
             outcome = baseline_outcome(method, model, tokenizer, pool_examples, target_examples, budget, recipe)
-        return SelectionReport(outcome, timings, sizes)
+        return SelectionReport(outcome, timings, sizes, precision=precision)
 
     preconditioner = None
     grad_model = model
@@ -741,7 +807,7 @@ def run_selection(
                 grad_model, tokenizer, pool_examples, targets.grads, budget, recipe, preconditioner,
                 method=method, progress=progress,
             )
-        return SelectionReport(outcome, timings, sizes)
+        return SelectionReport(outcome, timings, sizes, precision=precision)
 
     store = open_store(store_uri, store_table, model_fingerprint, recipe, model.config.hidden_size)
     with timed("embeddings"):
@@ -770,4 +836,4 @@ def run_selection(
         coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
     )
     timings.update(stage_times)
-    return SelectionReport(outcome, timings, sizes, fidelity=rho)
+    return SelectionReport(outcome, timings, sizes, fidelity=rho, precision=precision)

@@ -74,9 +74,9 @@ class FinetuneConfig:
     """Global gradient-norm clip; ``None`` disables clipping. Must be > 0 when set."""
     seed: int = 0
     """Seed of the trainer (data order, LoRA's adapter init)."""
-    precision: str = "bf16-autocast"
-    """``"bf16-autocast"`` (fp32 weights and optimizer, bf16 matmuls), ``"fp32"``, or ``"auto"`` (resolved per
-    device by ``resolve_precision``)."""
+    precision: str = "auto"
+    """``"auto"`` (bf16-autocast where the device runs bfloat16 natively and a probe measures it faster, else
+    fp32; ``resolve_precision``), ``"bf16-autocast"`` (fp32 weights and optimizer, bf16 matmuls) or ``"fp32"``."""
     use_weights: bool = False
     """Scale each sample's token losses by its weight (``weights`` argument or a ``weight`` column)."""
     gradient_checkpointing: bool = False
@@ -144,12 +144,13 @@ class FinetuneResult:
 def resolve_precision(precision: str, model: torch.nn.Module) -> str:
     """``"auto"`` -> ``"bf16-autocast"`` or ``"fp32"`` for ``model``'s device; explicit values pass through.
 
-    Until the device-aware resolver (``idistill_core.precision``) is on this branch, ``auto`` means ``fp32``:
-    always correct, never slower than emulated bf16.
+    ``auto`` asks ``precision.PrecisionResolver`` (capability + a measured matmul probe of the model's shapes).
     """
     if precision != "auto":
         return precision
-    return "fp32"
+    from idistill_core.precision import PrecisionResolver, finetune_precision
+
+    return finetune_precision("auto", PrecisionResolver().resolve_for_model("auto", model))
 
 
 def finetune(

@@ -63,6 +63,8 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
             # the curve above is the trainer's log history (TRL SFTTrainer, one entry per optimizer step)
             "trainer": f"trl {result.extra.get('trl', '?')}",
             "train_precision": str(result.extra.get("precision", s.finetune.precision)),
+            "precision": s.finetune.precision if s.finetune.precision != "auto"
+            else "auto -> " + res.precision("auto").summary(),
         },
     )
 
@@ -160,6 +162,7 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -
                 if harness
                 else {}
             ),
+            "precision": str(results["base"].details.get("precision", "")),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -137,7 +137,7 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
         context.log.info("embeddings: committed %d / %d new samples", done, total)
 
     report = embed_pool(
-        loaded.model, loaded.tokenizer, tokenized.examples, store, s.recipe.embed,
+        loaded.model, loaded.tokenizer, tokenized.examples, store, idistill.recipe().embed,
         commit_every=s.commit_every, on_commit=on_commit,
     )
     pool_ids = list(tokenized.examples["sample_id"])
@@ -158,6 +158,8 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
             "samples_per_second": round(report.inserted / report.seconds, 2) if report.inserted else 0.0,
             "truncated_samples": tokenized.num_truncated,
             "dropped_samples": len(tokenized.dropped_ids),
+            "precision": idistill.precision(s.recipe.embed.dtype).summary(),
+            "padding_fraction": round(report.padding_fraction, 4),
             **remote,
         },
         check_results=[check],
@@ -301,7 +303,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "ids": landmark_ids + holdout_ids,
             "model": idistill.load_model().fingerprint,
             "warmup": warm.get("version", "disabled"),
-            "gradients": config_fingerprint(s.recipe.gradients),
+            "gradients": config_fingerprint(idistill.recipe().gradients),
             "max_length": s.recipe.max_length,
         },
         16,
@@ -314,7 +316,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     start = time.perf_counter()
     remote = run_on_backend(context, idistill, "landmarks", ids=landmark_ids + holdout_ids, shard_dir=str(shard_dir))
     grads = compute_gradients_resumable(
-        model, tokenizer, tokenized.examples, landmark_ids + holdout_ids, s.recipe.gradients, shard_dir,
+        model, tokenizer, tokenized.examples, landmark_ids + holdout_ids, idistill.recipe().gradients, shard_dir,
         preconditioner=pre, chunk_size=s.commit_every, on_chunk=on_chunk,
     )
     seconds = time.perf_counter() - start
@@ -335,6 +337,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "preconditioned": pre is not None,
             "seconds": round(seconds, 2),
             "seconds_per_gradient": round(seconds / max(1, len(g)), 3),
+            "precision": idistill.precision(s.recipe.gradients.dtype).summary(),
             "dagster/uri": str(landmarks_path(idistill)),
             **remote,
         },

@@ -82,7 +82,7 @@ def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResour
 
         raise DataError(f"target '{spec.name}': no usable dev samples in {spec.dev} (all empty or unsupervised).")
     start = time.perf_counter()
-    grads = compute_gradients(model, tokenizer, tokenized.examples, None, idistill.settings.recipe.gradients)
+    grads = compute_gradients(model, tokenizer, tokenized.examples, None, idistill.recipe().gradients)
     path = target_dir(idistill, spec.name) / "target_gradients.safetensors"
     artifacts.save_arrays(path, {"targets": grads.grads.detach().float().numpy()}, {"ids": grads.sample_ids, "spec": spec.version()})
     return dg.MaterializeResult(
@@ -92,6 +92,7 @@ def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResour
             "seconds": round(time.perf_counter() - start, 2),
             "spec_version": spec.version(),
             "dagster/uri": str(path),
+            "precision": idistill.precision(recipe.gradients.dtype).summary(),
         }
     )
 

@@ -146,7 +146,7 @@ def test_embeddings_are_deterministic_per_seed_and_tangents_are_shared_across_ba
     _, a = _embed_all(model, config, 2)
     _, b = _embed_all(model, config, 2)
     _, other = _embed_all(model, EmbedConfig(num_blocks=2, proj_dim=16, dtype="float64", seed=2), 2)
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, b)  # bitwise: same process, same batches and shapes, same kernels
     assert np.abs(a - other).max() > 1e-3
     # A sample's embedding does not depend on which batch (hence which pass) it came in.
     ex = _examples()

@@ -16,7 +16,7 @@ from idistill_core.gradients import (
     iter_gradients,
     select_parameters,
 )
-from idistill_core.projection import RademacherProjector, SRHTProjector
+from idistill_core.projection import CountSketchProjector, RademacherProjector, SRHTProjector
 from tests.conftest import tiny_llama
 
 LENGTHS = [6, 9, 4, 7]
@@ -88,6 +88,29 @@ def test_pipeline_is_mask_then_precondition_then_normalise_then_project():
     assert got.sample_ids == ["s0", "s1", "s2", "s3"]
     assert got.grads.dtype == torch.float32 and got.grads.shape == (4, 128)
     torch.testing.assert_close(got.grads, expected, rtol=0, atol=1e-4)
+
+
+def test_countsketch_option_sketches_each_tensor_as_the_concatenated_preconditioned_unit_gradient():
+    model = _tiny()
+    subset = r"layers\..*down_proj"  # two tensors: the sketch is taken per tensor, never concatenated
+    names = select_parameters(model, subset)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(5)
+    a = {n: torch.rand(params[n].shape, generator=gen, dtype=torch.float64) + 0.5 for n in names}
+    config = GradientConfig(param_subset=subset, proj_type="countsketch", proj_dim=64, seed=3)
+    got = collect_gradients(
+        model, [collate(_examples(), pad_token_id=0)], config, preconditioner=SimpleNamespace(a=a)
+    )
+    # Independent reference in float64: plain autograd gradients, ⊙a, unit norm, then the dense S matrix.
+    flat = _reference(model, _examples(), names) * torch.cat([a[n].reshape(-1) for n in names])
+    flat = flat / flat.norm(dim=1, keepdim=True)
+    proj = CountSketchProjector(flat.shape[1], 64, seed=3)
+    dense = torch.zeros(64, flat.shape[1], dtype=torch.float64)
+    dense[proj.buckets, torch.arange(flat.shape[1])] = proj.signs.double()
+    expected = flat @ dense.T
+    # float64 gradients, float32 sketch of a unit vector: rounding is a few float32 eps per bucket sum.
+    torch.testing.assert_close(got.grads.double(), expected, rtol=0, atol=64 * torch.finfo(torch.float32).eps)
+    assert (got.grads.norm(dim=1) - 1).abs().max() < 0.5  # a JL sketch of unit vectors, not a rescaling bug
 
 
 def test_gradients_are_unit_norm_and_rademacher_option_projects():

@@ -1,4 +1,5 @@
-"""Projections: the WHT is the orthonormal Hadamard matrix, and both JL projectors keep geometry."""
+"""Projections: the WHT is the orthonormal Hadamard matrix, and the JL projectors keep geometry; inputs are
+chosen to defeat broken maps (constant vectors and Hadamard rows need the random signs, one-hots the hashing)."""
 
 import math
 
@@ -8,7 +9,13 @@ import scipy.linalg
 import torch
 
 from idistill_core.errors import ConfigError
-from idistill_core.projection import RademacherProjector, SRHTProjector, fwht
+from idistill_core.projection import (
+    CountSketchProjector,
+    RademacherProjector,
+    SRHTProjector,
+    fwht,
+    make_projector,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 256, 1024])
@@ -54,7 +61,12 @@ def _unit_vectors(n, d, seed):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: SRHTProjector(3000, 1024, seed=7), lambda: RademacherProjector(3000, 1024, seed=7)]
+    "make",
+    [
+        lambda: SRHTProjector(3000, 1024, seed=7),
+        lambda: RademacherProjector(3000, 1024, seed=7),
+        lambda: CountSketchProjector(3000, 1024, seed=7),
+    ],
 )
 def test_projectors_keep_inner_products_within_jl_tolerance(make):
     proj = make()
@@ -86,11 +98,11 @@ def test_rademacher_chunked_path_equals_resident_matrix():
 
 def test_projectors_are_deterministic_per_seed():
     x = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
-    for cls in (SRHTProjector, RademacherProjector):
+    for cls in (SRHTProjector, RademacherProjector, CountSketchProjector):
         a = cls(300, 32, seed=1).project(x)
         b = cls(300, 32, seed=1).project(x)
         c = cls(300, 32, seed=2).project(x)
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # bitwise: same input, shapes and process, so the same kernels
         assert not torch.allclose(a, c)
         assert a.dtype == torch.float32 and a.shape == (2, 32)
 
@@ -102,3 +114,110 @@ def test_bad_dimensions_raise_config_errors():
         RademacherProjector(0, 8)
     with pytest.raises(ConfigError, match=r"\(B, 10\)"):
         SRHTProjector(10, 4).project(torch.zeros(2, 11))
+
+
+# --- CountSketch -------------------------------------------------------------------------------------------
+
+
+def _dense_countsketch(proj: CountSketchProjector) -> torch.Tensor:
+    """``(out_dim, in_dim)`` float64 matrix with ``S[h(i), i] = s_i``, built from the map's own tables."""
+    dense = torch.zeros(proj.out_dim, proj.in_dim, dtype=torch.float64)
+    dense[proj.buckets, torch.arange(proj.in_dim)] = proj.signs.double()
+    return dense
+
+
+def test_countsketch_equals_its_dense_definition_and_draws_real_hashes():
+    proj = CountSketchProjector(in_dim=1000, out_dim=32, seed=4, chunk=300)  # several generated blocks
+    assert set(proj.signs.unique().tolist()) == {-1.0, 1.0}
+    assert proj.buckets.unique().numel() == 32  # every bucket used; 1000 draws over 32 buckets
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    ref = x.double() @ _dense_countsketch(proj).T
+    # float32 sums of ~31 terms per bucket: a few eps of the absolute sum bounds the rounding.
+    tol = 8 * torch.finfo(torch.float32).eps * x.abs().sum(dim=1).max().item()
+    torch.testing.assert_close(proj.project(x).double(), ref, rtol=0, atol=tol)
+
+
+def test_countsketch_keeps_every_one_hot_norm_exactly():
+    proj = CountSketchProjector(in_dim=300, out_dim=16, seed=2)
+    out = proj.project(torch.eye(300))
+    assert torch.equal(out.abs().sum(dim=1), torch.ones(300))  # exactly one ±1 per row, nothing else
+    assert torch.equal(out.norm(dim=1), torch.ones(300))
+    assert torch.equal(out.argmax(dim=1).where(out.max(dim=1).values > 0, out.argmin(dim=1)), proj.buckets)
+
+
+def test_countsketch_pieces_equal_the_concatenated_input():
+    proj = CountSketchProjector(in_dim=700, out_dim=64, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    pieces = [torch.randn(2, n, generator=gen) for n in (100, 1, 599)]
+    scale = torch.tensor([[0.5], [2.0]])
+    whole = proj.project(torch.cat(pieces, dim=1)) * scale
+    tol = 8 * torch.finfo(torch.float32).eps * torch.cat(pieces, dim=1).abs().sum().item()
+    torch.testing.assert_close(proj.project_pieces(pieces, scale), whole, rtol=0, atol=tol)
+    with pytest.raises(ConfigError, match="pieces summing to 700"):
+        proj.project_pieces(pieces[:2])
+
+
+def _norm_ratios(proj, x):
+    return (proj.project(x).norm(dim=1) ** 2 / x.norm(dim=1) ** 2).tolist()
+
+
+# A constant vector and Hadamard rows are where the random signs do all the work: with all signs +1, a
+# CountSketch sums a constant vector's d/P equal entries per bucket (|Sx|^2 = d/P |x|^2), and the SRHT
+# maps a Hadamard row to one spike (|Sx|^2 = 0 or n/P |x|^2). With signs, |Sx|^2/|x|^2 has sd ~ sqrt(2/P)
+# = 0.09 for P = 256, so [0.5, 1.5] is a > 5 sd band.
+def _hadamard_rows(n: int, rows: list[int]) -> torch.Tensor:
+    return torch.from_numpy(scipy.linalg.hadamard(n)[rows].astype(np.float32))
+
+
+def _check_sign_sensitive_inputs(make, broken_signs: bool):
+    ratios = []
+    for seed in range(3):
+        proj = make(seed)
+        if broken_signs:
+            proj.signs = torch.ones_like(proj.signs)
+        ratios += _norm_ratios(proj, torch.ones(1, 4096))
+        ratios += _norm_ratios(proj, _hadamard_rows(4096, [1, 77, 2048, 4095]))
+    return all(0.5 < r < 1.5 for r in ratios), ratios
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: CountSketchProjector(4096, 256, seed=seed),
+        lambda seed: SRHTProjector(4096, 256, seed=seed),
+    ],
+    ids=["countsketch", "srht"],
+)
+def test_random_signs_spread_constant_vectors_and_hadamard_rows(make):
+    ok, ratios = _check_sign_sensitive_inputs(make, broken_signs=False)
+    assert ok, ratios
+    # The same check must catch a map whose signs are all +1 (so it would catch a sign bug).
+    broken_ok, _ = _check_sign_sensitive_inputs(make, broken_signs=True)
+    assert not broken_ok
+
+
+def test_countsketch_inner_products_are_unbiased_with_the_theoretical_variance():
+    d, p, seeds = 64, 16, 3000
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    y = 0.6 * x + torch.randn(d, generator=gen, dtype=torch.float64)
+    x[0], y[0] = 6.0, 5.0  # a heavy shared coordinate makes the -2 sum x_i^2 y_i^2 term large
+    ip = float(x @ y)
+    theory = (float(x @ x) * float(y @ y) + ip**2 - 2 * float((x**2 * y**2).sum())) / p
+    dense_jl = (float(x @ x) * float(y @ y) + ip**2) / p  # what a dense Gaussian/Rademacher map gives
+    xy = torch.stack([x, y]).float()
+    sketches = [CountSketchProjector(d, p, seed=s).project(xy).double() for s in range(seeds)]
+    est = torch.tensor([float(out[0] @ out[1]) for out in sketches], dtype=torch.float64)
+    mean, var = est.mean().item(), est.var().item()
+    assert abs(mean - ip) < 5 * math.sqrt(theory / seeds), (mean, ip)
+    # Standard error of the sample variance from the sample's own fourth central moment.
+    se_var = math.sqrt(((est - mean) ** 4).mean().item() / seeds - var**2 / seeds)
+    assert abs(var - theory) < 5 * se_var, (var, theory, se_var)
+    assert abs(var - dense_jl) > 5 * se_var  # the test can tell CountSketch's variance from dense JL's
+
+
+def test_make_projector_knows_every_name():
+    assert isinstance(make_projector("countsketch", 10, 4, 0), CountSketchProjector)
+    assert isinstance(make_projector("srht", 10, 4, 0), SRHTProjector)
+    with pytest.raises(ConfigError, match="proj_type must be one of srht, rademacher, countsketch"):
+        make_projector("gaussian", 10, 4, 0)
