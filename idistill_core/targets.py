@@ -13,6 +13,7 @@ A target file ``targets/<name>.yaml``::
     order: first                   # first | second
     aggregate: mean                # mean | rr
     finetune: true                 # also fine-tune and evaluate on the subset
+    evaluate: true                 # evaluate the fine-tuned models (needs finetune: true)
 
 The optimizer (GD or Adam preconditioning) is a property of the shared landmark gradients, so it is set once in
 the settings profile (``recipe.optimizer``), not per target.
@@ -41,6 +42,7 @@ _OPTIONAL = {
     "order": "first",
     "aggregate": "mean",
     "finetune": True,
+    "evaluate": True,
 }
 
 
@@ -57,6 +59,7 @@ class TargetSpec:
     order: str = "first"
     aggregate: str = "mean"
     finetune: bool = True
+    evaluate: bool = True
     source_file: Path | None = None
 
     def version(self) -> str:
@@ -120,8 +123,9 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
             raise ConfigError(
                 f"{path}: field '{field_name}' = {values[field_name]!r} is unknown; use one of {', '.join(allowed)}."
             )
-    if not isinstance(values["finetune"], bool):
-        raise ConfigError(f"{path}: field 'finetune' must be true or false; got {values['finetune']!r}.")
+    for flag in ("finetune", "evaluate"):
+        if not isinstance(values[flag], bool):
+            raise ConfigError(f"{path}: field '{flag}' must be true or false; got {values[flag]!r}.")
     return TargetSpec(
         name=name,
         metric=metric,
@@ -134,6 +138,7 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         order=values["order"],
         aggregate=values["aggregate"],
         finetune=values["finetune"],
+        evaluate=values["evaluate"],
         source_file=path,
     )
 
