@@ -11,6 +11,7 @@ import dagster as dg
 
 from idistill_assets.defs import automation, finetune, shared, targets
 from idistill_assets.resources import IdistillResource
+from idistill_core.errors import ConfigError
 
 
 def build_definitions(profile: str | None = None, home: str | None = None) -> dg.Definitions:
@@ -18,7 +19,11 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
         profile=profile or os.environ.get("IDISTILL_PROFILE", "profiles/default.yaml"),
         home=home or os.environ.get("IDISTILL_HOME") or None,
     )
-    settings = resource.settings
+    try:
+        settings = resource.settings
+    except ConfigError:
+        # a broken profile still loads the code location; the first run then fails with the one-line error
+        settings = None
     assets = [
         shared.pool,
         shared.base_model,

@@ -107,7 +107,11 @@ class IdistillResource(dg.ConfigurableResource):
         instance lets run at once (oversubscribed threads made two runs on 2 cores ~10x slower each)."""
         import torch
 
-        threads = max(1, usable_cores() // device_slots(self.settings))
+        try:
+            slots = device_slots(self.settings)
+        except ConfigError:  # a bad profile fails in the first step, with its one-line error, not here
+            return
+        threads = max(1, usable_cores() // slots)
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():
             threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
         torch.set_num_threads(threads)

@@ -99,13 +99,15 @@ def code_versions(settings) -> dict[str, str]:
 
 def with_profile(assets: list, settings) -> list:
     """The assets with profile-derived code versions and `follow_inputs` (the observable spec has neither)."""
-    versions = code_versions(settings)
+    versions = code_versions(settings) if settings is not None else {}
 
     def update(spec: dg.AssetSpec) -> dg.AssetSpec:
         name = spec.key.path[-1]
-        if name not in versions:
+        if name == "target_spec":  # observed by the registry sensor
             return spec
-        return spec.replace_attributes(code_version=versions[name], automation_condition=follow_inputs())
+        return spec.replace_attributes(
+            code_version=versions.get(name, spec.code_version), automation_condition=follow_inputs()
+        )
 
     return [
         a.map_asset_specs(update) if hasattr(a, "map_asset_specs") and a.is_executable else a for a in assets
@@ -115,7 +117,7 @@ def with_profile(assets: list, settings) -> list:
 def automation_sensors(settings) -> list[dg.AutomationConditionSensorDefinition]:
     everything = dg.AssetSelection.groups("shared", "target")
     heavy = dg.AssetSelection.assets(*[key(n) for n in HEAVY])
-    if settings.orchestration.automate_heavy:
+    if settings is not None and settings.orchestration.automate_heavy:
         return [
             dg.AutomationConditionSensorDefinition(
                 "automation",
