@@ -214,8 +214,21 @@ def stale_or_missing(instance: dg.DagsterInstance, asset_graph) -> dict[str | No
     """Materializable assets whose partition is missing or stale, by partition (None = unpartitioned), in the
     instance's own staleness terms (the per-partition view the global graph does not show, dagster #22553)."""
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContext
 
-    resolver = CachingStaleStatusResolver(instance, asset_graph)
+    class _Loading(LoadingContext):  # the resolver's batching cache, outside a webserver request
+        def __init__(self):
+            self._loaders = {}
+
+        @property
+        def instance(self):
+            return instance
+
+        @property
+        def loaders(self):
+            return self._loaders
+
+    resolver = CachingStaleStatusResolver(instance, asset_graph, _Loading())
     partitions = instance.get_dynamic_partitions(targets.name)
     todo: dict[str | None, list[dg.AssetKey]] = {}
     for node in asset_graph.asset_nodes:
