@@ -25,6 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 ui: setup
+	$(BIN)/python -m idistill_assets.instance --profile profiles/default.yaml
 	DAGSTER_HOME=$(CURDIR)/.idistill/dagster_home IDISTILL_PROFILE=profiles/default.yaml \
 		$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 

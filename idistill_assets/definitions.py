@@ -11,6 +11,7 @@ import dagster as dg
 
 from idistill_assets.defs import automation, finetune, shared, targets
 from idistill_assets.resources import IdistillResource
+from idistill_core.errors import ConfigError
 
 
 def build_definitions(profile: str | None = None, home: str | None = None) -> dg.Definitions:
@@ -18,31 +19,41 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
         profile=profile or os.environ.get("IDISTILL_PROFILE", "profiles/default.yaml"),
         home=home or os.environ.get("IDISTILL_HOME") or None,
     )
+    try:
+        settings = resource.settings
+    except ConfigError:
+        # a broken profile still loads the code location; the first run then fails with the one-line error
+        settings = None
+    assets = [
+        shared.pool,
+        shared.base_model,
+        shared.embeddings,
+        shared.warmup,
+        shared.landmarks,
+        targets.target_spec,
+        targets.target_gradients,
+        targets.landmark_influence,
+        targets.propagated_weights,
+        targets.selected_subset,
+        finetune.finetuned_checkpoint,
+        finetune.random_checkpoint,
+        finetune.eval_scores,
+    ]
     return dg.Definitions(
-        assets=[
-            shared.pool,
-            shared.base_model,
-            shared.embeddings,
-            shared.warmup,
-            shared.landmarks,
-            shared.propagation,
-            targets.target_spec,
-            targets.target_gradients,
-            targets.landmark_influence,
-            targets.propagated_weights,
-            targets.selected_subset,
-            finetune.finetuned_checkpoint,
-            finetune.random_checkpoint,
-            finetune.eval_scores,
-        ],
+        assets=automation.with_profile(assets, settings),
         jobs=[
             automation.shared_job,
             automation.target_job,
             automation.selection_job,
+            automation.refresh_job,
             automation.lancedb_maintenance_job,
         ],
-        sensors=[automation.target_registry_sensor, automation.shared_inputs_sensor],
-        schedules=[automation.daily_refresh_schedule, automation.weekly_maintenance_schedule],
+        sensors=[automation.target_registry_sensor, *automation.automation_sensors(settings)],
+        schedules=[
+            automation.daily_refresh_schedule,
+            automation.daily_stale_schedule,
+            automation.weekly_maintenance_schedule,
+        ],
         resources={"idistill": resource},
         executor=dg.in_process_executor,
     )

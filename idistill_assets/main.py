@@ -4,7 +4,7 @@
 
 Runs go into a project-local Dagster instance (``<home>/dagster_home``, sqlite), so ``dagster dev`` afterwards
 shows the same runs, lineage and metadata in the UI. Targets whose YAML says ``finetune: false`` get the
-selection assets only.
+selection assets; fine-tune and eval record a skip with the reason.
 """
 
 from __future__ import annotations
@@ -17,20 +17,18 @@ import time
 from pathlib import Path
 
 
-def _instance(home: Path):
+def _instance(settings):
+    """The project's instance: dagster.yaml (run queue and pools sized to the devices) and the pool limits."""
     import dagster as dg
 
-    dagster_home = home / "dagster_home"
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    config = dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(
-            "telemetry:\n  enabled: false\n"
-            "concurrency:\n  pools:\n    default_limit: 1\n"
-            "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 60\n"
-        )
+    from idistill_assets.resources import configure_instance, write_instance_config
+
+    dagster_home = settings.home / "dagster_home"
+    write_instance_config(dagster_home, settings)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    configure_instance(instance, settings)
+    return instance
 
 
 def _metadata(instance, key: list[str], partition: str | None, name: str):
@@ -58,21 +56,24 @@ def print_summary(instance, settings, profile: str, registry: dict, names: list[
     header = f"{'target':<10} {'metric':<10} {'k':>4} {'fidelity ρ':>10} {'base':>8} {'ID':>8} {'random':>8} {'ID top source share':<28} {'time':>6}"
     print(header)
     print("-" * len(header))
+    from idistill_assets.resources import IdistillResource
+
+    res = IdistillResource(profile=profile, home=str(settings.home))
     for name in names:
         spec = registry[name]
-        folder = settings.artifacts / "targets" / name
         size = _metadata(instance, ["idistill", "selected_subset"], name, "dagster/row_count")
         rho = _metadata(instance, ["idistill", "propagated_weights"], name, "fidelity_spearman")
         scores = {"base": "-", "influence_distillation": "-", "random": "-"}
-        eval_file = folder / "eval_scores.json"
-        if spec.finetune and eval_file.exists():
+        eval_uri = _metadata(instance, ["idistill", "eval_scores"], name, "dagster/uri")
+        if spec.finetune and spec.evaluate and eval_uri and Path(eval_uri).exists():
+            eval_file = Path(eval_uri)
             for row in json.loads(eval_file.read_text())["rows"]:
                 scores[row["model"]] = f"{row['score']:.3f}"
         shares = {}
         if size:
             import polars as pl
 
-            subset = pl.read_parquet(folder / "subset.parquet")
+            subset = pl.read_parquet(res.current("selected_subset", name) / "subset.parquet")
             counts = subset["source"].value_counts().sort("count", descending=True).head(1).to_dicts()
             shares = {c["source"]: c["count"] / subset.height for c in counts}
         top = ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
@@ -164,7 +165,7 @@ def _main(argv: list[str] | None, holder: dict) -> int:
 
     settings = load_settings(args.profile, args.home)
     holder["settings"] = settings
-    instance = _instance(settings.home)
+    instance = _instance(settings)
     defs = build_definitions(args.profile, str(settings.home))
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -184,7 +185,7 @@ def _main(argv: list[str] | None, holder: dict) -> int:
     instance.add_dynamic_partitions(targets_partitions.name, [n for n in names if n not in known])
     failed = []
     for name in names:
-        job = "target_job" if registry[name].finetune else "selection_job"
+        job = "target_job"  # fine-tune and eval skip themselves, with the reason, for targets that opt out
         step = time.perf_counter()
         run = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=name, raise_on_error=False)
         timings[name] = time.perf_counter() - step

@@ -1,4 +1,5 @@
-"""Plots for Dagster metadata: matplotlib figures embedded in markdown as base64 PNG."""
+"""Metadata for the Dagster UI: matplotlib figures embedded in markdown as base64 PNG, and typed tables
+(`MetadataValue.table` with a `TableSchema`) that the UI renders sortable, with column types."""
 
 from __future__ import annotations
 
@@ -56,14 +57,30 @@ def bars(counts: Mapping[str, float], title: str, ylabel: str, compare: Mapping[
     return png_markdown(fig, title)
 
 
-def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> dg.MetadataValue:
-    def cell(value: object) -> str:
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|").replace("\n", " ")[:120]
+def _cell(value: object, kind: str) -> object:
+    if value is None:
+        return None
+    if kind == "float":
+        return float(value)
+    if kind == "int":
+        return int(value)
+    if kind == "bool":
+        return bool(value)
+    return str(value).replace("\n", " ")[:200]
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return dg.MetadataValue.md("\n".join(lines))
+
+def table(rows: Sequence[Mapping[str, object]], columns: Mapping[str, str]) -> dg.MetadataValue:
+    """A typed table: ``columns`` maps each column name to a TableColumn type (string, int, float, bool)."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns.items()])
+    records = [dg.TableRecord({c: _cell(row.get(c), k) for c, k in columns.items()}) for row in rows]
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def column_schema(schema: Mapping[str, object], descriptions: Mapping[str, str]) -> dg.TableSchema:
+    """A Dagster column schema from a polars schema (name -> dtype), with a description per known column."""
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name, str(dtype), description=descriptions.get(name)) for name, dtype in schema.items()]
+    )
 
 
 def line(values: Sequence[float], title: str, xlabel: str, ylabel: str) -> dg.MetadataValue:

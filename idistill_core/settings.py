@@ -41,6 +41,25 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class OrchestrationSettings:
+    """How Dagster runs the graph (the `orchestration:` section of a profile); no effect on any result."""
+
+    automate_heavy: bool = False
+    """Declarative automation also launches the device-hour assets (embeddings, warm-up, gradients, fine-tune,
+    eval). Off: only the cheap assets follow their inputs; start the `automation_heavy` sensor in the UI instead."""
+    keep_versions: int = 3
+    """Versioned artefact folders kept per asset (and partition) by the maintenance job; the current one always."""
+    device_slots: int | None = None
+    """Slots of the `devices` concurrency pool (and queued runs at once): None = one per CUDA device, 1 on CPU."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_versions, int) or self.keep_versions < 1:
+            raise ConfigError(f"orchestration.keep_versions must be an integer >= 1; got {self.keep_versions!r}.")
+        if self.device_slots is not None and (not isinstance(self.device_slots, int) or self.device_slots < 1):
+            raise ConfigError(f"orchestration.device_slots must be an integer >= 1; got {self.device_slots!r}.")
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     """Project-local state: data, artefacts, LanceDB, caches."""
@@ -60,6 +79,7 @@ class Settings:
     most one chunk of work."""
     backend: Any = None
     """A `backends.BackendConfig`: where embeddings and landmark gradients are computed (`local` or `ray`)."""
+    orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.commit_every, int) or self.commit_every < 1:
@@ -123,7 +143,8 @@ def load_settings(profile: str | Path | None = None, home: str | Path | None = N
     except FileNotFoundError:
         raise ConfigError(f"settings profile {path} does not exist.") from None
     allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below",
-               "commit_every", "backend"}
+               "commit_every", "backend",
+               "orchestration"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
@@ -145,4 +166,5 @@ def load_settings(profile: str | Path | None = None, home: str | Path | None = N
         fidelity_warn_below=float(raw.get("fidelity_warn_below", 0.5)),
         commit_every=raw.get("commit_every", 256),
         backend=_build(BackendConfig, raw.get("backend"), f"{path}: backend"),
+        orchestration=_build(OrchestrationSettings, raw.get("orchestration"), f"{path}: orchestration"),
     )

@@ -14,6 +14,7 @@ A target file ``targets/<name>.yaml``::
     aggregate: mean                # mean | rr
     finetune: true                 # also fine-tune and evaluate on the subset
     lm_eval: {task: gsm8k-local}   # optional: also score with lm-evaluation-harness (local test file, no hub)
+    evaluate: true                 # evaluate the fine-tuned models (needs finetune: true)
 
 The optimizer (GD or Adam preconditioning) is a property of the shared landmark gradients, so it is set once in
 the settings profile (``recipe.optimizer``), not per target.
@@ -43,6 +44,7 @@ _OPTIONAL = {
     "aggregate": "mean",
     "finetune": True,
     "lm_eval": None,
+    "evaluate": True,
 }
 LM_EVAL_TASKS = ("gsm8k-local",)
 """Harness task templates a target may name (``evaluate.lm_eval_task_config``)."""
@@ -63,6 +65,7 @@ class TargetSpec:
     finetune: bool = True
     lm_eval: str | None = None
     """lm-evaluation-harness task template scored beside ``metric`` (None: our metric only)."""
+    evaluate: bool = True
     source_file: Path | None = None
 
     def version(self) -> str:
@@ -126,8 +129,9 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
             raise ConfigError(
                 f"{path}: field '{field_name}' = {values[field_name]!r} is unknown; use one of {', '.join(allowed)}."
             )
-    if not isinstance(values["finetune"], bool):
-        raise ConfigError(f"{path}: field 'finetune' must be true or false; got {values['finetune']!r}.")
+    for flag in ("finetune", "evaluate"):
+        if not isinstance(values[flag], bool):
+            raise ConfigError(f"{path}: field '{flag}' must be true or false; got {values[flag]!r}.")
     lm_eval = values["lm_eval"]
     if lm_eval is not None:
         if not isinstance(lm_eval, dict) or set(lm_eval) != {"task"} or lm_eval["task"] not in LM_EVAL_TASKS:
@@ -148,6 +152,7 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         aggregate=values["aggregate"],
         finetune=values["finetune"],
         lm_eval=lm_eval,
+        evaluate=values["evaluate"],
         source_file=path,
     )
 

@@ -1,5 +1,16 @@
-"""Jobs, the target-registry sensor, the daily refresh schedule and the weekly LanceDB maintenance job."""
+"""How the graph follows its inputs: declarative automation, the target registry, jobs and schedules.
 
+- Every asset carries `follow_inputs()`: run when missing, when an upstream's *data version* changed (not merely
+  re-ran), or when its own code version changed; never while an upstream is missing or in progress. Downstream
+  assets see `will_be_requested`, so a whole per-target chain is requested in one tick.
+- Automation-condition sensors evaluate them: `automation` for the cheap assets (running by default) and
+  `automation_heavy` for the device-hour ones (stopped unless the profile says `orchestration.automate_heavy`;
+  toggle it in the UI). With the switch on, one sensor evaluates everything, so chains are never split.
+- `target_registry_sensor` launches nothing: it turns targets/*.yaml into dynamic partitions (adds and
+  removals) and reports each new or edited spec as an observation of `target_spec` (its data version).
+- The code version of each asset folds in the profile fields it reads (`code_versions`), so a profile edit
+  makes exactly the affected assets (and their downstream) stale.
+"""
 
 import json
 
@@ -7,9 +18,132 @@ import dagster as dg
 
 from idistill_assets.defs.shared import PREFIX
 from idistill_assets.partitions import targets
-from idistill_assets.resources import IdistillResource
+from idistill_assets.resources import WRITER_POOL, IdistillResource
+from idistill_core.hashing import config_fingerprint, stable_hash
 
 DATA_VERSION_TAG = "dagster/data_version"
+HEAVY = [
+    "embeddings",
+    "warmup",
+    "landmarks",
+    "propagation",
+    "target_gradients",
+    "finetuned_checkpoint",
+    "random_checkpoint",
+    "eval_scores",
+]
+
+
+def key(name: str) -> dg.AssetKey:
+    return dg.AssetKey([PREFIX, name])
+
+
+def follow_inputs() -> dg.AutomationCondition:
+    """Like Dagster's `eager()`, but an upstream counts as changed only when its data version changed, and a
+    code-version change (a profile edit, see `code_versions`) re-runs the asset itself."""
+    ac = dg.AutomationCondition
+    upstream_changed = ac.any_deps_match(
+        (ac.data_version_changed() & ~ac.executed_with_root_target()).with_label("data_version_changed")
+        | ac.will_be_requested()
+    ).with_label("upstream data version changed")
+    return (
+        (ac.newly_missing() | upstream_changed | ac.code_version_changed()).since_last_handled()
+        & ~ac.any_deps_missing()
+        & ~ac.any_deps_in_progress()
+        & ~ac.in_progress()
+    ).with_label("follow_inputs")
+
+
+def code_versions(settings) -> dict[str, str]:
+    """Each asset's code version: its code revision plus a fingerprint of the profile fields it reads."""
+    r, model = settings.recipe, settings.model
+    tokens = {"model": model, "max_length": r.max_length, "on_overflow": r.on_overflow}
+    parts = {
+        "pool": ("pool-v1", {"pool": config_fingerprint(settings.pool)}),
+        "base_model": ("model-v1", {"model": model}),
+        "embeddings": ("embed-v1", {**tokens, "embed": config_fingerprint(r.embed)}),
+        "warmup": ("warmup-v1", {**tokens, "optimizer": r.optimizer, "warmup": config_fingerprint(r.warmup)}),
+        "landmarks": (
+            "landmarks-v1",
+            {
+                **tokens,
+                "num_landmarks": r.num_landmarks,
+                "num_holdout": r.num_holdout,
+                "seed": r.seed,
+                "optimizer": r.optimizer,
+                "gradients": config_fingerprint(r.gradients),
+            },
+        ),
+        "propagation": ("propagation-v1", {"propagate": config_fingerprint(r.propagate)}),
+        "target_gradients": ("target-grads-v1", {**tokens, "gradients": config_fingerprint(r.gradients)}),
+        "landmark_influence": ("influence-v1", {"lr": r.lr, "optimizer": r.optimizer}),
+        "propagated_weights": (
+            "propagate-v1",
+            {
+                "propagate": config_fingerprint(r.propagate),
+                "seed": r.seed,
+                "lr": r.lr,
+                "batch_size": r.batch_size,
+            },
+        ),
+        "selected_subset": ("subset-v1", {}),
+        "finetuned_checkpoint": (
+            "finetune-v1",
+            {**tokens, "finetune": config_fingerprint(settings.finetune)},
+        ),
+        "random_checkpoint": ("finetune-v1", {**tokens, "finetune": config_fingerprint(settings.finetune)}),
+        "eval_scores": ("eval-v1", {"eval": config_fingerprint(settings.eval)}),
+    }
+    return {
+        name: f"{base}-{stable_hash(fields, 8)}" if fields else base for name, (base, fields) in parts.items()
+    }
+
+
+def with_profile(assets: list, settings) -> list:
+    """The assets with profile-derived code versions and `follow_inputs` (the observable spec has neither)."""
+    versions = code_versions(settings) if settings is not None else {}
+
+    def update(spec: dg.AssetSpec) -> dg.AssetSpec:
+        name = spec.key.path[-1]
+        if name == "target_spec":  # observed by the registry sensor
+            return spec
+        return spec.replace_attributes(
+            code_version=versions.get(name, spec.code_version), automation_condition=follow_inputs()
+        )
+
+    return [
+        a.map_asset_specs(update) if hasattr(a, "map_asset_specs") and a.is_executable else a for a in assets
+    ]
+
+
+def automation_sensors(settings) -> list[dg.AutomationConditionSensorDefinition]:
+    everything = dg.AssetSelection.groups("shared", "target")
+    heavy = dg.AssetSelection.assets(*[key(n) for n in HEAVY])
+    if settings is not None and settings.orchestration.automate_heavy:
+        return [
+            dg.AutomationConditionSensorDefinition(
+                "automation",
+                target=everything,
+                default_status=dg.DefaultSensorStatus.RUNNING,
+                description="Declarative automation of every asset (orchestration.automate_heavy is on).",
+            )
+        ]
+    return [
+        dg.AutomationConditionSensorDefinition(
+            "automation",
+            target=everything - heavy,
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            description="Declarative automation of the cheap assets (the device-hour ones are in automation_heavy).",
+        ),
+        dg.AutomationConditionSensorDefinition(
+            "automation_heavy",
+            target=heavy,
+            default_status=dg.DefaultSensorStatus.STOPPED,
+            description="Declarative automation of embeddings, gradients, fine-tuning and eval: start it here, or "
+            "set orchestration.automate_heavy: true in the profile.",
+        ),
+    ]
+
 
 shared_job = dg.define_asset_job(
     "shared_job",
@@ -18,15 +152,22 @@ shared_job = dg.define_asset_job(
 )
 target_job = dg.define_asset_job(
     "target_job",
-    selection=dg.AssetSelection.groups("target") - dg.AssetSelection.keys(dg.AssetKey([PREFIX, "target_spec"])),
-    description="Everything of one target partition: gradients → influence → weights → subset → fine-tune → eval.",
+    selection=dg.AssetSelection.groups("target") - dg.AssetSelection.assets(key("target_spec")),
+    description="Everything of one target partition: gradients → influence → weights → subset → fine-tune → eval "
+    "(fine-tune and eval skip, with the reason, for targets that opt out).",
 )
 selection_job = dg.define_asset_job(
     "selection_job",
-    selection=dg.AssetSelection.keys(
-        *[dg.AssetKey([PREFIX, k]) for k in ("target_gradients", "landmark_influence", "propagated_weights", "selected_subset")]
+    selection=dg.AssetSelection.assets(
+        *[key(k) for k in ("target_gradients", "landmark_influence", "propagated_weights", "selected_subset")]
     ),
     description="Selection only (no fine-tuning) for one target partition.",
+)
+refresh_job = dg.define_asset_job(
+    "refresh_job",
+    selection=dg.AssetSelection.assets(key("pool"), key("base_model")),
+    description="Re-read the pool and the model; their data versions are content hashes, so an unchanged input "
+    "leaves everything downstream up to date.",
 )
 
 
@@ -37,15 +178,14 @@ def registry_versions(res: IdistillResource) -> dict[str, str]:
     return {name: spec.version() for name, spec in specs.items()}
 
 
-def registry_tick(current: dict[str, str], known_partitions: set[str], cursor: str | None) -> dg.SensorResult | dg.SkipReason:
-    """Pure decision of one sensor tick: partitions to add/remove, runs for new or changed targets."""
+def registry_tick(current: dict[str, str], known_partitions: set[str], cursor: str | None):
+    """One tick of the registry: partitions to add/remove and an observation per new or edited spec. No runs:
+    declarative automation decides what the new data versions require."""
     previous = json.loads(cursor) if cursor else {}
     added = sorted(set(current) - known_partitions)
     removed = sorted(known_partitions - set(current))
-    changed = sorted(k for k in current if k in previous and previous[k] != current[k])
-    fresh = sorted(k for k in current if k not in previous)
-    to_run = sorted(set(changed) | set(fresh))
-    if not (added or removed or to_run):
+    observed = sorted(k for k in current if previous.get(k) != current[k])
+    if not (added or removed or observed):
         return dg.SkipReason(f"target registry unchanged ({len(current)} targets)")
     requests = []
     if added:
@@ -54,78 +194,109 @@ def registry_tick(current: dict[str, str], known_partitions: set[str], cursor: s
         requests.append(targets.build_delete_request(removed))
     observations = [
         dg.AssetObservation(
-            asset_key=dg.AssetKey([PREFIX, "target_spec"]), partition=name, tags={DATA_VERSION_TAG: current[name]}
+            asset_key=key("target_spec"), partition=name, tags={DATA_VERSION_TAG: current[name]}
         )
-        for name in to_run
+        for name in observed
     ]
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=name, run_key=f"{name}:{current[name]}") for name in to_run],
         dynamic_partitions_requests=requests,
         asset_events=observations,
         cursor=json.dumps(current, sort_keys=True),
     )
 
 
-@dg.sensor(job=target_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
+@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING)
 def target_registry_sensor(context: dg.SensorEvaluationContext, idistill: IdistillResource):
-    """Syncs targets/*.yaml to the `targets` partitions and requests runs for new or edited targets only."""
+    """Syncs targets/*.yaml to the `targets` partitions and observes each new or edited spec; launches nothing."""
     known = set(context.instance.get_dynamic_partitions(targets.name))
     return registry_tick(registry_versions(idistill), known, context.cursor)
 
 
-@dg.schedule(job=shared_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.STOPPED)
+def stale_or_missing(instance: dg.DagsterInstance, asset_graph) -> dict[str | None, list[dg.AssetKey]]:
+    """Materializable assets whose partition is missing or stale, by partition (None = unpartitioned), in the
+    instance's own staleness terms (the per-partition view the global graph does not show, dagster #22553)."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContext
+
+    class _Loading(LoadingContext):  # the resolver's batching cache, outside a webserver request
+        def __init__(self):
+            self._loaders = {}
+
+        @property
+        def instance(self):
+            return instance
+
+        @property
+        def loaders(self):
+            return self._loaders
+
+    resolver = CachingStaleStatusResolver(instance, asset_graph, _Loading())
+    partitions = instance.get_dynamic_partitions(targets.name)
+    todo: dict[str | None, list[dg.AssetKey]] = {}
+    for node in asset_graph.asset_nodes:
+        if not node.is_materializable:
+            continue
+        for partition in partitions if node.partitions_def is not None else [None]:
+            if resolver.get_status(node.key, partition) != StaleStatus.FRESH:
+                todo.setdefault(partition, []).append(node.key)
+    return todo
+
+
+def stale_run_requests(instance: dg.DagsterInstance, asset_graph, tag: str) -> list[dg.RunRequest]:
+    todo = stale_or_missing(instance, asset_graph)
+    requests = []
+    if None in todo:
+        requests.append(dg.RunRequest(run_key=f"{tag}:shared", asset_selection=todo.pop(None)))
+    for partition in sorted(todo):
+        requests.append(
+            dg.RunRequest(
+                run_key=f"{tag}:{partition}", partition_key=partition, asset_selection=todo[partition]
+            )
+        )
+    return requests
+
+
+@dg.schedule(job=refresh_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.STOPPED)
 def daily_refresh_schedule(context: dg.ScheduleEvaluationContext):
-    """Daily: refresh the pool, embed new rows (incremental) and recompute landmarks; `shared_inputs_sensor` then
-    re-runs the target partitions only if the embeddings or landmarks got a new data version."""
+    """03:00: re-read the pool and the model (cheap; content-hash data versions)."""
     return dg.RunRequest(run_key=f"refresh-{context.scheduled_execution_time:%Y-%m-%d}")
 
 
-@dg.op(pool="lancedb_writer")
+@dg.schedule(
+    target=dg.AssetSelection.groups("shared", "target") - dg.AssetSelection.assets(key("target_spec")),
+    cron_schedule="30 3 * * *",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)
+def daily_stale_schedule(context: dg.ScheduleEvaluationContext):
+    """03:30: one run for the stale or missing shared assets and one per target partition with stale or missing
+    assets, each selecting only those; nothing when everything is up to date."""
+    graph = context.repository_def.asset_graph
+    requests = stale_run_requests(context.instance, graph, f"{context.scheduled_execution_time:%Y-%m-%d}")
+    return requests or dg.SkipReason("every asset partition is up to date")
+
+
+@dg.op(pool=WRITER_POOL)
 def optimize_embeddings(context: dg.OpExecutionContext, idistill: IdistillResource) -> None:
     """Compact LanceDB files and prune old versions; shares the writers' pool so it never races a write."""
     result = idistill.store().optimize()
     context.log.info("LanceDB optimize: %s", result)
 
 
-@dg.job(description="Weekly LanceDB maintenance (compaction + old-version cleanup).")
+@dg.op(pool=WRITER_POOL)
+def prune_artifact_versions(context: dg.OpExecutionContext, idistill: IdistillResource) -> None:
+    """Delete artefact versions beyond `orchestration.keep_versions` (never the current one)."""
+    removed = idistill.prune_versions()
+    context.log.info(
+        "retention: removed %d old artefact versions: %s", len(removed), [str(p) for p in removed]
+    )
+
+
+@dg.job(description="Weekly maintenance: LanceDB compaction + old-version cleanup, artefact retention.")
 def lancedb_maintenance_job():
     optimize_embeddings()
+    prune_artifact_versions()
 
 
 weekly_maintenance_schedule = dg.ScheduleDefinition(
     job=lancedb_maintenance_job, cron_schedule="0 4 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED
 )
-
-
-SHARED_INPUTS = [dg.AssetKey([PREFIX, "embeddings"]), dg.AssetKey([PREFIX, "landmarks"])]
-
-
-def shared_versions(instance: dg.DagsterInstance) -> dict[str, str]:
-    """Latest data version of each shared input of the target assets ('' when never materialized)."""
-    versions = {}
-    for key in SHARED_INPUTS:
-        event = instance.get_latest_materialization_event(key)
-        tags = (event.asset_materialization.tags or {}) if event and event.asset_materialization else {}
-        versions[key.to_user_string()] = tags.get(DATA_VERSION_TAG, "")
-    return versions
-
-
-def shared_inputs_tick(current: dict[str, str], partitions: list[str], cursor: str | None):
-    """Run every target partition when the embeddings or landmarks got a new data version (not just re-ran)."""
-    previous = json.loads(cursor) if cursor else None
-    if previous is None:
-        return dg.SensorResult(cursor=json.dumps(current, sort_keys=True))
-    if previous == current or not all(current.values()):
-        return dg.SkipReason("shared inputs unchanged")
-    version = "-".join(current[k] for k in sorted(current))[:48]
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=p, run_key=f"{p}:shared:{version}") for p in sorted(partitions)],
-        cursor=json.dumps(current, sort_keys=True),
-    )
-
-
-@dg.sensor(job=target_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.STOPPED)
-def shared_inputs_sensor(context: dg.SensorEvaluationContext):
-    """After the daily refresh, re-runs target partitions only if the embeddings or landmarks really changed."""
-    partitions = context.instance.get_dynamic_partitions(targets.name)
-    return shared_inputs_tick(shared_versions(context.instance), partitions, context.cursor)

@@ -17,9 +17,14 @@ from idistill_assets.defs.targets import (
     target_spec,
     target_spec_for,
 )
-from idistill_assets.resources import IdistillResource
+from idistill_assets.resources import DEVICE_POOL, IdistillResource
 from idistill_core import artifacts
 from idistill_core.hashing import config_fingerprint, ids_hash, stable_hash
+
+
+def checkpoint_path(res: IdistillResource, target: str, asset: str) -> str:
+    """The checkpoint directory the latest materialization of ``asset`` (a checkpoint asset) trained."""
+    return artifacts.read_json(target_dir(res, target, asset) / "checkpoint.json")["path"]
 
 
 def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -> dg.MaterializeResult:
@@ -46,7 +51,9 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
         result.losses[-1] if result.losses else float("nan"), time.perf_counter() - start,
         " (reused cached checkpoint)" if result.cached else "",
     )
-    artifacts.write_json(target_dir(res, spec.name) / f"{name}_checkpoint.json", {"path": str(out), "version": version})
+    staging = res.staging(f"{name}_checkpoint" if name == "random" else "finetuned_checkpoint", spec.name)
+    artifacts.write_json(staging / "checkpoint.json", {"path": str(out), "version": version})
+    res.commit(staging, version)
     losses = result.losses or [float("nan")]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
@@ -69,52 +76,82 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
     )
 
 
-@_partitioned("finetuned_checkpoint", [selected_subset, base_model], {"pytorch", "safetensors"}, "finetune-v1")
-def finetuned_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+def skip_reason(spec, asset: str) -> str | None:
+    """Why ``asset`` does not apply to this target (its YAML opted out), or None."""
+    if not spec.finetune:
+        return f"target '{spec.name}' sets finetune: false in {spec.source_file}"
+    if asset == "eval_scores" and not spec.evaluate:
+        return f"target '{spec.name}' sets evaluate: false in {spec.source_file}"
+    return None
+
+
+def skipped(context: dg.AssetExecutionContext, reason: str):
+    """A visible skip: no materialization (downstream steps are skipped too), an observation and a log line
+    carrying the reason, shown in the asset's event list and the run's log in the UI."""
+    context.log.info("skipped: %s", reason)
+    yield dg.AssetObservation(
+        asset_key=context.asset_key, partition=context.partition_key, metadata={"skipped": reason}
+    )
+
+
+def _opt_out_aware(name: str, deps: list, version: str, **kwargs):
+    return _partitioned(name, deps, {"pytorch", "safetensors"} if name != "eval_scores" else {"pytorch"}, version,
+                        output_required=False, pool=DEVICE_POOL, **kwargs)
+
+
+@_opt_out_aware("finetuned_checkpoint", [selected_subset, base_model], "finetune-v1")
+def finetuned_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResource):
     """The base model fine-tuned on this target's selected subset (a standard HF directory)."""
     import polars as pl
 
     spec = target_spec_for(idistill, context.partition_key)
-    subset = pl.read_parquet(target_dir(idistill, spec.name) / "subset.parquet")
-    return _train_on(context, idistill, subset["sample_id"].to_list(), "selected", spec)
+    if reason := skip_reason(spec, "finetuned_checkpoint"):
+        yield from skipped(context, reason)
+        return
+    subset = pl.read_parquet(target_dir(idistill, spec.name, "selected_subset") / "subset.parquet")
+    yield _train_on(context, idistill, subset["sample_id"].to_list(), "selected", spec)
 
 
-@_partitioned("random_checkpoint", [selected_subset, pool, base_model], {"pytorch", "safetensors"}, "finetune-v1")
-def random_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+@_opt_out_aware("random_checkpoint", [selected_subset, pool, base_model], "finetune-v1")
+def random_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResource):
     """The baseline: the same recipe on a uniformly random pool subset of the same size (seeded)."""
     import polars as pl
 
     spec = target_spec_for(idistill, context.partition_key)
-    size = pl.read_parquet(target_dir(idistill, spec.name) / "subset.parquet").height
+    if reason := skip_reason(spec, "random_checkpoint"):
+        yield from skipped(context, reason)
+        return
+    size = pl.read_parquet(target_dir(idistill, spec.name, "selected_subset") / "subset.parquet").height
     ids = sorted(load_pool_rows(idistill)["sample_id"])
     rng = np.random.default_rng(idistill.settings.finetune.seed)
     picked = [ids[i] for i in rng.choice(len(ids), size=size, replace=False)]
-    return _train_on(context, idistill, picked, "random", spec)
+    yield _train_on(context, idistill, picked, "random", spec)
 
 
-@_partitioned(
+@_opt_out_aware(
     "eval_scores",
     [finetuned_checkpoint, random_checkpoint, target_spec, base_model],
-    {"pytorch"},
     "eval-v1",
     check_specs=[dg.AssetCheckSpec("id_beats_random", asset=[PREFIX, "eval_scores"])],
 )
-def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
     """Target metric on the test set for the base model, the ID-tuned model and the random-tuned model."""
     from idistill_core.evaluate import EvalConfig, evaluate
     from idistill_core.models import load_model
 
     s = idistill.settings
     spec = target_spec_for(idistill, context.partition_key)
-    folder = target_dir(idistill, spec.name)
+    if reason := skip_reason(spec, "eval_scores"):
+        yield from skipped(context, reason)
+        return
     rows = target_rows(spec, "test")
     rows = rows.select(range(min(len(rows), s.eval.max_test)))
     config = EvalConfig(max_new_tokens=s.eval.max_new_tokens, batch_size=s.eval.batch_size)
     base = idistill.load_model()
     models = {
         "base": lambda: base.model,
-        "influence_distillation": lambda: load_model(artifacts.read_json(folder / "selected_checkpoint.json")["path"]).model,
-        "random": lambda: load_model(artifacts.read_json(folder / "random_checkpoint.json")["path"]).model,
+        "influence_distillation": lambda: load_model(checkpoint_path(idistill, spec.name, "finetuned_checkpoint")).model,
+        "random": lambda: load_model(checkpoint_path(idistill, spec.name, "random_checkpoint")).model,
     }
     results, seconds = {}, {}
     for name, get in models.items():
@@ -139,18 +176,22 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource) -
         }
         for name, r in results.items()
     ]
-    artifacts.write_json(
-        folder / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table, "lm_eval": harness}
-    )
+    staging = idistill.staging("eval_scores", spec.name)
+    artifacts.write_json(staging / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table, "lm_eval": harness})
+    version, folder = idistill.commit(staging)
     columns = sorted({k for row in table for k in row}, key=lambda k: (k != "model", k != "score", k))
+    kinds = {c: "string" if c == "model" else ("int" if all(isinstance(r.get(c), int) for r in table) else "float")
+             for c in columns}
     id_score, random_score = results["influence_distillation"].score, results["random"].score
     lower_is_better = spec.metric == "nll"
     beats = id_score < random_score if lower_is_better else id_score > random_score
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
+            "dagster/uri": str(folder / "eval_scores.json"),
             "metric": spec.metric,
             "test_samples": results["base"].n,
-            "scores": plots.markdown_table(table, columns),
+            "scores": plots.table(table, kinds),
             "comparison": plots.bars({k: r.score for k, r in results.items()}, f"{spec.name}: {spec.metric}", spec.metric),
             **{f"score_{k}": float(r.score) for k, r in results.items()},
             **(

@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 
 from idistill_assets import plots
-from idistill_assets.resources import IdistillResource
+from idistill_assets.resources import DEVICE_POOL, IdistillResource
 from idistill_core import artifacts
 from idistill_core.hashing import config_fingerprint, file_hash, ids_hash, stable_hash
 
@@ -28,7 +28,8 @@ def source_counts(frame) -> dict[str, int]:
 
 
 def pool_path(res: IdistillResource):
-    return res.artifact_dir("pool") / "pool.parquet"
+    """The pool parquet of the latest materialization (a versioned folder, see resources.py)."""
+    return res.current("pool") / "pool.parquet"
 
 
 def load_pool_rows(res: IdistillResource):
@@ -72,18 +73,19 @@ def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.Ma
         rows = load_rows(str(out / "pool.jsonl"), fmt="chat", limit=s.pool.limit)
     else:
         rows = load_rows(s.pool.source, fmt=s.pool.format, limit=s.pool.limit, format_option="pool.format")
-    target = pool_path(idistill)
-    artifacts.write_with(target, lambda tmp: rows.to_parquet(str(tmp)))
+    staging = idistill.staging("pool")
+    rows.to_parquet(str(staging / "pool.parquet"))
+    version = stable_hash({"ids": ids_hash(rows["sample_id"]), "file": file_hash(staging / "pool.parquet")}, 16)
+    target = idistill.commit(staging, version)[1] / "pool.parquet"
     counts = source_counts(target)
-    version = stable_hash({"ids": ids_hash(rows["sample_id"]), "file": file_hash(target)}, 16)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": len(rows),
             "dagster/uri": str(target),
-            "sources": plots.markdown_table(
+            "sources": plots.table(
                 [{"source": k, "samples": v, "share": v / len(rows)} for k, v in counts.items()],
-                ["source", "samples", "share"],
+                {"source": "string", "samples": "int", "share": "float"},
             ),
             "composition": plots.bars(counts, "pool composition", "samples"),
         },
@@ -148,7 +150,8 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
         data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": report.row_count,
-            "dagster/uri": f"{store.uri}::{store.name}",
+            # LanceDB versions the table itself: this URI pins the version this materialization committed
+            "dagster/uri": f"{store.uri}::{store.name}?version={report.table_version}",
             "lance_version": report.table_version,
             "inserted": report.inserted,
             "already_present": report.already_present,
@@ -219,10 +222,14 @@ def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:
 
 
 def warmup_dir(res: IdistillResource):
-    return res.artifact_dir("warmup")
+    """The latest warm-up version's folder (state.json, model/, preconditioner)."""
+    return res.current("warmup")
 
 
-@dg.asset(key=[PREFIX, "warmup"], deps=[pool, base_model], group_name=SHARED, kinds={"pytorch"}, code_version="warmup-v1")
+@dg.asset(
+    key=[PREFIX, "warmup"], deps=[pool, base_model], group_name=SHARED, kinds={"pytorch"}, code_version="warmup-v1",
+    pool=DEVICE_POOL,
+)
 def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """A warmed-up copy of the model and its Adam preconditioner (paper §1.6); skipped when optimizer is 'gd'."""
     import copy
@@ -231,9 +238,10 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
     from idistill_core.train import save_checkpoint
 
     s = idistill.settings
-    out = warmup_dir(idistill)
+    out = idistill.staging("warmup")
     if s.recipe.optimizer != "adam":
         artifacts.write_json(out / "state.json", {"enabled": False})
+        idistill.commit(out, "disabled")
         return dg.MaterializeResult(
             data_version=dg.DataVersion("disabled"), metadata={"enabled": False, "reason": "recipe.optimizer is 'gd'"}
         )
@@ -249,9 +257,10 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
     artifacts.save_arrays(out / "preconditioner.safetensors", arrays, {"lr": pre.lr, "step": getattr(pre, "step", None)})
     version = stable_hash({"model": loaded.fingerprint, "warmup": config_fingerprint(s.recipe.warmup)}, 16)
     artifacts.write_json(out / "state.json", {"enabled": True, "version": version})
+    _, final = idistill.commit(out, version)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
-        metadata={"enabled": True, "steps": s.recipe.warmup.steps, "seconds": round(seconds, 2), "lr": pre.lr},
+        metadata={"dagster/uri": str(final), "enabled": True, "steps": s.recipe.warmup.steps, "seconds": round(seconds, 2), "lr": pre.lr},
     )
 
 
@@ -274,7 +283,8 @@ def gradient_model(res: IdistillResource):
 
 
 def landmarks_path(res: IdistillResource):
-    return res.artifact_dir("landmarks") / "landmarks.safetensors"
+    """The landmark gradients of the latest materialization (a versioned folder)."""
+    return res.current("landmarks") / "landmarks.safetensors"
 
 
 @dg.asset(
@@ -283,6 +293,7 @@ def landmarks_path(res: IdistillResource):
     group_name=SHARED,
     kinds={"pytorch", "safetensors"},
     code_version="landmarks-v1",
+    pool=DEVICE_POOL,
 )
 def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """Landmark ids and their exact, projected (optionally Adam-preconditioned) gradients, plus held-out samples."""
@@ -308,7 +319,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
         },
         16,
     )
-    shard_dir = landmarks_path(idistill).parent / f"shards-{key}"
+    shard_dir = idistill.versions_dir("landmarks") / f"shards-{key}"
 
     def on_chunk(done: int, total: int) -> None:
         context.log.info("landmark gradients: committed chunk %d / %d", done, total)
@@ -322,12 +333,14 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     seconds = time.perf_counter() - start
     g = grads.grads.detach().float().numpy()
     meta = {"landmark_ids": landmark_ids, "holdout_ids": holdout_ids, "gradients": config_fingerprint(s.recipe.gradients)}
-    artifacts.save_arrays(landmarks_path(idistill), {"landmarks": g[: len(landmark_ids)], "holdout": g[len(landmark_ids) :]}, meta)
-    for stale in landmarks_path(idistill).parent.glob("shards-*"):  # this run's and any abandoned key's
-        shutil.rmtree(stale, ignore_errors=True)
+    staging = idistill.staging("landmarks")
+    artifacts.save_arrays(staging / "landmarks.safetensors", {"landmarks": g[: len(landmark_ids)], "holdout": g[len(landmark_ids) :]}, meta)
     # from the inputs (as the embeddings' version), not the file's bytes: float bits differ with the thread count
     # and device a backend runs on, and the version must be the same on the local and the ray backend
     version = stable_hash({"ids": landmark_ids + holdout_ids, "inputs": key}, 16)
+    path = idistill.commit(staging, version)[1] / "landmarks.safetensors"
+    for stale in idistill.versions_dir("landmarks").glob("shards-*"):  # this run's and any abandoned key's
+        shutil.rmtree(stale, ignore_errors=True)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -338,7 +351,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "seconds": round(seconds, 2),
             "seconds_per_gradient": round(seconds / max(1, len(g)), 3),
             "precision": idistill.precision(s.recipe.gradients.dtype).summary(),
-            "dagster/uri": str(landmarks_path(idistill)),
+            "dagster/uri": str(path),
             **remote,
         },
     )

@@ -10,6 +10,7 @@ import numpy as np
 from idistill_assets import plots
 from idistill_assets.defs.shared import (
     PREFIX,
+    base_model,
     embeddings,
     gradient_model,
     landmarks,
@@ -23,10 +24,18 @@ from idistill_assets.defs.shared import (
     warmup,
 )
 from idistill_assets.partitions import targets
-from idistill_assets.resources import IdistillResource
+from idistill_assets.resources import DEVICE_POOL, IdistillResource
 from idistill_core import artifacts
 
 TARGET = "target"
+SUBSET_COLUMNS = {
+    "sample_id": "pool sample id (stable across runs)",
+    "weight": "training weight; the weights of the selected rows sum to the pool size N over all rows",
+    "score": "propagated (or exact) influence on the target: higher helps more",
+    "rank": "0 = most influential",
+    "source": "pool source the sample came from",
+    "messages": "chat turns (role, content), the training text",
+}
 
 
 def target_spec_for(res: IdistillResource, name: str):
@@ -35,8 +44,9 @@ def target_spec_for(res: IdistillResource, name: str):
     return load_target_spec(res.settings.targets_dir / f"{name}.yaml", res.settings.data_roots)
 
 
-def target_dir(res: IdistillResource, name: str):
-    return res.artifact_dir("targets", name)
+def target_dir(res: IdistillResource, name: str, asset: str):
+    """The latest versioned folder of ``asset`` for target ``name`` (see resources.py)."""
+    return res.current(asset, name)
 
 
 def target_rows(spec, which: str = "dev"):
@@ -67,7 +77,9 @@ def _partitioned(name: str, deps: list, kinds: set[str], version: str, **kwargs)
     )
 
 
-@_partitioned("target_gradients", [target_spec, warmup], {"pytorch", "safetensors"}, "target-grads-v1")
+@_partitioned(
+    "target_gradients", [target_spec, base_model, warmup], {"pytorch", "safetensors"}, "target-grads-v1", pool=DEVICE_POOL
+)
 def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """Projected, unit-normalised gradients of the target's dev samples (never preconditioned, paper §3.4)."""
     from idistill_core.data import tokenize_rows
@@ -83,9 +95,15 @@ def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResour
         raise DataError(f"target '{spec.name}': no usable dev samples in {spec.dev} (all empty or unsupervised).")
     start = time.perf_counter()
     grads = compute_gradients(model, tokenizer, tokenized.examples, None, idistill.recipe().gradients)
-    path = target_dir(idistill, spec.name) / "target_gradients.safetensors"
-    artifacts.save_arrays(path, {"targets": grads.grads.detach().float().numpy()}, {"ids": grads.sample_ids, "spec": spec.version()})
+    staging = idistill.staging("target_gradients", spec.name)
+    artifacts.save_arrays(
+        staging / "target_gradients.safetensors", {"targets": grads.grads.detach().float().numpy()},
+        {"ids": grads.sample_ids, "spec": spec.version()},
+    )
+    version, folder = idistill.commit(staging)
+    path = folder / "target_gradients.safetensors"
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
             "target_samples": len(grads.sample_ids),
             "dropped_samples": len(tokenized.dropped_ids),
@@ -106,7 +124,7 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
 
     spec = target_spec_for(idistill, context.partition_key)
     lm_ids, lm_grads, ho_ids, ho_grads = load_landmarks(idistill)
-    arrays, _ = artifacts.load_arrays(target_dir(idistill, spec.name) / "target_gradients.safetensors")
+    arrays, _ = artifacts.load_arrays(target_dir(idistill, spec.name, "target_gradients") / "target_gradients.safetensors")
     t = torch.from_numpy(arrays["targets"])
     values = landmark_values(torch.from_numpy(lm_grads), t, spec.aggregate)
     holdout = landmark_values(torch.from_numpy(ho_grads), t, spec.aggregate) if len(ho_ids) else np.zeros((0, values.shape[1]))
@@ -122,11 +140,17 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
         terms = second_order_terms_for(model, tokenizer, tokenized_pool(idistill, tokenizer).examples, dev, lm_ids, recipe, pre)
         out.update(p_second=terms["p"], q=terms["q"])
         extra = {"second_order_q_norm": float(np.linalg.norm(terms["q"]))}
-    path = target_dir(idistill, spec.name) / "landmark_influence.safetensors"
-    artifacts.save_arrays(path, out, {"landmark_ids": lm_ids, "holdout_ids": ho_ids, "aggregate": spec.aggregate, "order": spec.order})
+    staging = idistill.staging("landmark_influence", spec.name)
+    artifacts.save_arrays(
+        staging / "landmark_influence.safetensors", out,
+        {"landmark_ids": lm_ids, "holdout_ids": ho_ids, "aggregate": spec.aggregate, "order": spec.order},
+    )
+    version, folder = idistill.commit(staging)
     mean = values.mean(axis=1)
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
+            "dagster/uri": str(folder / "landmark_influence.safetensors"),
             "landmarks": len(lm_ids),
             "target_columns": int(values.shape[1]),
             "influence_mean": float(mean.mean()),
@@ -159,8 +183,10 @@ def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillReso
     sources = pl.read_parquet(pool_path(idistill), columns=["sample_id", "source"])
     scored = pl.from_arrow(outcome.to_arrow()).join(sources, on="sample_id", how="left", maintain_order="left")
     table = scored.with_columns(pl.col("source").fill_null("")).to_arrow()
-    path = target_dir(idistill, spec.name) / "propagated_weights.parquet"
-    artifacts.write_parquet(path, table)
+    staging = idistill.staging("propagated_weights", spec.name)
+    artifacts.write_parquet(staging / "propagated_weights.parquet", table)
+    version, folder = idistill.commit(staging)
+    path = folder / "propagated_weights.parquet"
     rho = result.get("fidelity")
     weights = outcome.weights
     problems = []
@@ -180,6 +206,7 @@ def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillReso
         metadata={"spearman_rho": float(rho) if rho is not None else -2.0, "threshold": threshold},
     )
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": len(outcome.sample_ids),
             "dagster/uri": str(path),
@@ -208,8 +235,8 @@ def _score_target(res: IdistillResource, spec) -> dict:
     from idistill_core.pipeline import baseline_outcome, exact_outcome, landmark_outcome
 
     recipe = dataclasses.replace(res.settings.recipe, method=spec.method, order=spec.order, aggregate=spec.aggregate)
-    folder = target_dir(res, spec.name)
     if spec.method == "id":
+        folder = target_dir(res, spec.name, "landmark_influence")
         arrays, meta = artifacts.load_arrays(folder / "landmark_influence.safetensors")
         second = {"p": arrays["p_second"], "q": arrays["q"]} if "q" in arrays else None
         outcome, rho, timings = landmark_outcome(
@@ -220,7 +247,7 @@ def _score_target(res: IdistillResource, spec) -> dict:
     model, tokenizer, pre = gradient_model(res)
     examples = tokenized_pool(res, tokenizer).examples
     if spec.method in ("exact", "less"):
-        grads, _ = artifacts.load_arrays(folder / "target_gradients.safetensors")
+        grads, _ = artifacts.load_arrays(target_dir(res, spec.name, "target_gradients") / "target_gradients.safetensors")
         outcome = exact_outcome(model, tokenizer, examples, torch.from_numpy(grads["targets"]), spec.budget, recipe, pre, method=spec.method)
         return {"outcome": outcome}
     base = res.load_model()
@@ -240,14 +267,15 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
     import polars as pl
 
     spec = target_spec_for(idistill, context.partition_key)
-    folder = target_dir(idistill, spec.name)
-    weights = pl.read_parquet(folder / "propagated_weights.parquet")
+    weights = pl.read_parquet(target_dir(idistill, spec.name, "propagated_weights") / "propagated_weights.parquet")
     chosen = weights.filter(pl.col("selected")).sort("rank")
-    pool_rows = pl.read_parquet(idistill.artifact_dir("pool") / "pool.parquet")
+    pool_rows = pl.read_parquet(pool_path(idistill))
     subset = chosen.select("sample_id", "weight", "score", "rank").join(pool_rows, on="sample_id", how="left")
     subset = subset.sort("rank")
-    artifacts.write_with(folder / "subset.parquet", lambda tmp: subset.write_parquet(tmp))
-    artifacts.write_with(folder / "subset.jsonl", lambda tmp: subset.write_ndjson(tmp))
+    staging = idistill.staging("selected_subset", spec.name)
+    subset.write_parquet(staging / "subset.parquet")
+    subset.write_ndjson(staging / "subset.jsonl")
+    version, folder = idistill.commit(staging)
     ids = subset["sample_id"].to_list()
     problems = []
     expected = min(spec.budget, len(weights))
@@ -260,25 +288,29 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
     counts = source_counts(subset)
     pool_counts = source_counts(pool_rows)
     scale = len(ids) / max(1, len(pool_rows))
-    top = subset.head(5).to_dicts()
+    top = subset.head(20).to_dicts()
     bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left").to_dicts()
     preview = lambda r: {"sample_id": r["sample_id"], "source": r["source"], "score": r["score"], "prompt": r["messages"][0]["content"][:80]}
+    preview_columns = {"sample_id": "string", "source": "string", "score": "float", "prompt": "string"}
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": len(ids),
+            "dagster/column_schema": plots.column_schema(subset.schema, SUBSET_COLUMNS),
             "dagster/uri": str(folder / "subset.parquet"),
             "budget": spec.budget,
             "composition": plots.bars(
                 counts, f"{spec.name}: selected subset by source", "samples",
                 compare={k: v * scale for k, v in pool_counts.items()},
             ),
-            "sources": plots.markdown_table(
+            "sources": plots.table(
                 [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.items()],
-                ["source", "selected", "pool"],
+                {"source": "string", "selected": "int", "pool": "int"},
             ),
             "weight_histogram": plots.histogram(subset["weight"].to_list(), f"{spec.name}: weights of selected", "weight"),
-            "top_samples": plots.markdown_table([preview(r) for r in top], ["sample_id", "source", "score", "prompt"]),
-            "bottom_samples": plots.markdown_table([preview(r) for r in bottom], ["sample_id", "source", "score", "prompt"]),
+            "top_samples": plots.table([{"rank": r["rank"], **preview(r), "weight": r["weight"]} for r in top],
+                                       {"rank": "int", **preview_columns, "weight": "float"}),
+            "bottom_samples": plots.table([preview(r) for r in bottom], preview_columns),
             **{f"share_{k}": v / len(ids) for k, v in counts.items()},
         },
         check_results=[

@@ -5,6 +5,7 @@ import numpy as np
 import polars as pl
 
 from idistill_assets.definitions import build_definitions
+from idistill_assets.resources import IdistillResource, current_dir
 from idistill_core.settings import load_settings
 
 from .conftest import write_profile, write_target
@@ -67,18 +68,17 @@ def test_whole_graph_materializes_with_consistent_outputs(project, instance):
     defs = build_definitions(str(profile))
     run_shared(defs, instance)
     run_target(defs, instance, "arith")
-    settings = load_settings(profile)
-    pool_ids = set(pl.read_parquet(settings.artifacts / "pool" / "pool.parquet")["sample_id"])
-    folder = settings.artifacts / "targets" / "arith"
-    weights = pl.read_parquet(folder / "propagated_weights.parquet")
+    res = IdistillResource(profile=str(profile))
+    pool_ids = set(pl.read_parquet(res.current("pool") / "pool.parquet")["sample_id"])
+    weights = pl.read_parquet(res.current("propagated_weights", "arith") / "propagated_weights.parquet")
     assert set(weights["sample_id"]) == pool_ids  # every pool sample gets a score and a weight
     assert np.isfinite(weights["score"].to_numpy()).all()
     assert abs(weights["weight"].sum() - len(pool_ids)) < 1e-6 * len(pool_ids)
-    subset = pl.read_parquet(folder / "subset.parquet")
+    subset = pl.read_parquet(res.current("selected_subset", "arith") / "subset.parquet")
     assert subset.height == 12 and subset["sample_id"].n_unique() == 12
     assert set(subset["sample_id"]) <= pool_ids
     assert (subset["weight"] > 0).all()
-    eval_rows = {row["model"] for row in __import__("json").loads((folder / "eval_scores.json").read_text())["rows"]}
+    eval_rows = {row["model"] for row in __import__("json").loads((res.current("eval_scores", "arith") / "eval_scores.json").read_text())["rows"]}
     assert eval_rows == {"base", "influence_distillation", "random"}
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(key("selected_subset"), "subset_valid"), dg.AssetCheckKey(key("embeddings"), "embeddings_valid")]
@@ -91,9 +91,6 @@ def test_second_target_and_grown_pool_embed_only_what_is_new(project, instance, 
     defs = build_definitions(str(profile))
     run_shared(defs, instance)
     run_target(defs, instance, "arith", job="selection_job")
-    settings = load_settings(profile)
-    from idistill_assets.resources import IdistillResource
-
     rows_before = IdistillResource(profile=str(profile)).store().count()
     assert materializations(instance, "embeddings") == 1
 
@@ -101,7 +98,7 @@ def test_second_target_and_grown_pool_embed_only_what_is_new(project, instance, 
     run_target(defs, instance, "reading", job="selection_job")
     assert materializations(instance, "embeddings") == 1  # a new target never re-embeds
     assert IdistillResource(profile=str(profile)).store().count() == rows_before
-    assert (settings.artifacts / "targets" / "reading" / "subset.parquet").exists()
+    assert (IdistillResource(profile=str(profile)).current("selected_subset", "reading") / "subset.parquet").exists()
 
     grown = write_profile(tmp_path, pool_size=120)
     defs = build_definitions(str(grown))
@@ -113,7 +110,6 @@ def test_second_target_and_grown_pool_embed_only_what_is_new(project, instance, 
 
 
 def test_pool_that_shrinks_under_a_shared_store_gets_weights_for_exactly_its_samples(project, instance, tmp_path):
-    profile, _ = project
     big = write_profile(tmp_path, pool_size=120)
     defs = build_definitions(str(big))
     run_shared(defs, instance)
@@ -122,13 +118,30 @@ def test_pool_that_shrinks_under_a_shared_store_gets_weights_for_exactly_its_sam
     run_shared(defs, instance)
     run_target(defs, instance, "arith", job="selection_job")
     settings = load_settings(small)
-    pool_ids = set(pl.read_parquet(settings.artifacts / "pool" / "pool.parquet")["sample_id"])
-    from idistill_assets.resources import IdistillResource
+    pool_ids = set(pl.read_parquet(current_dir(settings, "pool") / "pool.parquet")["sample_id"])
 
     assert IdistillResource(profile=str(small)).store().count() > len(pool_ids)  # the table is shared
-    folder = settings.artifacts / "targets" / "arith"
-    weights = pl.read_parquet(folder / "propagated_weights.parquet")
+    weights = pl.read_parquet(current_dir(settings, "propagated_weights", "arith") / "propagated_weights.parquet")
     assert weights.height == len(pool_ids) and set(weights["sample_id"]) == pool_ids
     assert abs(weights["weight"].sum() - len(pool_ids)) < 1e-6 * len(pool_ids)
-    subset = pl.read_parquet(folder / "subset.parquet")
+    subset = pl.read_parquet(current_dir(settings, "selected_subset", "arith") / "subset.parquet")
     assert set(subset["sample_id"]) <= pool_ids and subset.height == 12
+
+
+def test_rematerializing_keeps_the_earlier_version_and_opt_out_targets_skip_visibly(project, instance):
+    profile, targets_dir = project
+    write_target(targets_dir, "gsm", finetune=False, dev="builtin/targets/arith/dev.jsonl",
+                 test="builtin/targets/arith/test.jsonl")
+    defs = build_definitions(str(profile))
+    run_shared(defs, instance)
+    first = instance.get_latest_materialization_event(key("pool")).asset_materialization.metadata["dagster/uri"].value
+    run_target(defs, instance, "gsm")
+    for name in ("finetuned_checkpoint", "random_checkpoint", "eval_scores"):
+        assert instance.get_latest_materialization_event(key(name)) is None, name
+    observation = instance.fetch_observations(key("finetuned_checkpoint"), limit=1).records[0]
+    assert "finetune: false" in observation.asset_observation.metadata["skipped"].value
+    assert materializations(instance, "selected_subset") == 1  # the selection itself ran
+    grown = write_profile(profile.parent, pool_size=120)
+    run_shared(build_definitions(str(grown)), instance)
+    second = instance.get_latest_materialization_event(key("pool")).asset_materialization.metadata["dagster/uri"].value
+    assert second != first and pl.read_parquet(first).height == 96 and pl.read_parquet(second).height == 120

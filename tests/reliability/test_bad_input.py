@@ -248,6 +248,7 @@ def test_non_finite_weights_are_detected_and_named_and_nothing_is_written(
     settings = load_settings(profile)
     assert store_rows(settings.lancedb_uri) == 0
     landmarks_dir = settings.artifacts / "landmarks"
+    assert not (landmarks_dir / "current.json").exists()
     assert not list(landmarks_dir.rglob("*.safetensors")), list(landmarks_dir.rglob("*"))
     assert embedding_error
 

@@ -5,6 +5,7 @@ with one line and leaves no new artefact, no new LanceDB row and the previous la
 import pytest
 import yaml
 
+from idistill_assets.resources import current_dir
 from idistill_core.settings import load_settings
 from tests.assets.conftest import write_target
 
@@ -38,7 +39,7 @@ def _target_case(built, name: str, **fields) -> tuple:
     profile, inst = built
     settings = load_settings(profile)
     write_target(settings.targets_dir, name, **fields)
-    return run_assets(profile, inst, partition=name), settings.artifacts / "targets" / name
+    return run_assets(profile, inst, partition=name), settings.artifacts
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,8 @@ def test_bad_target_fails_its_partition_with_one_line_and_writes_nothing(
     bad_files(settings.data_root / "bad")
     result, folder = _target_case(built, name, **fields)
     assert_run_fails_with(result, error, *fragments)
-    assert not folder.exists() or not list(folder.glob("*.*")), list(folder.glob("*"))
+    written = [p for p in folder.glob(f"*/{name}/*") if not p.name.startswith(".staging")]
+    assert not written, written
 
 
 def test_target_yaml_missing_a_field_fails_with_its_name(built):
@@ -90,8 +92,8 @@ def test_target_yaml_missing_a_field_fails_with_its_name(built):
 def test_budget_above_pool_size_fails_before_weights_or_subset_are_written(built):
     result, folder = _target_case(built, "big-budget", budget=97, dev="builtin/targets/arith/dev.jsonl")
     assert_run_fails_with(result, "ConfigError", "budget k=97 must satisfy 0 < k <= N=96")
-    assert not (folder / "propagated_weights.parquet").exists()
-    assert not (folder / "subset.parquet").exists()
+    assert not (folder / "propagated_weights" / "big-budget" / "current.json").exists()
+    assert not (folder / "selected_subset" / "big-budget" / "current.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -105,14 +107,15 @@ def test_landmark_count_out_of_range_fails_the_landmarks_asset_and_keeps_the_old
     built, tmp_path, landmarks, fragment
 ):
     profile, inst = built
-    path = load_settings(profile).artifacts / "landmarks" / "landmarks.safetensors"
+    path = current_dir(load_settings(profile), "landmarks") / "landmarks.safetensors"
     before = path.read_bytes()
     other = tmp_path / "profile.yaml"
     other.write_text(profile.read_text())
     edit_profile(other, recipe={"num_landmarks": landmarks})
     assert_run_fails_with(run_assets(other, inst, ["landmarks"]), "ConfigError", fragment)
     assert path.read_bytes() == before
-    assert not list(path.parent.glob("shards-*"))
+    assert not list(path.parent.parent.glob("shards-*"))
+    assert current_dir(load_settings(profile), "landmarks") == path.parent  # the old version stays current
 
 
 def test_embedding_table_of_another_recipe_is_refused_and_left_untouched(built, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from idistill_assets.resources import current_dir
 from idistill_core.settings import load_settings
 from idistill_core.store import EmbeddingStore, StoreIdentity
 from tests.assets.conftest import dagster_yaml
@@ -118,12 +119,12 @@ def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance)
     assert max(s["started"] for s in spans) < min(s["finished"] for s in spans)  # the two runs overlapped
     concurrent = {}
     for name in runs:
-        folder = settings.artifacts / "targets" / name
         concurrent[name] = (
-            pl.read_parquet(folder / "propagated_weights.parquet"),
-            pl.read_parquet(folder / "subset.parquet"),
+            pl.read_parquet(current_dir(settings, "propagated_weights", name) / "propagated_weights.parquet"),
+            pl.read_parquet(current_dir(settings, "selected_subset", name) / "subset.parquet"),
         )
-        shutil.rmtree(folder)
+        for asset in ("propagated_weights", "selected_subset"):
+            shutil.rmtree(settings.artifacts / asset / name)
 
     store_rows = EmbeddingStore.open(
         settings.lancedb_uri, settings.embeddings_table, _identity_of(settings)
@@ -132,10 +133,10 @@ def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance)
 
     for name in runs:  # the same partitions, one after the other, in this process
         assert run_assets(profile, instance, partition=name).success
-        folder = settings.artifacts / "targets" / name
         weights, subset = concurrent[name]
-        assert weights.equals(pl.read_parquet(folder / "propagated_weights.parquet")), name
-        assert subset.equals(pl.read_parquet(folder / "subset.parquet")), name
+        again = current_dir(settings, "propagated_weights", name) / "propagated_weights.parquet"
+        assert weights.equals(pl.read_parquet(again)), name
+        assert subset.equals(pl.read_parquet(current_dir(settings, "selected_subset", name) / "subset.parquet")), name
         assert subset.height == {"arith": 12, "reading": 10}[name]
 
 

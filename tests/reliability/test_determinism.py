@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import polars as pl
 
+from idistill_assets.resources import current_dir
 from idistill_core.embed import EmbedConfig
 from idistill_core.gradients import GradientConfig
 from idistill_core.pipeline import SelectionRecipe, choose_landmarks, run_selection, spearman
@@ -62,11 +63,11 @@ def test_asset_pipeline_in_two_fresh_homes_gives_bitwise_identical_weights(tmp_p
         profile = tiny_project(tmp_path / home, pool_size=64)
         assert run_assets(profile, instance).success
         assert run_assets(profile, instance, partition="arith").success
-        folder = load_settings(profile).artifacts / "targets" / "arith"
+        settings = load_settings(profile)
         outputs.append(
             (
-                pl.read_parquet(folder / "propagated_weights.parquet"),
-                pl.read_parquet(folder / "subset.parquet"),
+                pl.read_parquet(current_dir(settings, "propagated_weights", "arith") / "propagated_weights.parquet"),
+                pl.read_parquet(current_dir(settings, "selected_subset", "arith") / "subset.parquet"),
             )
         )
     (weights_a, subset_a), (weights_b, subset_b) = outputs

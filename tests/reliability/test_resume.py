@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from idistill_assets.resources import current_dir
 from idistill_core import artifacts
 from idistill_core.settings import load_settings
 
@@ -72,7 +73,7 @@ def test_killed_embeddings_and_landmark_gradients_resume_to_the_uninterrupted_re
     run_to_end(reference)
     ref_ids, ref_vectors = table_contents(reference)
     ref_arrays, ref_meta = artifacts.load_arrays(
-        load_settings(reference).artifacts / "landmarks" / "landmarks.safetensors"
+        current_dir(load_settings(reference), "landmarks") / "landmarks.safetensors"
     )
     assert sorted(ref_ids) == sorted(set(ref_ids)) and len(ref_ids) == POOL
 
@@ -100,7 +101,7 @@ def test_killed_embeddings_and_landmark_gradients_resume_to_the_uninterrupted_re
     assert len(shard_dirs) == 1
     kept = {p.name for p in shard_dirs[0].glob("chunk-*.safetensors")}
     assert len(kept) >= 2
-    assert not (settings.artifacts / "landmarks" / "landmarks.safetensors").exists()
+    assert not (settings.artifacts / "landmarks" / "current.json").exists()
 
     # 3. re-run to the end: only the missing gradient chunks are computed
     progress.unlink()
@@ -117,7 +118,7 @@ def test_killed_embeddings_and_landmark_gradients_resume_to_the_uninterrupted_re
     assert sorted(ids) == sorted(ref_ids)
     rows = by_id(ids, vectors)
     assert all(np.array_equal(rows[s], reference_rows[s]) for s in ref_ids)
-    arrays, meta = artifacts.load_arrays(settings.artifacts / "landmarks" / "landmarks.safetensors")
+    arrays, meta = artifacts.load_arrays(current_dir(settings, "landmarks") / "landmarks.safetensors")
     assert meta == ref_meta
     for name in ("landmarks", "holdout"):
         assert np.array_equal(arrays[name], ref_arrays[name]), name
