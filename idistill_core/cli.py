@@ -1,7 +1,7 @@
 """``idistill`` command line: the same core functions the Dagster assets call.
 
     idistill data builtin --out DIR [--pool-size N] [--seed S] [--gsm8k]
-    idistill select --pool FILE --target FILE --model SPEC --budget K [--landmarks L] [--method id|exact|rds|less|
+    idistill select --pool FILE --target FILE --model SPEC --budget K [--landmarks L] [--method id|exact|rds|
                     random|midppl] [--order first|second] [--optimizer gd|adam] [--seed S] --out FILE.parquet
                     [--backend local|ray] [--ray-address ADDR] [--ray-actors N]
     idistill finetune --train FILE --model SPEC --out DIR [--steps N] [--lr LR] [--batch-size B]
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--model", default="smollm2-135m-instruct")
     select.add_argument("--budget", type=int, required=True)
     select.add_argument("--landmarks", type=int, default=None)
-    select.add_argument("--method", choices=["id", "exact", "rds", "less", "random", "midppl"], default=None)
+    select.add_argument("--method", choices=["id", "exact", "rds", "random", "midppl"], default=None)
     select.add_argument("--order", choices=["first", "second"], default=None)
     select.add_argument("--optimizer", choices=["gd", "adam"], default=None)
     select.add_argument("--aggregate", choices=["mean", "rr"], default=None)
