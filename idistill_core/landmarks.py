@@ -43,7 +43,9 @@ class LandmarkConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"landmarks.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}.")
+            raise ConfigError(
+                f"landmarks.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}."
+            )
         if not 0 < self.first_round <= 1:
             raise ConfigError(f"landmarks.first_round must be in (0, 1]; got {self.first_round}.")
         if not self.leverage_ridge > 0:
