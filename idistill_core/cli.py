@@ -50,6 +50,10 @@ def _recipe(args):
     }
     if args.landmarks is not None:
         changes["num_landmarks"] = args.landmarks
+    if args.per_source_cap is not None:
+        changes["per_source_cap"] = args.per_source_cap
+    if args.landmark_strategy is not None:
+        changes["landmarks"] = dataclasses.replace(base.landmarks, strategy=args.landmark_strategy)
     return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -74,22 +78,40 @@ def _select(args) -> int:
     backend = _backend(args)
     start = time.perf_counter()
     pool_rows = load_rows(args.pool, fmt=args.pool_format)
-    target_rows = load_rows(args.target, fmt=args.target_format)
+    target_files = args.target
+    weights = [float(w) for w in args.target_weights.split(",")] if args.target_weights else None
+    if weights is not None and len(weights) != len(target_files):
+        from idistill_core.errors import ConfigError
+
+        raise ConfigError(f"--target-weights has {len(weights)} values for {len(target_files)} --target files")
+    target_rows = [load_rows(t, fmt=args.target_format) for t in target_files]
     loaded = load_model(args.model, attn_implementation="eager")
     load_seconds = time.perf_counter() - start
     pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
-    targets = tokenize_rows(target_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
+    every = [tokenize_rows(t, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow) for t in target_rows]
+    targets = every[0]
     cluster = contextlib.nullcontext()
     if backend.name == "ray":  # one cluster connection for both Ray stages (embeddings, landmark gradients)
         from idistill_core.backends.ray import connected
 
         cluster = connected(backend)
-    with tempfile.TemporaryDirectory() as scratch, cluster:
-        report = run_selection(
-            loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, targets.examples, args.budget, recipe,
-            store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
-        )
     sources = dict(zip(pool_rows["sample_id"], pool_rows["source"]))
+    with tempfile.TemporaryDirectory() as scratch, cluster:
+        reports = [
+            run_selection(
+                loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, t.examples, args.budget, recipe,
+                store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
+                source_of=sources,
+            )
+            for t in every
+        ]
+    report = reports[0]
+    if len(reports) > 1:
+        from idistill_core.pipeline import mix_outcome
+
+        report.outcome = mix_outcome([r.outcome for r in reports], args.budget, weights, recipe, sources)
+        print(f"  multi-target mix over {', '.join(target_files)}: per-target budgets "
+              f"{report.outcome.details['budgets']}")
     table = report.outcome.to_arrow([sources.get(s, "") for s in report.outcome.sample_ids])
     artifacts.write_parquet(args.out, table)
     selected = set(report.outcome.selected)
@@ -170,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     select = commands.add_parser("select", help="score every pool sample and select a budgeted subset")
     select.add_argument("--pool", required=True)
     select.add_argument("--pool-format", default="auto")
-    select.add_argument("--target", required=True)
+    select.add_argument("--target", required=True, action="append",
+                        help="a target file; repeat for a multi-target mix (one subset, round-robin across targets)")
+    select.add_argument("--target-weights", default=None,
+                        help="comma-separated weights of the --target files (budget shares; default equal)")
+    select.add_argument("--per-source-cap", type=int, default=None,
+                        help="at most this many selected samples from one pool source")
+    select.add_argument("--landmark-strategy", default=None,
+                        choices=["random", "kmeanspp", "kcenter", "leverage", "adaptive"])
     select.add_argument("--target-format", default="auto")
     select.add_argument("--model", default="smollm2-135m-instruct")
     select.add_argument("--budget", type=int, required=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -479,6 +479,19 @@ def uniform_weights(sample_ids: Sequence[str], picked: Sequence[str]) -> np.ndar
     return weights
 
 
+def cap_options(ids: Sequence[str], recipe: SelectionRecipe, source_of: Mapping[str, str] | None) -> dict:
+    """``select_samples`` keywords for the recipe's per-source cap (none without a cap).
+
+    Raises:
+        ConfigError: a cap is set but the sources of the pool are not known here.
+    """
+    if recipe.per_source_cap is None:
+        return {}
+    if source_of is None:
+        raise ConfigError("per_source_cap is set but this selection was given no pool sources.")
+    return {"sources": [source_of.get(s, "") for s in ids], "per_source_cap": recipe.per_source_cap}
+
+
 def _check_budget(budget: int, n: int) -> None:
     if budget <= 0 or budget > n:
         raise ConfigError(f"budget k={budget} must satisfy 0 < k <= N={n} (the number of usable pool samples).")
@@ -528,6 +541,30 @@ def select_samples(
             # caps (or exact ties) change the support: spread the mass uniformly over the picks instead
             weights = uniform_weights(sample_ids, picked)
     return SelectionOutcome(sample_ids, aggregated, weights, picked, method)
+
+
+def mix_outcome(
+    outcomes: Sequence[SelectionOutcome],
+    budget: int,
+    weights: Sequence[float] | None,
+    recipe: SelectionRecipe,
+    source_of: Mapping[str, str] | None = None,
+) -> SelectionOutcome:
+    """One subset for several targets from their per-target outcomes: target ``j`` gets its share of
+    ``budget`` (``select.mix_budgets``), picked round-robin by its own aggregated score (caps honoured)."""
+    from idistill_core.select import mix_budgets, select_mix
+
+    ids = sorted(outcomes[0].sample_ids)
+    columns = []
+    for outcome in outcomes:
+        score = dict(zip(outcome.sample_ids, outcome.scores, strict=True))
+        if set(score) != set(ids):
+            raise ConfigError("multi-target mix: the targets' outcomes do not cover the same pool samples.")
+        columns.append(np.array([score[s] for s in ids], dtype=np.float64))
+    selection = select_mix(ids, columns, budget, weights, **cap_options(ids, recipe, source_of))
+    picked = list(selection.sample_ids)
+    details = {"budgets": mix_budgets(budget, weights or [1.0] * len(outcomes)), "picked_by": selection.targets.tolist()}
+    return SelectionOutcome(ids, np.mean(columns, axis=0), uniform_weights(ids, picked), picked, "mix", details)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -613,7 +650,10 @@ def warmup_preconditioner(model, tokenizer, examples, recipe: SelectionRecipe, p
 # ---------------------------------------------------------------------------------------------------------
 # scoring by method (shared by run_selection and the per-target assets)
 # ---------------------------------------------------------------------------------------------------------
-def baseline_outcome(method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe) -> SelectionOutcome:
+def baseline_outcome(
+    method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe,
+    source_of: Mapping[str, str] | None = None,
+) -> SelectionOutcome:
     """Forward-only baselines: `random`, `midppl` (target-agnostic) and `rds` (RDS+ cosine, round-robin)."""
     from idistill_core import baselines
 
@@ -621,7 +661,7 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
     _check_budget(budget, len(pool_ids))
     if method == "random":
         scores = np.asarray(baselines.random_scores(pool_ids, recipe.seed))
-        return select_samples(pool_ids, scores, budget, method=method)
+        return select_samples(pool_ids, scores, budget, method=method, **cap_options(pool_ids, recipe, source_of))
     if method == "midppl":
         ids, nll = baselines.midppl_scores(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
         ids, nll = list(ids), np.asarray(nll, dtype=np.float64)
@@ -635,7 +675,8 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
         )
         # RDS+'s code visits the query examples in a fixed order every round
         return select_samples(
-            list(ids), np.asarray(cosine), budget, aggregate="rr", seed=recipe.seed, method=method, fixed_order=True
+            list(ids), np.asarray(cosine), budget, aggregate="rr", seed=recipe.seed, method=method, fixed_order=True,
+            **cap_options(ids, recipe, source_of),
         )
     raise ConfigError(f"'{method}' is not a forward-only baseline (random, midppl, rds).")
 
@@ -643,12 +684,16 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
 def exact_outcome(
     grad_model, tokenizer, pool_examples, target_grads: torch.Tensor, budget: int, recipe: SelectionRecipe,
     preconditioner=None, aggregate: str | None = None, method: str = "exact", progress: bool = False,
+    source_of: Mapping[str, str] | None = None,
 ) -> SelectionOutcome:
     """Every pool sample is a landmark: exact gradients for all N, no propagation (the reference ID approximates)."""
     aggregate = aggregate or recipe.aggregate
     pool = compute_gradients(grad_model, tokenizer, pool_examples, None, recipe.gradients, preconditioner, progress)
     values = landmark_values(pool.grads, target_grads, aggregate)
-    return select_samples(pool.sample_ids, values, budget, aggregate, recipe.seed, method=method)
+    return select_samples(
+        pool.sample_ids, values, budget, aggregate, recipe.seed, method=method,
+        **cap_options(pool.sample_ids, recipe, source_of),
+    )
 
 
 def landmark_outcome(
@@ -661,6 +706,7 @@ def landmark_outcome(
     recipe: SelectionRecipe,
     aggregate: str | None = None,
     second_order: dict | None = None,
+    source_of: Mapping[str, str] | None = None,
 ) -> tuple[SelectionOutcome, float | None, dict[str, float]]:
     """Influence Distillation proper: propagate landmark influence to the pool (``C · V`` with the shared
     coefficients of exactly that pool, no refit), then select.
@@ -684,7 +730,9 @@ def landmark_outcome(
         matrix_ids, matrix = coefficients.matrix()
         outcome = qp_outcome(matrix_ids, matrix, second_order, budget, recipe)
     else:
-        outcome = select_samples(ids, scores, budget, aggregate, recipe.seed, method="id")
+        outcome = select_samples(
+            ids, scores, budget, aggregate, recipe.seed, method="id", **cap_options(ids, recipe, source_of)
+        )
     timings["selection"] = time.perf_counter() - start
     return outcome, rho, timings
 
@@ -714,14 +762,19 @@ def run_selection(
     progress: bool = False,
     backend: BackendConfig | None = None,
     source: ModelSource | None = None,
+    source_of: Mapping[str, str] | None = None,
 ) -> SelectionReport:
-    """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``)."""
+    """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``).
+
+    ``source_of`` (sample id → pool source) is needed when the recipe sets ``per_source_cap``.
+    """
     timings: dict[str, float] = {}
     pool_ids = list(pool_examples["sample_id"])
     _check_budget(budget, len(pool_ids))
     if len(target_examples) == 0:
         raise ConfigError("the target set has no usable samples (all empty or without assistant tokens).")
     sizes = {"pool": len(pool_ids), "targets": len(target_examples), "budget": budget}
+    cap_options(pool_ids, recipe, source_of)  # a cap without sources is refused before any work
     method = recipe.method
     if backend is not None and backend.name != "local" and recipe.optimizer == "adam" and method in ("id",):
         # workers load `source` (the base weights); the warmed copy lives only in this process
@@ -743,7 +796,9 @@ def run_selection(
 
     if method in ("random", "midppl", "rds"):
         with timed("baseline"):
-            outcome = baseline_outcome(method, model, tokenizer, pool_examples, target_examples, budget, recipe)
+            outcome = baseline_outcome(
+                method, model, tokenizer, pool_examples, target_examples, budget, recipe, source_of
+            )
         return SelectionReport(outcome, timings, sizes)
 
     preconditioner = None
@@ -760,7 +815,7 @@ def run_selection(
         with timed("pool_gradients"):
             outcome = exact_outcome(
                 grad_model, tokenizer, pool_examples, targets.grads, budget, recipe, preconditioner,
-                method=method, progress=progress,
+                method=method, progress=progress, source_of=source_of,
             )
         return SelectionReport(outcome, timings, sizes)
 
@@ -801,7 +856,8 @@ def run_selection(
     with timed("coefficients"):
         coefficients, _ = shared_coefficients(store, pool_ids, landmark_ids, recipe.propagate)
     outcome, rho, stage_times = landmark_outcome(
-        coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
+        coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second,
+        source_of=source_of,
     )
     timings.update(stage_times)
     return SelectionReport(outcome, timings, sizes, fidelity=rho)

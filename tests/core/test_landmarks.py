@@ -146,3 +146,25 @@ def test_multi_target_mix_gives_each_target_its_budget():
     b_order = [IDS[i] for i in np.argsort(-b, kind="stable") if IDS[i] not in taken_by_a]
     b_picks = [s for s, t in zip(out.sample_ids, out.targets, strict=True) if t == 1]
     assert set(b_picks) <= set(b_order[:4])
+
+
+def test_cli_multi_target_mix_with_caps_and_adaptive_landmarks(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from idistill_core.cli import main
+
+    data = tmp_path / "data"
+    assert main(["data", "builtin", "--out", str(data), "--pool-size", "40"]) == 0
+    out = tmp_path / "mix.parquet"
+    code = main([
+        "select", "--pool", str(data / "pool.jsonl"),
+        "--target", str(data / "targets/arith/dev.jsonl"), "--target", str(data / "targets/mcq/dev.jsonl"),
+        "--target-weights", "3,1", "--per-source-cap", "4", "--landmark-strategy", "adaptive",
+        "--model", "tiny-llama", "--budget", "12", "--landmarks", "8", "--profile", "profiles/tiny.yaml",
+        "--out", str(out),
+    ])
+    assert code == 0
+    table = pq.read_table(out).to_pydict()
+    chosen = [src for src, picked in zip(table["source"], table["selected"], strict=True) if picked]
+    assert len(chosen) == 12 and max(chosen.count(s) for s in set(chosen)) <= 4
+    assert "per-target budgets [9, 3]" in capsys.readouterr().out
