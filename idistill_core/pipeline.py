@@ -34,8 +34,8 @@ from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
-from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.landmarks import LandmarkConfig
+from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.store import EmbeddingStore, StoreIdentity
 from idistill_core.warmup import WarmupConfig
 

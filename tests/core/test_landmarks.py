@@ -101,7 +101,10 @@ def test_landmarks_and_holdout_keep_their_exact_scores_in_the_final_ranking(tmp_
     lm_ids, ho_ids = ids[:8], ids[8:12]
     rng = np.random.default_rng(0)
     lm_vals, ho_vals = rng.normal(size=(8, 1)), rng.normal(size=(4, 1))
-    outcome, _, _ = landmark_outcome(store, lm_ids, lm_vals, ho_ids, ho_vals, 5, SelectionRecipe())
+    from idistill_core.pipeline import shared_coefficients
+
+    coefficients, _ = shared_coefficients(store, ids, lm_ids, SelectionRecipe().propagate)
+    outcome, _, _ = landmark_outcome(coefficients, lm_ids, lm_vals, ho_ids, ho_vals, 5, SelectionRecipe())
     score = dict(zip(outcome.sample_ids, outcome.scores, strict=True))
     exact = dict(zip(lm_ids + ho_ids, np.concatenate([lm_vals, ho_vals])[:, 0], strict=True))
     tol = 8 * np.finfo(np.float32).eps * max(1.0, max(abs(v) for v in exact.values()))
@@ -110,7 +113,7 @@ def test_landmarks_and_holdout_keep_their_exact_scores_in_the_final_ranking(tmp_
     # the ridge does not interpolate: the propagated landmark values differ from the exact ones
     from idistill_core.pipeline import propagate_scores
 
-    pids, propagated, _ = propagate_scores(store, lm_ids, lm_vals, SelectionRecipe().propagate)
+    pids, propagated, _ = propagate_scores(store, ids, lm_ids, lm_vals, SelectionRecipe().propagate)
     prop = dict(zip(pids, propagated[:, 0], strict=True))
     assert max(abs(prop[s] - exact[s]) for s in lm_ids) > 100 * tol
 
