@@ -248,12 +248,12 @@ def table(params: dict[str, Any], work_dir: Path, results_dir: Path, profile: st
         "embed_s_per_sample": cache.get("embed_s", 0.0) / max(1, len(cache["emb"])),
     }
     notes = [
-        f"one exact pass: gradients of all {n} pool samples (param_subset {params['gradients']['param_subset']!r},"
-        f" SRHT {params['gradients']['proj_dim']}); every strategy/L/seed picks rows of it",
-        f"rho on {num_holdout} fixed held-out samples (never landmarks); top-k overlap and on-target share of the "
-        f"ID top-{budget} (landmarks keep their exact scores) vs the exact top-{budget}",
-        "centred: pool and target gradients centred on the mean gradient (exact: pool mean; ID: landmark mean) "
-        "and re-normalised, and compared with the centred exact scores",
+        (f"one exact pass: gradients of all {n} pool samples (param_subset {params['gradients']['param_subset']!r},"
+        f" SRHT {params['gradients']['proj_dim']}); every strategy/L/seed picks rows of it"),
+        (f"rho on {num_holdout} fixed held-out samples (never landmarks); top-k overlap and on-target share of the "
+        f"ID top-{budget} (landmarks keep their exact scores) vs the exact top-{budget}"),
+        ("centred: pool and target gradients centred on the mean gradient (exact: pool mean; ID: landmark mean) "
+        "and re-normalised, and compared with the centred exact scores"),
     ]
     write_result(
         results_dir, NAME, profile, params, figures, rows, notes, machine, time.perf_counter() - began
