@@ -254,4 +254,6 @@ EXTENDED["scale"] = FULL["scale"]
 
 PROFILES = {"full": FULL, "smoke": SMOKE, "extended": EXTENDED}
 ORDER = ["jvp_cost", "end_to_end", "landmark_sweep", "scaling", "propagation", "gpu"]
-EXTRA = ["embed_dtype", "scale"]
+EXTRA = ["embed_dtype", "scale", "landmark_strategies"]
+FULL["landmark_strategies"] = {}  # its own DEFAULTS (benchmarks/landmark_strategies.py)
+EXTENDED["landmark_strategies"] = {}

@@ -1,7 +1,7 @@
 """``idistill`` command line: the same core functions the Dagster assets call.
 
     idistill data builtin --out DIR [--pool-size N] [--seed S] [--gsm8k]
-    idistill select --pool FILE --target FILE --model SPEC --budget K [--landmarks L] [--method id|exact|rds|less|
+    idistill select --pool FILE --target FILE --model SPEC --budget K [--landmarks L] [--method id|exact|rds|
                     random|midppl] [--order first|second] [--optimizer gd|adam] [--seed S] --out FILE.parquet
                     [--backend local|ray] [--ray-address ADDR] [--ray-actors N]
     idistill finetune --train FILE --model SPEC --out DIR [--steps N] [--lr LR] [--batch-size B]
@@ -54,6 +54,10 @@ def _recipe(args):
     }
     if args.landmarks is not None:
         changes["num_landmarks"] = args.landmarks
+    if args.per_source_cap is not None:
+        changes["per_source_cap"] = args.per_source_cap
+    if args.landmark_strategy is not None:
+        changes["landmarks"] = dataclasses.replace(base.landmarks, strategy=args.landmark_strategy)
     return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -81,7 +85,13 @@ def _select(args) -> int:
     backend = _backend(args)
     start = time.perf_counter()
     pool_rows = load_rows(args.pool, fmt=args.pool_format, format_option="--pool-format")
-    target_rows = load_rows(args.target, fmt=args.target_format, format_option="--target-format")
+    target_files = args.target
+    weights = [float(w) for w in args.target_weights.split(",")] if args.target_weights else None
+    if weights is not None and len(weights) != len(target_files):
+        from idistill_core.errors import ConfigError
+
+        raise ConfigError(f"--target-weights has {len(weights)} values for {len(target_files)} --target files")
+    target_rows = [load_rows(t, fmt=args.target_format, format_option="--target-format") for t in target_files]
     loaded = load_model(args.model, attn_implementation="eager")
     load_seconds = time.perf_counter() - start
     need = validate.DiskNeed()
@@ -92,19 +102,30 @@ def _select(args) -> int:
     need.add(Path(args.out).parent, "selection", validate.selection_bytes(len(ids), map(len, ids)))
     validate.check_free_space(need)
     pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
-    targets = tokenize_rows(target_rows, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
+    every = [tokenize_rows(t, loaded.tokenizer, recipe.max_length, on_overflow=recipe.on_overflow) for t in target_rows]
+    targets = every[0]
     cluster = contextlib.nullcontext()
     if backend.name == "ray":  # one cluster connection for both Ray stages (embeddings, landmark gradients)
         from idistill_core.backends.ray import connected
 
         cluster = connected(backend)
-    with tempfile.TemporaryDirectory() as scratch, cluster:
-        report = run_selection(
-            loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, targets.examples, args.budget, recipe,
-            store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
-            commit_every=args.commit_every,
-        )
     sources = dict(zip(pool_rows["sample_id"], pool_rows["source"]))
+    with tempfile.TemporaryDirectory() as scratch, cluster:
+        reports = [
+            run_selection(
+                loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, t.examples, args.budget, recipe,
+                store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
+                commit_every=args.commit_every, source_of=sources,
+            )
+            for t in every
+        ]
+    report = reports[0]
+    if len(reports) > 1:
+        from idistill_core.pipeline import mix_outcome
+
+        report.outcome = mix_outcome([r.outcome for r in reports], args.budget, weights, recipe, sources)
+        print(f"  multi-target mix over {', '.join(target_files)}: per-target budgets "
+              f"{report.outcome.details['budgets']}")
     table = report.outcome.to_arrow([sources.get(s, "") for s in report.outcome.sample_ids])
     artifacts.write_parquet(args.out, table)
     selected = set(report.outcome.selected)
@@ -210,12 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     select = commands.add_parser("select", help="score every pool sample and select a budgeted subset")
     select.add_argument("--pool", required=True, help="pool file (jsonl, json, parquet, csv) or hub dataset")
     select.add_argument("--pool-format", default="auto", help="format of --pool (default: from the extension)")
-    select.add_argument("--target", required=True, help="target (dev) samples whose loss the selection should lower")
+    select.add_argument("--target", required=True, action="append",
+                        help="target (dev) samples whose loss the selection should lower; repeat for a "
+                        "multi-target mix (one subset, round-robin across targets)")
+    select.add_argument("--target-weights", default=None,
+                        help="comma-separated weights of the --target files (budget shares; default equal)")
+    select.add_argument("--per-source-cap", type=int, default=None,
+                        help="at most this many selected samples from one pool source")
+    select.add_argument("--landmark-strategy", default=None,
+                        choices=["random", "kmeanspp", "kcenter", "leverage", "adaptive"],
+                        help="how landmarks are chosen (default: the recipe's, random)")
     select.add_argument("--target-format", default="auto", help="format of --target (default: from the extension)")
     select.add_argument("--model", default="smollm2-135m-instruct", help="model spec or HF folder (default %(default)s)")
     select.add_argument("--budget", type=int, required=True, help="number of pool samples to select (k)")
     select.add_argument("--landmarks", type=int, default=None, help="landmarks L with exact gradients (default: the recipe's)")
-    select.add_argument("--method", choices=["id", "exact", "rds", "less", "random", "midppl"], default=None,
+    select.add_argument("--method", choices=["id", "exact", "rds", "random", "midppl"], default=None,
                         help="id = Influence Distillation (default); exact = every sample a landmark; the rest are baselines")
     select.add_argument("--order", choices=["first", "second"], default=None, help="first-order ranking or the second-order QP")
     select.add_argument("--optimizer", choices=["gd", "adam"], default=None, help="adam: precondition with a warmed-up Adam state")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,7 @@ from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError, IdistillError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
+from idistill_core.landmarks import LandmarkConfig
 from idistill_core.precision import PrecisionResolver
 from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.store import EmbeddingStore, StoreIdentity
@@ -41,14 +42,16 @@ from idistill_core.warmup import WarmupConfig
 
 logger = logging.getLogger("idistill")
 
-METHODS = ("id", "exact", "rds", "less", "random", "midppl")
+METHODS = ("id", "exact", "rds", "random", "midppl")
+# `less` was the exact method under another name; it stays refused until LESS itself (LoRA warm-up, Adam
+# feature, checkpoint weighting, sub-task max) is implemented: no peer name on a method that is not it.
 
 
 @dataclass(frozen=True)
 class SelectionRecipe:
     """Every knob of a selection run except the budget (which belongs to the target)."""
 
-    method: Literal["id", "exact", "rds", "less", "random", "midppl"] = "id"
+    method: Literal["id", "exact", "rds", "random", "midppl"] = "id"
     """`id` = Influence Distillation (landmarks + propagation); `exact` = every pool sample is a landmark (no
     propagation; the reference ID approximates); the rest are baselines."""
     num_landmarks: int = 64
@@ -73,12 +76,22 @@ class SelectionRecipe:
     """Samples per forward batch for embeddings and forward-only baselines."""
     seed: int = 0
     """Landmark choice, round-robin order and random baseline."""
+    per_source_cap: int | None = None
+    """At most this many selected samples from any one pool source (top-k and round-robin both honour it)."""
+    landmarks: LandmarkConfig = field(default_factory=LandmarkConfig)
+    """Which pool samples become landmarks (`landmarks.strategy`; `random` is the paper's)."""
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     gradients: GradientConfig = field(default_factory=GradientConfig)
     propagate: PropagateConfig = field(default_factory=PropagateConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def __post_init__(self) -> None:
+        if self.method == "less":
+            raise ConfigError(
+                "method 'less' is not available: LESS (LoRA warm-up, Adam gradient feature, checkpoint-weighted "
+                "scores, sub-task max) is not implemented, and the exact method must not carry its name; use "
+                "method: exact for exact-gradient selection."
+            )
         if self.method not in METHODS:
             raise ConfigError(f"SelectionRecipe.method must be one of {', '.join(METHODS)}; got {self.method!r}.")
         if self.order not in ("first", "second"):
@@ -97,6 +110,8 @@ class SelectionRecipe:
             raise ConfigError(f"SelectionRecipe.on_overflow must be 'truncate' or 'error'; got {self.on_overflow!r}.")
         if self.max_length <= 0 or self.batch_size <= 0:
             raise ConfigError("SelectionRecipe.max_length and batch_size must be > 0.")
+        if self.per_source_cap is not None and self.per_source_cap < 1:
+            raise ConfigError(f"SelectionRecipe.per_source_cap must be >= 1; got {self.per_source_cap}.")
 
     def embed_fingerprint(self, model_fingerprint: str) -> str:
         return config_fingerprint(self.embed) + "-" + model_fingerprint[:8] + f"-len{self.max_length}"
@@ -282,19 +297,46 @@ def embed_pool(
 # ---------------------------------------------------------------------------------------------------------
 # 2. landmarks and gradients
 # ---------------------------------------------------------------------------------------------------------
-def choose_landmarks(sample_ids: Sequence[str], num_landmarks: int, num_holdout: int, seed: int) -> tuple[list[str], list[str]]:
-    """Uniform random landmarks (without replacement) and disjoint held-out samples, deterministic for a seed.
+def choose_landmarks(
+    sample_ids: Sequence[str],
+    num_landmarks: int,
+    num_holdout: int,
+    seed: int,
+    config: LandmarkConfig | None = None,
+    embeddings: np.ndarray | None = None,
+) -> tuple[list[str], list[str]]:
+    """Landmarks and disjoint held-out samples, deterministic for a seed (see :mod:`idistill_core.landmarks`).
 
-    Ids are sorted first so the choice does not depend on pool row order.
+    The default (uniform random, without replacement over sorted ids) is the paper's; with
+    ``strategy='adaptive'`` this is its first, random round (:func:`adaptive_landmarks` adds the rest).
     """
-    n = len(sample_ids)
-    if num_landmarks > n:
-        raise ConfigError(f"num_landmarks={num_landmarks} exceeds the pool size N={n}; choose L <= N.")
-    num_holdout = min(num_holdout, n - num_landmarks)
-    ordered = sorted(sample_ids)
-    picks = np.random.default_rng(seed).choice(n, size=num_landmarks + num_holdout, replace=False)
-    chosen = [ordered[i] for i in picks]
-    return chosen[:num_landmarks], chosen[num_landmarks:]
+    from idistill_core import landmarks
+
+    return landmarks.choose(sample_ids, num_landmarks, num_holdout, seed, config, embeddings)
+
+
+def adaptive_round(
+    store: EmbeddingStore,
+    pool_ids: Sequence[str],
+    landmark_ids: Sequence[str],
+    lm_values: np.ndarray,
+    holdout_ids: Sequence[str],
+    budget: int,
+    recipe: SelectionRecipe,
+    exact_values: Callable[[list[str]], np.ndarray],
+) -> tuple[list[str], np.ndarray]:
+    """The adaptive strategy's second round: propagate the first-round landmarks, take the rest of the budget
+    nearest the top-k cut of that estimate (``exact_values(ids)`` gives their ``(n, T)`` exact values), and
+    return all landmarks with their values (the caller refits)."""
+    from idistill_core import landmarks
+
+    ids, scores, _ = propagate_scores(store, pool_ids, landmark_ids, lm_values, recipe.propagate)
+    more = landmarks.boundary_picks(
+        ids, scores, budget, recipe.num_landmarks - len(landmark_ids), [*landmark_ids, *holdout_ids]
+    )
+    if not more:
+        return list(landmark_ids), lm_values
+    return [*landmark_ids, *more], np.concatenate([lm_values, exact_values(more)])
 
 
 def compute_gradients(
@@ -445,6 +487,22 @@ def shared_coefficients(
     return build_coefficients(store, pool_ids, landmark_ids, config, dtype=dtype, on_chunk=on_chunk)
 
 
+def keep_exact(ids: Sequence[str], scores: np.ndarray, exact_ids: Sequence[str], exact_values: Sequence[np.ndarray]) -> np.ndarray:
+    """``scores`` with the rows of samples whose exact gradient was computed (landmarks, held-out samples)
+    replaced by their exact values: only the others need the propagated estimate."""
+    values = [np.asarray(v, dtype=np.float64).reshape(-1, scores.shape[1]) for v in exact_values if len(v)]
+    if not values:
+        return scores
+    exact = np.concatenate(values)
+    position = {s: i for i, s in enumerate(ids)}
+    rows = [(position[s], j) for j, s in enumerate(exact_ids) if s in position]
+    out = np.array(scores, copy=True)
+    if rows:
+        at, src = zip(*rows, strict=True)
+        out[list(at)] = exact[list(src)].astype(out.dtype)
+    return out
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -523,6 +581,19 @@ def uniform_weights(sample_ids: Sequence[str], picked: Sequence[str]) -> np.ndar
     return weights
 
 
+def cap_options(ids: Sequence[str], recipe: SelectionRecipe, source_of: Mapping[str, str] | None) -> dict:
+    """``select_samples`` keywords for the recipe's per-source cap (none without a cap).
+
+    Raises:
+        ConfigError: a cap is set but the sources of the pool are not known here.
+    """
+    if recipe.per_source_cap is None:
+        return {}
+    if source_of is None:
+        raise ConfigError("per_source_cap is set but this selection was given no pool sources.")
+    return {"sources": [source_of.get(s, "") for s in ids], "per_source_cap": recipe.per_source_cap}
+
+
 def _check_budget(budget: int, n: int) -> None:
     if budget <= 0 or budget > n:
         raise ConfigError(f"budget k={budget} must satisfy 0 < k <= N={n} (the number of usable pool samples).")
@@ -537,8 +608,11 @@ def select_samples(
     method: str = "id",
     sources: Sequence[str] | None = None,
     per_source_cap: int | None = None,
+    fixed_order: bool = False,
 ) -> SelectionOutcome:
     """Scores ``(N,)`` or ``(N, T)`` → a budgeted subset with first-order weights (paper §1.5).
+
+    ``fixed_order``: round-robin visits targets in column order every round (RDS+), not a seeded permutation.
 
     The weights are the closed-form first-order QP solution (simplex projection of the scores), whose support
     is exactly the top-k; with round-robin the support is the round-robin picks.
@@ -552,7 +626,12 @@ def select_samples(
     matrix = scores if scores.ndim == 2 else scores[:, None]
     aggregated = matrix.mean(axis=1)
     if aggregate == "rr" and matrix.shape[1] > 1:
-        picked = list(round_robin(sample_ids, matrix, budget, seed).sample_ids)
+        picked = list(
+            round_robin(
+                sample_ids, matrix, budget, seed, fixed_order=fixed_order, sources=sources,
+                per_source_cap=per_source_cap,
+            ).sample_ids
+        )
         weights = uniform_weights(sample_ids, picked)
     else:
         selection = select_top_k(sample_ids, aggregated, budget, sources=sources, per_source_cap=per_source_cap)
@@ -564,6 +643,30 @@ def select_samples(
             # caps (or exact ties) change the support: spread the mass uniformly over the picks instead
             weights = uniform_weights(sample_ids, picked)
     return SelectionOutcome(sample_ids, aggregated, weights, picked, method)
+
+
+def mix_outcome(
+    outcomes: Sequence[SelectionOutcome],
+    budget: int,
+    weights: Sequence[float] | None,
+    recipe: SelectionRecipe,
+    source_of: Mapping[str, str] | None = None,
+) -> SelectionOutcome:
+    """One subset for several targets from their per-target outcomes: target ``j`` gets its share of
+    ``budget`` (``select.mix_budgets``), picked round-robin by its own aggregated score (caps honoured)."""
+    from idistill_core.select import mix_budgets, select_mix
+
+    ids = sorted(outcomes[0].sample_ids)
+    columns = []
+    for outcome in outcomes:
+        score = dict(zip(outcome.sample_ids, outcome.scores, strict=True))
+        if set(score) != set(ids):
+            raise ConfigError("multi-target mix: the targets' outcomes do not cover the same pool samples.")
+        columns.append(np.array([score[s] for s in ids], dtype=np.float64))
+    selection = select_mix(ids, columns, budget, weights, **cap_options(ids, recipe, source_of))
+    picked = list(selection.sample_ids)
+    details = {"budgets": mix_budgets(budget, weights or [1.0] * len(outcomes)), "picked_by": selection.targets.tolist()}
+    return SelectionOutcome(ids, np.mean(columns, axis=0), uniform_weights(ids, picked), picked, "mix", details)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -649,7 +752,10 @@ def warmup_preconditioner(model, tokenizer, examples, recipe: SelectionRecipe, p
 # ---------------------------------------------------------------------------------------------------------
 # scoring by method (shared by run_selection and the per-target assets)
 # ---------------------------------------------------------------------------------------------------------
-def baseline_outcome(method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe) -> SelectionOutcome:
+def baseline_outcome(
+    method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe,
+    source_of: Mapping[str, str] | None = None,
+) -> SelectionOutcome:
     """Forward-only baselines: `random`, `midppl` (target-agnostic) and `rds` (RDS+ cosine, round-robin)."""
     from idistill_core import baselines
 
@@ -657,7 +763,7 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
     _check_budget(budget, len(pool_ids))
     if method == "random":
         scores = np.asarray(baselines.random_scores(pool_ids, recipe.seed))
-        return select_samples(pool_ids, scores, budget, method=method)
+        return select_samples(pool_ids, scores, budget, method=method, **cap_options(pool_ids, recipe, source_of))
     if method == "midppl":
         got, nll = baselines.midppl_scores(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
         ids, nll = pool_ids, np.asarray(in_order(pool_ids, list(got), nll), dtype=np.float64)
@@ -671,22 +777,27 @@ def baseline_outcome(method: str, model, tokenizer, pool_examples, target_exampl
             batches_for(target_examples, tokenizer, recipe.batch_size, bucket=False),
         )
         cosine = in_order(pool_ids, list(got), np.asarray(cosine))  # batches were length-bucketed
-        return select_samples(pool_ids, cosine, budget, aggregate="rr", seed=recipe.seed, method=method)
+        # RDS+'s code visits the query examples in a fixed order every round
+        return select_samples(
+            pool_ids, cosine, budget, aggregate="rr", seed=recipe.seed, method=method, fixed_order=True,
+            **cap_options(pool_ids, recipe, source_of),
+        )
     raise ConfigError(f"'{method}' is not a forward-only baseline (random, midppl, rds).")
 
 
 def exact_outcome(
     grad_model, tokenizer, pool_examples, target_grads: torch.Tensor, budget: int, recipe: SelectionRecipe,
     preconditioner=None, aggregate: str | None = None, method: str = "exact", progress: bool = False,
+    source_of: Mapping[str, str] | None = None,
 ) -> SelectionOutcome:
-    """Every pool sample is a landmark: exact gradients for all N, no propagation (the reference ID approximates).
-
-    `less` is the same computation (LESS-style cosine of Adam-preconditioned pool gradients with target gradients).
-    """
+    """Every pool sample is a landmark: exact gradients for all N, no propagation (the reference ID approximates)."""
     aggregate = aggregate or recipe.aggregate
     pool = compute_gradients(grad_model, tokenizer, pool_examples, None, recipe.gradients, preconditioner, progress)
     values = landmark_values(pool.grads, target_grads, aggregate)
-    return select_samples(pool.sample_ids, values, budget, aggregate, recipe.seed, method=method)
+    return select_samples(
+        pool.sample_ids, values, budget, aggregate, recipe.seed, method=method,
+        **cap_options(pool.sample_ids, recipe, source_of),
+    )
 
 
 def landmark_outcome(
@@ -699,6 +810,7 @@ def landmark_outcome(
     recipe: SelectionRecipe,
     aggregate: str | None = None,
     second_order: dict | None = None,
+    source_of: Mapping[str, str] | None = None,
 ) -> tuple[SelectionOutcome, float | None, dict[str, float]]:
     """Influence Distillation proper: propagate landmark influence to the pool (``C · V`` with the shared
     coefficients of exactly that pool, no refit), then select.
@@ -712,6 +824,7 @@ def landmark_outcome(
     if list(landmark_ids) != coefficients.landmark_ids:
         raise ConfigError("the landmark values' landmarks differ from those the propagation coefficients were built for.")
     ids, scores = coefficients.propagate(lm_values)
+    scores = keep_exact(ids, scores, [*landmark_ids, *holdout_ids], [lm_values, ho_values])
     timings["propagation"] = time.perf_counter() - start
     rho = None
     if len(holdout_ids) >= 3:
@@ -721,7 +834,9 @@ def landmark_outcome(
         matrix_ids, matrix = coefficients.matrix()
         outcome = qp_outcome(matrix_ids, matrix, second_order, budget, recipe)
     else:
-        outcome = select_samples(ids, scores, budget, aggregate, recipe.seed, method="id")
+        outcome = select_samples(
+            ids, scores, budget, aggregate, recipe.seed, method="id", **cap_options(ids, recipe, source_of)
+        )
     timings["selection"] = time.perf_counter() - start
     return outcome, rho, timings
 
@@ -756,10 +871,13 @@ def run_selection(
     resolver: PrecisionResolver | None = None,
     commit_every: int = 256,
     on_commit: Callable[[int, int], None] | None = None,
+    source_of: Mapping[str, str] | None = None,
 ) -> SelectionReport:
     """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``).
 
-    ``commit_every`` and ``on_commit`` go to :func:`embed_pool` (the only stage that commits)."""
+    ``commit_every`` and ``on_commit`` go to :func:`embed_pool` (the only stage that commits); ``source_of``
+    (sample id → pool source) is needed when the recipe sets ``per_source_cap``.
+    """
     recipe, precision = resolve_recipe(recipe, model, resolver)
     timings: dict[str, float] = {}
     pool_ids = list(pool_examples["sample_id"])
@@ -767,6 +885,7 @@ def run_selection(
     if len(target_examples) == 0:
         raise ConfigError("the target set has no usable samples (all empty or without assistant tokens).")
     sizes = {"pool": len(pool_ids), "targets": len(target_examples), "budget": budget}
+    cap_options(pool_ids, recipe, source_of)  # a cap without sources is refused before any work
     method = recipe.method
     if backend is not None and backend.name != "local" and recipe.optimizer == "adam" and method in ("id",):
         # workers load `source` (the base weights); the warmed copy lives only in this process
@@ -788,7 +907,9 @@ def run_selection(
 
     if method in ("random", "midppl", "rds"):
         with timed("baseline"):
-            outcome = baseline_outcome(method, model, tokenizer, pool_examples, target_examples, budget, recipe)
+            outcome = baseline_outcome(
+                method, model, tokenizer, pool_examples, target_examples, budget, recipe, source_of
+            )
         return SelectionReport(outcome, timings, sizes, precision=precision)
 
     preconditioner = None
@@ -801,11 +922,11 @@ def run_selection(
             preconditioner = warmup_preconditioner(grad_model, tokenizer, pool_examples, recipe, progress)
     with timed("target_gradients"):
         targets = compute_gradients(grad_model, tokenizer, target_examples, None, recipe.gradients, progress=progress)
-    if method in ("exact", "less"):
+    if method == "exact":
         with timed("pool_gradients"):
             outcome = exact_outcome(
                 grad_model, tokenizer, pool_examples, targets.grads, budget, recipe, preconditioner,
-                method=method, progress=progress,
+                method=method, progress=progress, source_of=source_of,
             )
         return SelectionReport(outcome, timings, sizes, precision=precision)
 
@@ -815,8 +936,10 @@ def run_selection(
             model, tokenizer, pool_examples, store, recipe.embed, commit_every=commit_every, progress=progress,
             on_commit=on_commit, backend=backend, source=source,
         )
-    landmark_ids, holdout_ids = choose_landmarks(pool_ids, recipe.num_landmarks, recipe.num_holdout, recipe.seed)
-    sizes.update(landmarks=len(landmark_ids), holdout=len(holdout_ids))
+    emb = store.read(pool_ids) if recipe.landmarks.needs_embeddings else None
+    landmark_ids, holdout_ids = choose_landmarks(
+        pool_ids, recipe.num_landmarks, recipe.num_holdout, recipe.seed, recipe.landmarks, emb
+    )
     with timed("landmark_gradients"):
         grads = compute_gradients(
             grad_model, tokenizer, pool_examples, landmark_ids + holdout_ids, recipe.gradients, preconditioner, progress,
@@ -824,6 +947,20 @@ def run_selection(
         )
     lm_values = landmark_values(grads.grads[: len(landmark_ids)], targets.grads, recipe.aggregate)
     ho_values = landmark_values(grads.grads[len(landmark_ids) :], targets.grads, recipe.aggregate)
+    if recipe.landmarks.strategy == "adaptive" and len(landmark_ids) < recipe.num_landmarks:
+        with timed("landmark_gradients"):
+            landmark_ids, lm_values = adaptive_round(
+                store, pool_ids, landmark_ids, lm_values, holdout_ids, budget, recipe,
+                lambda ids: landmark_values(
+                    compute_gradients(
+                        grad_model, tokenizer, pool_examples, ids, recipe.gradients, preconditioner, progress,
+                        backend=backend, source=source,
+                    ).grads,
+                    targets.grads,
+                    recipe.aggregate,
+                ),
+            )
+    sizes.update(landmarks=len(landmark_ids), holdout=len(holdout_ids))
     second = None
     if recipe.order == "second":
         with timed("second_order"):
@@ -833,7 +970,8 @@ def run_selection(
     with timed("coefficients"):
         coefficients, _ = shared_coefficients(store, pool_ids, landmark_ids, recipe.propagate)
     outcome, rho, stage_times = landmark_outcome(
-        coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second
+        coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second,
+        source_of=source_of,
     )
     timings.update(stage_times)
     return SelectionReport(outcome, timings, sizes, fidelity=rho, precision=precision)

@@ -118,18 +118,37 @@ def select_top_k(
     return Selection([sample_ids[i] for i in picked], s[picked], "top_k")
 
 
-def round_robin(sample_ids: Sequence[str], scores: torch.Tensor | np.ndarray, k: int, seed: int) -> Selection:
+def round_robin(
+    sample_ids: Sequence[str],
+    scores: torch.Tensor | np.ndarray,
+    k: int,
+    seed: int,
+    *,
+    fixed_order: bool = False,
+    sources: Sequence[str] | None = None,
+    per_source_cap: int | None = None,
+    quotas: Sequence[int] | None = None,
+) -> Selection:
     """Round-robin over target columns (official code, paper §5).
 
-    Each round visits the ``T`` targets in a fresh permutation from ``numpy.random.default_rng(seed)``;
-    each takes its best not-yet-selected sample, until ``k`` are selected. Memory is ``O(T · k)``:
-    a column can never need more than its top ``k`` entries (everything it skips was selected).
+    Each round visits the ``T`` targets in a fresh permutation from ``numpy.random.default_rng(seed)``
+    (``fixed_order``: in column order every round, as RDS+'s code does); each takes its best not-yet-selected
+    sample, until ``k`` are selected. Without caps memory is ``O(T · k)``: a column can never need more than its
+    top ``k`` entries (everything it skips was selected).
 
     Args:
         sample_ids: ``N`` unique ids.
         scores: ``(N, T)`` (a 1-D ``(N,)`` is one target).
         k: budget, ``1 ≤ k ≤ N``.
         seed: seed of the per-round target permutations.
+        fixed_order: visit targets 0..T-1 every round (no randomness).
+        sources: ``N`` source names (needed with ``per_source_cap``).
+        per_source_cap: at most this many picks from one source; a full source's samples are skipped.
+        quotas: ``T`` per-column pick limits summing to ``k`` (multi-target mixes); a column at its quota
+            passes its turn.
+
+    Raises:
+        ConfigError: bad cap/quotas, or caps leave fewer than ``k`` eligible samples.
     """
     s = _to_numpy(scores, "scores")
     if s.ndim == 1:
@@ -138,40 +157,113 @@ def round_robin(sample_ids: Sequence[str], scores: torch.Tensor | np.ndarray, k:
     n, n_targets = s.shape
     if n_targets == 0:
         raise DataError("scores has no target columns")
+    capped = per_source_cap is not None
+    if capped:
+        if per_source_cap < 1:
+            raise ConfigError(f"per_source_cap must be >= 1; got {per_source_cap}")
+        if sources is None or len(sources) != n:
+            raise ConfigError("per_source_cap needs one source per sample_id")
+    if quotas is not None:
+        quotas = [int(q) for q in quotas]
+        if len(quotas) != n_targets or min(quotas) < 0 or sum(quotas) != k:
+            raise ConfigError(f"quotas must be {n_targets} non-negative counts summing to k={k}; got {quotas}")
     id_rank = _id_rank(sample_ids)
     candidates = []
     for t in range(n_targets):
         col = s[:, t]
-        if k < n:
+        limit = k if quotas is None else quotas[t]
+        if not capped and quotas is None and k < n:
             # Keep every entry tied with the k-th so the tie-break by id is exact.
-            kth = np.partition(col, n - k)[n - k]
+            kth = np.partition(col, n - limit)[n - limit]
             idx = np.nonzero(col >= kth)[0]
         else:
-            idx = np.arange(n)
+            idx = np.arange(n)  # caps or other columns' picks may skip far down a column
         candidates.append(idx[_order(col[idx], id_rank[idx])])
     pointers = np.zeros(n_targets, dtype=np.int64)
+    taken = np.zeros(n_targets, dtype=np.int64)
     used = np.zeros(n, dtype=bool)
+    counts: dict[str, int] = {}
     rng = np.random.default_rng(seed)
     picked, picked_scores, picked_by = [], [], []
     while len(picked) < k:
-        for t in rng.permutation(n_targets):
+        before = len(picked)
+        order = range(n_targets) if fixed_order else rng.permutation(n_targets)
+        for t in order:
+            if quotas is not None and taken[t] >= quotas[t]:
+                continue
             cand = candidates[t]
             ptr = pointers[t]
-            while ptr < len(cand) and used[cand[ptr]]:
+            while ptr < len(cand) and (
+                used[cand[ptr]] or (capped and counts.get(sources[cand[ptr]], 0) >= per_source_cap)
+            ):
                 ptr += 1
             pointers[t] = ptr
             if ptr == len(cand):
                 continue
             i = int(cand[ptr])
             used[i] = True
+            if capped:
+                counts[sources[i]] = counts.get(sources[i], 0) + 1
+            taken[t] += 1
             picked.append(i)
             picked_scores.append(s[i, t])
             picked_by.append(int(t))
             if len(picked) == k:
                 break
+        if len(picked) == before:
+            raise ConfigError(
+                f"round-robin found only {len(picked)} eligible samples for k={k}"
+                + (f" (per_source_cap={per_source_cap} over {len(set(sources))} sources)" if capped else "")
+            )
     return Selection(
         [sample_ids[i] for i in picked], np.asarray(picked_scores), "round_robin", np.asarray(picked_by)
     )
+
+
+def mix_budgets(k: int, weights: Sequence[float]) -> list[int]:
+    """Per-target budgets summing to ``k`` in proportion to ``weights`` (largest remainder; ties to the
+    earlier target)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"target weights must be non-negative, finite and not all zero; got {list(weights)}")
+    share = k * w / w.sum()
+    base = np.floor(share).astype(np.int64)
+    rest = k - int(base.sum())
+    order = sorted(range(len(w)), key=lambda i: (-(share[i] - base[i]), i))
+    for i in order[:rest]:
+        base[i] += 1
+    return [int(b) for b in base]
+
+
+def select_mix(
+    sample_ids: Sequence[str],
+    target_scores: Sequence[np.ndarray],
+    k: int,
+    weights: Sequence[float] | None = None,
+    sources: Sequence[str] | None = None,
+    per_source_cap: int | None = None,
+) -> Selection:
+    """One subset for several targets: target ``j`` gets ``mix_budgets(k, weights)[j]`` picks, taken in
+    round-robin (targets in the order given, each its best remaining sample by its own score).
+
+    Args:
+        target_scores: one ``(N,)`` score per target (e.g. a target's mean-gradient influence).
+        weights: per-target weights (default equal).
+
+    Returns:
+        ``Selection`` whose ``targets`` says which target picked each sample.
+    """
+    if not target_scores:
+        raise ConfigError("select_mix needs at least one target")
+    columns = np.stack([_to_numpy(t, "target scores").reshape(-1) for t in target_scores], axis=1)
+    quotas = mix_budgets(k, [1.0] * columns.shape[1] if weights is None else weights)
+    if len(quotas) != columns.shape[1]:
+        raise ConfigError(f"{len(quotas)} target weights for {columns.shape[1]} targets")
+    out = round_robin(
+        sample_ids, columns, k, 0, fixed_order=True, sources=sources, per_source_cap=per_source_cap, quotas=quotas
+    )
+    out.method = "mix"
+    return out
 
 
 def select_from_weights(sample_ids: Sequence[str], weights: torch.Tensor | np.ndarray, k: int) -> Selection:

@@ -306,7 +306,17 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     model, tokenizer, pre = gradient_model(idistill)
     tokenized = tokenized_pool(idistill, tokenizer)
     ids = list(tokenized.examples["sample_id"])
-    landmark_ids, holdout_ids = choose_landmarks(ids, s.recipe.num_landmarks, s.recipe.num_holdout, s.recipe.seed)
+    if s.recipe.landmarks.strategy == "adaptive":
+        from idistill_core.errors import ConfigError
+
+        raise ConfigError(
+            "landmarks.strategy 'adaptive' needs a target's values between its rounds; the shared landmarks "
+            "serve every target, so use it with `idistill select` (or pick another strategy here)."
+        )
+    emb = idistill.store().read(ids) if s.recipe.landmarks.needs_embeddings else None
+    landmark_ids, holdout_ids = choose_landmarks(
+        ids, s.recipe.num_landmarks, s.recipe.num_holdout, s.recipe.seed, s.recipe.landmarks, emb
+    )
     # shards are keyed by everything the gradients depend on, so a re-run after a kill reuses only valid chunks
     warm = artifacts.read_json(warmup_dir(idistill) / "state.json")
     key = stable_hash(

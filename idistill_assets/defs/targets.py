@@ -246,7 +246,7 @@ def _score_target(res: IdistillResource, spec) -> dict:
         return {"outcome": outcome, "fidelity": rho, "timings": timings}
     model, tokenizer, pre = gradient_model(res)
     examples = tokenized_pool(res, tokenizer).examples
-    if spec.method in ("exact", "less"):
+    if spec.method == "exact":
         grads, _ = artifacts.load_arrays(target_dir(res, spec.name, "target_gradients") / "target_gradients.safetensors")
         outcome = exact_outcome(model, tokenizer, examples, torch.from_numpy(grads["targets"]), spec.budget, recipe, pre, method=spec.method)
         return {"outcome": outcome}
