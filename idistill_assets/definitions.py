@@ -30,6 +30,7 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
         shared.embeddings,
         shared.warmup,
         shared.landmarks,
+        shared.propagation,
         targets.target_spec,
         targets.target_gradients,
         targets.landmark_influence,

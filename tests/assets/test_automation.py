@@ -17,7 +17,7 @@ from idistill_core.targets import load_registry
 
 from .conftest import write_profile, write_target
 
-SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks"]
+SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks", "propagation"]
 CHAIN = [
     "target_gradients",
     "landmark_influence",
@@ -167,14 +167,15 @@ def test_unchanged_rerun_of_the_shared_assets_requests_nothing(project):
     project.materialize({n: {None} for n in SHARED}, data_version="same")  # same content, same data versions
     assert project.tick() == {}
     project.materialize({"embeddings": {None}}, data_version="changed")  # a real change reaches the targets
-    assert project.tick() == chain("arith", names=CHAIN[2:])
+    # the shared coefficients follow the embeddings in the same tick, and the targets' weights follow both
+    assert project.tick() == {"propagation": {None}, **chain("arith", names=CHAIN[2:])}
 
 
 def test_landmark_count_edit_requests_the_landmark_dependent_assets_of_every_target_only(project):
     baseline(project, "arith", "reading")
     project.set_profile(recipe={"num_landmarks": 16})
-    assert project.tick() == {"landmarks": {None}}
-    project.materialize({"landmarks": {None}}, data_version="16-landmarks")
+    assert project.tick() == {"landmarks": {None}, "propagation": {None}}  # shared, so in the same tick
+    project.materialize({"landmarks": {None}, "propagation": {None}}, data_version="16-landmarks")
     # the next tick: every target's landmark-dependent assets, not its target gradients, nothing shared
     assert project.tick() == chain("arith", "reading", names=AFTER_LANDMARKS)
 

@@ -180,11 +180,12 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str, list[str]]]:
     return {name: (path, "DataError", fragments) for name, (path, fragments) in cases.items()}
 
 
-def store_rows(uri: Path) -> int:
-    """Rows in every LanceDB table under ``uri`` (0 when there is none)."""
+def store_rows(uri: Path, table: str | None = None) -> int:
+    """Rows in every LanceDB table under ``uri`` (or only in ``table``; 0 when there is none)."""
     import lancedb
 
     if not uri.exists():
         return 0
     db = lancedb.connect(str(uri))
-    return sum(db.open_table(name).count_rows() for name in db.list_tables().tables)
+    names = [n for n in db.list_tables().tables if table is None or n == table]
+    return sum(db.open_table(name).count_rows() for name in names)

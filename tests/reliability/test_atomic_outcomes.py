@@ -4,6 +4,7 @@ only a LATER pool sample contains, so earlier chunks are committed before the fa
 which poisoned every sample, never reached)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -26,13 +27,15 @@ def poisoned(tmp_path_factory):
     data = micro_data(folder / "data")
     rows = [json.loads(line) for line in data["pool"].read_text().splitlines()]
     assert not any(POISON in json.dumps(r) for r in rows)
+    tiny = load_model("tiny-llama")
+    # the poisoned sample is the longest, so length bucketing embeds it last: earlier chunks are committed first
+    longest = max(len(tiny.tokenizer(m["content"])["input_ids"]) for r in rows for m in r["messages"])
     poison = {**rows[0], "sample_id": "zz-poison"}
     poison["messages"] = [
-        {"role": "user", "content": f"say {POISON}"},
+        {"role": "user", "content": f"say {POISON} " + " ".join(["more"] * (longest + 4))},
         {"role": "assistant", "content": "ok"},
     ]
     data["pool"].write_text("".join(json.dumps(r) + "\n" for r in rows + [poison]))
-    tiny = load_model("tiny-llama")
     (token,) = tiny.tokenizer(POISON, add_special_tokens=False)["input_ids"]
     # untie the output head first: a NaN in a tied row would poison every sample's logits
     tiny.model.config.tie_word_embeddings = False
@@ -54,7 +57,8 @@ def test_nan_in_a_later_sample_rolls_the_store_back_and_says_so(poisoned, tmp_pa
     code = main(select_argv(data, out, store, model=model))
     line = assert_one_line(capsys.readouterr().err, "idistill: error: NumericalError: ")
     assert code == 2
-    assert "'zz-poison'" in line and "rolled back to version 1 (16 rows of this run removed)" in line, line
+    rolled = re.search(r"rolled back to version 1 \((\d+) rows of this run removed\)", line)
+    assert "'zz-poison'" in line and rolled and int(rolled.group(1)) > 0, line
     assert table(store) == {} and not out.exists()
     versions = lancedb.connect(str(store)).open_table("embeddings").list_versions()
     assert len(versions) >= 6  # create, 4 committed chunks (and maybe an index), the restore: chunks were committed

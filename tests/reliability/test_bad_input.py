@@ -198,7 +198,7 @@ def test_overlong_sample_is_truncated_and_counted_by_default_and_a_table_of_anot
     assert main(select_args(data, tmp_path)) == 0
     out = capsys.readouterr().out
     assert f"{expected} truncated" in out, out
-    rows = store_rows(tmp_path / "store")
+    rows = store_rows(tmp_path / "store", "embeddings")  # the coefficient table beside it has its own rows
     assert rows == 41
 
     # the same store with another model: refused, never mixed
@@ -206,7 +206,7 @@ def test_overlong_sample_is_truncated_and_counted_by_default_and_a_table_of_anot
     line = cli_error(capsys, select_args(data, tmp_path, "--model", "tiny-qwen2"), tmp_path)
     assert line.startswith("idistill: error: StoreError: ") and "another model or recipe" in line, line
     assert "model_fingerprint=" in line
-    assert store_rows(tmp_path / "store") == rows
+    assert store_rows(tmp_path / "store", "embeddings") == rows
 
 
 # ---------------------------------------------------------------------------------------------------------
