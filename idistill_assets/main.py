@@ -53,6 +53,9 @@ def print_summary(instance, settings, profile: str, registry: dict, names: list[
     emb_seconds = _metadata(instance, ["idistill", "embeddings"], None, "seconds")
     lm_seconds = _metadata(instance, ["idistill", "landmarks"], None, "seconds")
     print(f"pool: {pool_rows} samples; embeddings {emb_seconds} s; landmark gradients {lm_seconds} s; shared stage {timings['shared']:.0f} s")
+    precision = _metadata(instance, ["idistill", "embeddings"], None, "precision")
+    if precision is not None:
+        print(f"precision (embeddings, from the materialization's metadata): {precision}")
     header = f"{'target':<10} {'metric':<10} {'k':>4} {'fidelity ρ':>10} {'base':>8} {'ID':>8} {'random':>8} {'ID top source share':<28} {'time':>6}"
     print(header)
     print("-" * len(header))
