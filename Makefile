@@ -22,6 +22,9 @@ run: setup
 	$(BIN)/python -m idistill_assets.main --profile profiles/default.yaml
 
 test: setup
+	@# the browser test (tests/assets/test_browser.py) drives Debian's Chromium; CI runs as root
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	$(BIN)/python -m pytest -q
 
 ui: setup
