@@ -217,6 +217,24 @@ def per_sample_flat_gradients(
     return torch.stack(rows)
 
 
+def _step_terms(preconditioner, names, params, lr):
+    """``(η, a, b)`` of the step the second-order model predicts: the Adam factors flattened over ``names``
+    (None for plain GD) and the learning rate (the preconditioner's unless ``lr`` is given)."""
+    if preconditioner is not None:
+        eta = preconditioner.lr if lr is None else lr
+        missing = [n for n in names if n not in preconditioner.a or n not in preconditioner.b]
+        if missing:
+            raise ConfigError(f"preconditioner has no a/b entry for parameter '{missing[0]}'")
+        a = _flat(preconditioner.a[n].to(params[0]) for n in names)
+        b = _flat(preconditioner.b[n].to(params[0]) for n in names)
+    else:
+        eta = 0.0 if lr is None else lr
+        a = b = None
+    if eta < 0 or not math.isfinite(eta):
+        raise ConfigError(f"lr must be finite and >= 0; got {eta}")
+    return eta, a, b
+
+
 def second_order_terms(
     model: torch.nn.Module,
     landmark_batches: Iterable[TokenBatch],
@@ -247,18 +265,7 @@ def second_order_terms(
         ``SecondOrderTerms`` with ``p (L,)`` and ``q (L, L)`` in the parameter dtype.
     """
     params = _named_params(model, param_names)
-    if preconditioner is not None:
-        eta = preconditioner.lr if lr is None else lr
-        missing = [n for n in param_names if n not in preconditioner.a or n not in preconditioner.b]
-        if missing:
-            raise ConfigError(f"preconditioner has no a/b entry for parameter '{missing[0]}'")
-        a = _flat(preconditioner.a[n].to(params[0]) for n in param_names)
-        b = _flat(preconditioner.b[n].to(params[0]) for n in param_names)
-    else:
-        eta = 0.0 if lr is None else lr
-        a = b = None
-    if eta < 0 or not math.isfinite(eta):
-        raise ConfigError(f"lr must be finite and >= 0; got {eta}")
+    eta, a, b = _step_terms(preconditioner, param_names, params, lr)
 
     with torch.enable_grad(), eager_attention(model):
         grads = [per_sample_flat_gradients(model, batch, param_names) for batch in landmark_batches]
@@ -702,18 +709,7 @@ def sketched_second_order_terms(
         v = v.detach().float()[None]
         return (v if projector is None else projector.project(v))[0].double()
 
-    if preconditioner is not None:
-        eta = preconditioner.lr if lr is None else lr
-        missing = [n for n in names if n not in preconditioner.a or n not in preconditioner.b]
-        if missing:
-            raise ConfigError(f"preconditioner has no a/b entry for parameter '{missing[0]}'")
-        a = _flat(preconditioner.a[n].to(params[0]) for n in names)
-        b = _flat(preconditioner.b[n].to(params[0]) for n in names)
-    else:
-        eta = 0.0 if lr is None else lr
-        a = b = None
-    if eta < 0 or not math.isfinite(eta):
-        raise ConfigError(f"lr must be finite and >= 0; got {eta}")
+    eta, a, b = _step_terms(preconditioner, names, params, lr)
 
     with torch.enable_grad(), eager_attention(model):
         # the normalised target gradient, with its graph, summed over every target sample
