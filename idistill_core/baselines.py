@@ -170,38 +170,57 @@ def less_scores(
     pool_grads: Iterable[tuple[list[str], torch.Tensor]],
     target_grads: torch.Tensor,
     target_groups: Sequence[str] | None = None,
+    checkpoint_weights: Sequence[float] | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """LESS score (paper §9.5, one checkpoint): cosine of each pool gradient with each target gradient,
-    averaged within each target group (sub-task), then the max over groups.
+    """LESS score (paper §9.5; ``less/data_selection/matching.py``): the checkpoint-weighted sum of cosines of each
+    pool feature with each target feature, averaged within each target group (sub-task), then the max over groups.
+
+    ``score(z) = max_g mean_{t ∈ g} Σ_c w_c cos(pool_c(z), target_c(t))``; without ``checkpoint_weights`` there is
+    one checkpoint and ``w = 1``.
 
     Args:
-        pool_grads: stream of ``(ids, (B, P))`` (Adam-preconditioned, projected; e.g. ``iter_gradients``).
-        target_grads: ``(T, P)`` projected target gradients.
+        pool_grads: stream of ``(ids, (B, P))``, or ``(ids, (B, C, P))`` with checkpoint weights (``less.adam_features``).
+        target_grads: ``(T, P)``, or ``(C, T, P)`` with checkpoint weights.
         target_groups: ``T`` group names; None = one group (plain mean over targets).
+        checkpoint_weights: ``C`` weights (LESS: each checkpoint's mean learning rate, not normalised).
 
     Returns:
         ``(ids, (N,) float64)``; select with ``select.select_top_k``.
     """
-    if target_grads.ndim != 2 or target_grads.shape[0] == 0:
-        raise DataError(f"target_grads must be (T, P) with T >= 1; got {tuple(target_grads.shape)}")
-    groups = ["all"] * target_grads.shape[0] if target_groups is None else list(target_groups)
-    if len(groups) != target_grads.shape[0]:
-        raise DataError(f"target_groups has {len(groups)} names for {target_grads.shape[0]} target gradients")
+    if checkpoint_weights is None:
+        if target_grads.ndim != 2 or target_grads.shape[0] == 0:
+            raise DataError(f"target_grads must be (T, P) with T >= 1; got {tuple(target_grads.shape)}")
+        target_grads = target_grads[None]
+        weights = torch.ones(1, dtype=torch.float64)
+    else:
+        weights = torch.as_tensor(list(checkpoint_weights), dtype=torch.float64)
+        if target_grads.ndim != 3 or target_grads.shape[1] == 0 or target_grads.shape[0] != len(weights):
+            raise DataError(
+                f"target_grads must be (C={len(weights)}, T >= 1, P) with checkpoint weights; "
+                f"got {tuple(target_grads.shape)}"
+            )
+    num_targets = target_grads.shape[1]
+    groups = ["all"] * num_targets if target_groups is None else list(target_groups)
+    if len(groups) != num_targets:
+        raise DataError(f"target_groups has {len(groups)} names for {num_targets} target gradients")
     names = sorted(set(groups))
     membership = torch.zeros(len(groups), len(names), dtype=torch.float64)
     for row, g in enumerate(groups):
         membership[row, names.index(g)] = 1.0
     membership /= membership.sum(dim=0, keepdim=True)  # column j averages group j's targets
-    targets = F.normalize(target_grads.double(), dim=1)
+    targets = F.normalize(target_grads.double(), dim=2)  # (C, T, P)
     ids: list[str] = []
     parts: list[np.ndarray] = []
     for batch_ids, grads in pool_grads:
-        if grads.shape[1] != targets.shape[1]:
+        grads = grads[:, None] if checkpoint_weights is None else grads
+        if grads.ndim != 3 or grads.shape[1] != targets.shape[0] or grads.shape[2] != targets.shape[2]:
             raise DataError(
-                f"pool gradients have P={grads.shape[1]}; target gradients have P={targets.shape[1]}"
+                f"pool features have shape {tuple(grads.shape)}; target features are (C, T, P) = "
+                f"{tuple(targets.shape)}"
             )
-        cos = F.normalize(grads.double(), dim=1) @ targets.T
-        parts.append((cos @ membership).max(dim=1).values.numpy())
+        cos = torch.einsum("bcp,ctp->bct", F.normalize(grads.double(), dim=2), targets)
+        weighted = torch.einsum("bct,c->bt", cos, weights)
+        parts.append((weighted @ membership).max(dim=1).values.numpy())
         ids.extend(batch_ids)
     if not ids:
         raise DataError("pool_grads is empty")

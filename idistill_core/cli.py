@@ -2,7 +2,7 @@
 
     idistill data builtin --out DIR [--pool-size N] [--seed S] [--gsm8k]
     idistill select --pool FILE --target FILE --model SPEC --budget K [--landmarks L] [--method id|exact|rds|
-                    random|midppl] [--order first|second] [--optimizer gd|adam] [--seed S] --out FILE.parquet
+                    random|midppl|less] [--order first|second] [--optimizer gd|adam] [--seed S] --out FILE.parquet
                     [--backend local|ray] [--ray-address ADDR] [--ray-actors N]
     idistill finetune --train FILE --model SPEC --out DIR [--steps N] [--lr LR] [--batch-size B]
     idistill eval --model SPEC_OR_DIR --test FILE --metric em-number|squad|mc|nll --out FILE.json
@@ -116,8 +116,9 @@ def _select(args) -> int:
                 loaded.model, loaded.tokenizer, loaded.fingerprint, pool.examples, t.examples, args.budget, recipe,
                 store_uri=args.store or scratch, progress=True, backend=backend, source=ModelSource.of(loaded),
                 commit_every=args.commit_every, source_of=sources,
+                target_subtasks=dict(zip(rows["sample_id"], rows["source"])),  # LESS's max over sub-tasks
             )
-            for t in every
+            for t, rows in zip(every, target_rows, strict=True)
         ]
     report = reports[0]
     if len(reports) > 1:
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--model", default="smollm2-135m-instruct", help="model spec or HF folder (default %(default)s)")
     select.add_argument("--budget", type=int, required=True, help="number of pool samples to select (k)")
     select.add_argument("--landmarks", type=int, default=None, help="landmarks L with exact gradients (default: the recipe's)")
-    select.add_argument("--method", choices=["id", "exact", "rds", "random", "midppl"], default=None,
+    select.add_argument("--method", choices=["id", "exact", "rds", "random", "midppl", "less"], default=None,
                         help="id = Influence Distillation (default); exact = every sample a landmark; the rest are baselines")
     select.add_argument("--order", choices=["first", "second"], default=None, help="first-order ranking or the second-order QP")
     select.add_argument("--optimizer", choices=["gd", "adam"], default=None, help="adam: precondition with a warmed-up Adam state")

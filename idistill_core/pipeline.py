@@ -35,6 +35,7 @@ from idistill_core.errors import ConfigError, IdistillError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
 from idistill_core.landmarks import LandmarkConfig
+from idistill_core.less import LessConfig
 from idistill_core.precision import PrecisionResolver
 from idistill_core.propagate import CoefficientTable, KernelRidge, PropagateConfig, build_coefficients
 from idistill_core.store import EmbeddingStore, StoreIdentity
@@ -42,18 +43,16 @@ from idistill_core.warmup import WarmupConfig
 
 logger = logging.getLogger("idistill")
 
-METHODS = ("id", "exact", "rds", "random", "midppl")
-# `less` was the exact method under another name; it stays refused until LESS itself (LoRA warm-up, Adam
-# feature, checkpoint weighting, sub-task max) is implemented: no peer name on a method that is not it.
+METHODS = ("id", "exact", "rds", "random", "midppl", "less")
 
 
 @dataclass(frozen=True)
 class SelectionRecipe:
     """Every knob of a selection run except the budget (which belongs to the target)."""
 
-    method: Literal["id", "exact", "rds", "random", "midppl"] = "id"
+    method: Literal["id", "exact", "rds", "random", "midppl", "less"] = "id"
     """`id` = Influence Distillation (landmarks + propagation); `exact` = every pool sample is a landmark (no
-    propagation; the reference ID approximates); the rest are baselines."""
+    propagation; the reference ID approximates); the rest are baselines (`less` = LESS itself, see `less`)."""
     num_landmarks: int = 64
     """L: pool samples whose exact gradients are computed (paper default 4096 for 200k pools)."""
     num_holdout: int = 16
@@ -84,14 +83,10 @@ class SelectionRecipe:
     gradients: GradientConfig = field(default_factory=GradientConfig)
     propagate: PropagateConfig = field(default_factory=PropagateConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    less: LessConfig = field(default_factory=LessConfig)
+    """LESS's own warm-up, feature and projection settings (only used with method='less')."""
 
     def __post_init__(self) -> None:
-        if self.method == "less":
-            raise ConfigError(
-                "method 'less' is not available: LESS (LoRA warm-up, Adam gradient feature, checkpoint-weighted "
-                "scores, sub-task max) is not implemented, and the exact method must not carry its name; use "
-                "method: exact for exact-gradient selection."
-            )
         if self.method not in METHODS:
             raise ConfigError(f"SelectionRecipe.method must be one of {', '.join(METHODS)}; got {self.method!r}.")
         if self.order not in ("first", "second"):
@@ -754,9 +749,10 @@ def warmup_preconditioner(model, tokenizer, examples, recipe: SelectionRecipe, p
 # ---------------------------------------------------------------------------------------------------------
 def baseline_outcome(
     method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe,
-    source_of: Mapping[str, str] | None = None,
+    source_of: Mapping[str, str] | None = None, target_subtasks: Mapping[str, str] | None = None,
 ) -> SelectionOutcome:
-    """Forward-only baselines: `random`, `midppl` (target-agnostic) and `rds` (RDS+ cosine, round-robin)."""
+    """Baselines: forward-only `random`, `midppl` (target-agnostic) and `rds` (RDS+ cosine, round-robin), and `less`
+    (LESS: its own LoRA warm-up and gradient features, :func:`less_outcome`)."""
     from idistill_core import baselines
 
     pool_ids = list(pool_examples["sample_id"])
@@ -782,7 +778,52 @@ def baseline_outcome(
             pool_ids, cosine, budget, aggregate="rr", seed=recipe.seed, method=method, fixed_order=True,
             **cap_options(pool_ids, recipe, source_of),
         )
-    raise ConfigError(f"'{method}' is not a forward-only baseline (random, midppl, rds).")
+    if method == "less":
+        return less_outcome(model, tokenizer, pool_examples, target_examples, budget, recipe, source_of, target_subtasks)
+    raise ConfigError(f"'{method}' is not a baseline (random, midppl, rds, less).")
+
+
+def less_outcome(
+    model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe,
+    source_of: Mapping[str, str] | None = None, target_subtasks: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> SelectionOutcome:
+    """LESS end to end (``idistill_core.less``): LoRA warm-up on a seeded ``recipe.less.warmup_fraction`` of the
+    pool, Adam features of every pool sample and SGD features of every target at each epoch's checkpoint,
+    learning-rate-weighted cosine, mean within each target sub-task, max over sub-tasks, top-k. ``model`` itself
+    is not changed (the adapters go on a copy).
+
+    ``target_subtasks``: target sample id → sub-task (LESS's MMLU subjects, BBH tasks, TyDiQA languages; the CLI
+    passes each target row's ``source``); None = the whole target set is one sub-task (a plain mean).
+    """
+    from idistill_core import baselines, less
+
+    cfg = recipe.less
+    pool_ids = list(pool_examples["sample_id"])
+    _check_budget(budget, len(pool_ids))
+    target_ids = list(target_examples["sample_id"])
+    missing = [t for t in target_ids if target_subtasks is not None and t not in target_subtasks]
+    if missing:
+        raise ConfigError(f"target sample '{missing[0]}' has no sub-task in target_subtasks.")
+    groups = ["all"] * len(target_ids) if target_subtasks is None else [str(target_subtasks[t]) for t in target_ids]
+    n = len(pool_ids)
+    size = max(1, int(n * cfg.warmup_fraction))  # the authors' int(len * percentage)
+    rows = np.random.default_rng(cfg.seed).choice(n, size=size, replace=False)
+    warm_batches = list(iter_batches(pool_examples.select(sorted(int(r) for r in rows)), 1, _pad_id(tokenizer)))
+    warm = less.lora_warmup(model, warm_batches, cfg, progress=progress)
+    weights = [c.mean_lr for c in warm.checkpoints]
+    target_rows = [g for _, g in less.adam_features(
+        warm, batches_for(target_examples, tokenizer, recipe.batch_size, bucket=False), cfg, kind="sgd")]
+    targets = torch.cat(target_rows).transpose(0, 1)  # (C, T, d), targets in file order like `groups`
+    got, scores = baselines.less_scores(
+        less.adam_features(warm, batches_for(pool_examples, tokenizer, recipe.batch_size), cfg, progress=progress),
+        targets, groups, weights,
+    )
+    scores = np.asarray(in_order(pool_ids, list(got), scores), dtype=np.float64)  # batches were length-bucketed
+    picked = list(less.less_select(pool_ids, scores, budget, **cap_options(pool_ids, recipe, source_of)).sample_ids)
+    details = {"warmup_ids": [pool_ids[int(r)] for r in sorted(rows)], "checkpoint_weights": weights,
+               "subtasks": sorted(set(groups))}
+    return SelectionOutcome(pool_ids, scores, uniform_weights(pool_ids, picked), picked, "less", details)
 
 
 def exact_outcome(
@@ -872,11 +913,13 @@ def run_selection(
     commit_every: int = 256,
     on_commit: Callable[[int, int], None] | None = None,
     source_of: Mapping[str, str] | None = None,
+    target_subtasks: Mapping[str, str] | None = None,
 ) -> SelectionReport:
     """Run one selection method end to end on tokenized pool and target examples (``datasets.Dataset``).
 
     ``commit_every`` and ``on_commit`` go to :func:`embed_pool` (the only stage that commits); ``source_of``
-    (sample id → pool source) is needed when the recipe sets ``per_source_cap``.
+    (sample id → pool source) is needed when the recipe sets ``per_source_cap``; ``target_subtasks`` (target id →
+    sub-task) is used by `less` only (max over sub-tasks; None = one sub-task).
     """
     recipe, precision = resolve_recipe(recipe, model, resolver)
     timings: dict[str, float] = {}
@@ -905,10 +948,10 @@ def run_selection(
 
         return _Timer()
 
-    if method in ("random", "midppl", "rds"):
+    if method in ("random", "midppl", "rds", "less"):
         with timed("baseline"):
             outcome = baseline_outcome(
-                method, model, tokenizer, pool_examples, target_examples, budget, recipe, source_of
+                method, model, tokenizer, pool_examples, target_examples, budget, recipe, source_of, target_subtasks
             )
         return SelectionReport(outcome, timings, sizes, precision=precision)
 

@@ -9,7 +9,7 @@ A target file ``targets/<name>.yaml``::
     test: builtin/targets/arith/test.jsonl  # held-out examples used for evaluation
     format: auto                   # loader format (auto | chat | gsm8k | squad | mmlu | tulu)
     budget: 100                    # selected subset size k
-    method: id                     # id | exact | rds | random | midppl
+    method: id                     # id | exact | rds | random | midppl | less
     order: first                   # first | second
     aggregate: mean                # mean | rr
     finetune: true                 # also fine-tune and evaluate on the subset
@@ -120,7 +120,7 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         raise ConfigError(f"{path}: field 'budget' must be a positive integer; got {budget!r}.")
     values = {**_OPTIONAL, **{k: raw[k] for k in _OPTIONAL if k in raw}}
     choices = {
-        "method": ("id", "exact", "rds", "random", "midppl"),
+        "method": ("id", "exact", "rds", "random", "midppl", "less"),
         "order": ("first", "second"),
         "aggregate": ("mean", "rr"),
     }

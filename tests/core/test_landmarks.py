@@ -88,9 +88,13 @@ def test_unknown_strategy_and_missing_embeddings_are_refused():
         choose_landmarks(IDS, 5, 0, 0, LandmarkConfig(strategy="kcenter"))
 
 
-def test_less_is_refused_rather_than_run_as_exact():
-    with pytest.raises(ConfigError, match="LESS"):
-        SelectionRecipe(method="less")
+def test_less_is_its_own_method_not_exact_under_another_name():
+    from idistill_core.less import LessConfig
+
+    recipe = SelectionRecipe(method="less")
+    assert recipe.method == "less" and recipe.less == LessConfig()
+    with pytest.raises(ConfigError, match="method"):
+        SelectionRecipe(method="lesss")
 
 
 def test_landmarks_and_holdout_keep_their_exact_scores_in_the_final_ranking(tmp_path):
