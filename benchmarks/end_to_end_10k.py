@@ -139,7 +139,7 @@ class Runner:
                 "cpu_s": round(cpu, 4),
                 "load_average": [round(x, 2) for x in os.getloadavg()],
                 "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "pid": os.getpid(),
+                "session": len(self.progress.data["sessions"]) - 1,
             }
         )
         self.progress.save()
@@ -306,7 +306,7 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
     lm_values = np.concatenate([landmark_values(g_landmarks, tg, "mean") for tg in target_grads.values()], axis=1)
     ho_exact = np.concatenate([landmark_values(g_holdout, tg, "mean") for tg in target_grads.values()], axis=1)
     budget = max(1, round(params["budget_fraction"] * len(pool_ids)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ids, scores, _ = propagate_scores(store, pool_ids, landmark_ids, lm_values, recipe.propagate)
     t1 = time.perf_counter()
     for t in range(scores.shape[1]):
@@ -316,8 +316,9 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
     if not entry["complete"]:
         entry["chunks"] = [{"index": 0, "samples": len(pool_ids), "wall_s": round(t2 - t0, 4),
                             "propagation_s": round(t1 - t0, 4), "selection_s": round(t2 - t1, 4),
-                            "cpu_s": None, "load_average": [round(x, 2) for x in os.getloadavg()],
-                            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid()}]
+                            "cpu_s": round(time.process_time() - c0, 4), "load_average": [round(x, 2) for x in os.getloadavg()],
+                            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "session": len(progress.data["sessions"]) - 1}]
         entry["complete"] = True
         progress.save()
     position = {s: i for i, s in enumerate(ids)}
@@ -333,7 +334,7 @@ def finish(params, progress, ho_predicted, ho_exact, target_names, num_landmarks
 
     stages = progress.data["stages"]
     seconds = {s: sum(c["wall_s"] for c in stages[s]["chunks"]) for s in STAGES}
-    cpu = {s: sum(c["cpu_s"] or 0.0 for c in stages[s]["chunks"]) for s in STAGES}
+    cpu = {s: sum(c["cpu_s"] for c in stages[s]["chunks"]) for s in STAGES}
     rates = [c["wall_s"] / c["samples"] for s in ("landmark_gradients", "holdout_gradients") for c in stages[s]["chunks"]]
     exact_rate = float(np.median(rates))
     selection_s = stages["propagation_selection"]["chunks"][0]["selection_s"]
