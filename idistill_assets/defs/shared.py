@@ -289,7 +289,8 @@ def landmarks_path(res: IdistillResource):
 
 @dg.asset(
     key=[PREFIX, "landmarks"],
-    deps=[pool, base_model, warmup],
+    # embeddings: the kmeanspp/kcenter/leverage strategies choose landmarks from them (lineage + staleness)
+    deps=[pool, base_model, warmup, embeddings],
     group_name=SHARED,
     kinds={"pytorch", "safetensors"},
     code_version="landmarks-v1",
@@ -313,7 +314,8 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "landmarks.strategy 'adaptive' needs a target's values between its rounds; the shared landmarks "
             "serve every target, so use it with `idistill select` (or pick another strategy here)."
         )
-    emb = idistill.store().read(ids) if s.recipe.landmarks.needs_embeddings else None
+    # at the Lance version the embeddings materialization recorded, like every other reader of the embeddings
+    emb = embedded_pool(idistill)[1].read(ids) if s.recipe.landmarks.needs_embeddings else None
     landmark_ids, holdout_ids = choose_landmarks(
         ids, s.recipe.num_landmarks, s.recipe.num_holdout, s.recipe.seed, s.recipe.landmarks, emb
     )
