@@ -154,7 +154,8 @@ def automation_sensors(settings) -> list[dg.AutomationConditionSensorDefinition]
 shared_job = dg.define_asset_job(
     "shared_job",
     selection=dg.AssetSelection.groups("shared"),
-    description="Pool, base model, embeddings (incremental), warm-up and landmarks: everything targets share.",
+    description="Pool, base model, embeddings (incremental), warm-up, landmarks and (when a target uses rds) RDS+ "
+    "features: everything targets share.",
 )
 target_job = dg.define_asset_job(
     "target_job",
