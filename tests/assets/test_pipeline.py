@@ -162,8 +162,13 @@ def test_rds_pool_features_are_skipped_without_rds_targets_and_computed_once_for
         return ids, emb
 
     monkeypatch.setattr(baselines, "rds_embeddings", counting)
+
+    def run_rds_features(defs):  # alone: one full shared run below is enough (landmark gradients dominate)
+        job = defs.resolve_job_def("shared_job")
+        assert job.execute_in_process(instance=instance, asset_selection=[key("rds_features")]).success
+
     defs = build_definitions(str(profile))
-    run_shared(defs, instance)  # only 'arith' (method id): no pool forward for RDS+
+    run_rds_features(defs)  # only 'arith' (method id): no pool forward for RDS+
     assert seen == [] and materializations(instance, "rds_features") == 0
     skip = instance.fetch_observations(key("rds_features"), limit=1).records[0]
     assert "uses method rds" in skip.asset_observation.metadata["skipped"].value
@@ -185,6 +190,6 @@ def test_rds_pool_features_are_skipped_without_rds_targets_and_computed_once_for
         assert not set(seen) & pool_ids and seen  # only the target's own dev samples were embedded
         subset = pl.read_parquet(res.current("selected_subset", name) / "subset.parquet")
         assert subset.height == (10 if name == "reading" else 8)
-    run_shared(defs, instance)  # a re-run of the shared stage finds every id present
+    run_rds_features(defs)  # a re-run finds every id present
     meta = instance.get_latest_materialization_event(key("rds_features")).asset_materialization.metadata
     assert meta["inserted"].value == 0 and meta["already_present"].value == len(pool_ids)
