@@ -31,6 +31,7 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
         shared.warmup,
         shared.landmarks,
         shared.propagation,
+        shared.rds_features,
         targets.target_spec,
         targets.target_gradients,
         targets.landmark_influence,

@@ -103,6 +103,27 @@ def rds_scores(
     return ids, np.concatenate(parts).astype(np.float32)
 
 
+def rds_scores_from_features(
+    pool_features: np.ndarray | torch.Tensor, target_features: np.ndarray | torch.Tensor
+) -> np.ndarray:
+    """RDS+ cosines ``(N, T) float32`` from precomputed unit-norm embeddings (:func:`rds_embeddings` rows).
+
+    The pool side is target-independent, so it is computed once per pool and model and stored; only the few
+    target embeddings are computed per target. Same product as :func:`rds_scores`.
+    """
+    pool = torch.as_tensor(np.asarray(pool_features, dtype=np.float32))
+    targets = torch.as_tensor(np.asarray(target_features, dtype=np.float32))
+    if pool.ndim != 2 or targets.ndim != 2 or pool.shape[0] == 0 or targets.shape[0] == 0:
+        raise DataError(
+            f"RDS+ features must be non-empty (N, H) and (T, H); got {tuple(pool.shape)} and {tuple(targets.shape)}"
+        )
+    if pool.shape[1] != targets.shape[1]:
+        raise DataError(f"pool RDS+ features have H={pool.shape[1]}; target features have H={targets.shape[1]}")
+    if not bool(torch.isfinite(pool).all()):
+        raise NumericalError(f"pool RDS+ features have a non-finite value in row {int((~torch.isfinite(pool)).any(dim=1).nonzero()[0])}")
+    return (pool @ targets.T).numpy().astype(np.float32)
+
+
 @torch.no_grad()
 def midppl_scores(model: torch.nn.Module, pool_batches: Iterable[TokenBatch]) -> tuple[list[str], np.ndarray]:
     """Per-sample NLL ``(N,)``: mean next-token loss over ALL real tokens, prompt included (paper §9.4).

@@ -31,7 +31,7 @@ from idistill_core import backends
 from idistill_core.backends import BackendConfig, ModelSource
 from idistill_core.batch import TokenBatch, iter_batches, length_order, padding_fraction
 from idistill_core.embed import EmbedConfig
-from idistill_core.errors import ConfigError, IdistillError
+from idistill_core.errors import ConfigError, DataError, IdistillError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
 from idistill_core.landmarks import LandmarkConfig
@@ -278,6 +278,81 @@ def embed_pool(
         if isinstance(error, IdistillError):
             raise type(error)(f"{error}; {outcome}") from None
         raise
+    return EmbedReport(
+        inserted=inserted,
+        already_present=len(all_ids) - len(missing),
+        seconds=time.perf_counter() - start,
+        table_version=store.version,
+        row_count=store.count(),
+        computed=computed,
+        padding_fraction=padding,
+    )
+
+
+RDS_FEATURES_RECIPE = "rds-plus-v1"
+"""Revision of the RDS+ pooling (``baselines.rds_embeddings``); part of the feature table's identity."""
+
+
+def rds_table_name(model_fingerprint: str, max_length: int) -> str:
+    """One RDS+ feature table per model and max length (a profile change opens a new table, never a refusal)."""
+    return f"rds_features_{model_fingerprint[:12]}_len{max_length}"
+
+
+def open_rds_store(uri: str | Path, model_fingerprint: str, max_length: int, hidden_size: int) -> EmbeddingStore:
+    """The RDS+ pool-feature table of this model and max length: unit-norm final hidden states, float32
+    (cosines are ranked directly; float16 would move them by ~5e-4 and flip near-ties)."""
+    identity = StoreIdentity(
+        model_fingerprint=model_fingerprint, recipe=f"{RDS_FEATURES_RECIPE}-len{max_length}", dim=hidden_size,
+        dtype="float32",
+    )
+    return EmbeddingStore.open(uri, rds_table_name(model_fingerprint, max_length), identity)
+
+
+def embed_rds_pool(
+    model,
+    tokenizer,
+    examples,
+    store: EmbeddingStore,
+    batch_size: int,
+    commit_every: int = 256,
+    on_commit: Callable[[int, int], None] | None = None,
+) -> EmbedReport:
+    """RDS+ features (``baselines.rds_embeddings``) of the pool samples ``store`` does not hold yet.
+
+    Target-independent, so computed once per pool and model and read by every target with method ``rds``.
+    Length-bucketed batches of ``batch_size`` (one decoder forward each, torch's own threads), committed every
+    ``commit_every`` rows (insert-if-missing keyed by ``sample_id``): a killed or failed run keeps its committed
+    rows, each a finished feature of one sample, and a re-run computes only the ids still missing.
+    """
+    from idistill_core import baselines
+
+    start = time.perf_counter()
+    all_ids = list(examples["sample_id"])
+    missing = store.missing_ids(all_ids)
+    logger.info("RDS+ features: %d of %d pool samples missing from '%s'", len(missing), len(all_ids), store.name)
+    inserted = computed = 0
+    pending_ids: list[str] = []
+    pending: list[np.ndarray] = []
+
+    def commit() -> None:
+        nonlocal inserted, pending_ids, pending
+        if pending_ids:
+            inserted += store.insert_missing(pending_ids, np.concatenate(pending))
+            if on_commit is not None:
+                on_commit(inserted, len(missing))
+            pending_ids, pending = [], []
+
+    padding = 0.0
+    if missing:
+        padding = batch_padding(examples, batch_size, missing)
+        for batch in batches_for(examples, tokenizer, batch_size, ids=missing):
+            ids, features = baselines.rds_embeddings(model, [batch])
+            computed += len(ids)
+            pending_ids += ids
+            pending.append(features.numpy())
+            if len(pending_ids) >= commit_every:
+                commit()
+        commit()
     return EmbedReport(
         inserted=inserted,
         already_present=len(all_ids) - len(missing),
@@ -749,10 +824,15 @@ def warmup_preconditioner(model, tokenizer, examples, recipe: SelectionRecipe, p
 # ---------------------------------------------------------------------------------------------------------
 def baseline_outcome(
     method: str, model, tokenizer, pool_examples, target_examples, budget: int, recipe: SelectionRecipe,
-    source_of: Mapping[str, str] | None = None, target_subtasks: Mapping[str, str] | None = None,
+    source_of: Mapping[str, str] | None = None, pool_features: np.ndarray | None = None,
+    target_subtasks: Mapping[str, str] | None = None,
 ) -> SelectionOutcome:
     """Baselines: forward-only `random`, `midppl` (target-agnostic) and `rds` (RDS+ cosine, round-robin), and `less`
-    (LESS: its own LoRA warm-up and gradient features, :func:`less_outcome`)."""
+    (LESS: its own LoRA warm-up and gradient features, :func:`less_outcome`).
+
+    ``pool_features``: for `rds`, the pool's precomputed RDS+ features ``(N, H)`` in ``pool_examples`` order
+    (:func:`embed_rds_pool`, read from its store); then only the target samples are embedded here.
+    """
     from idistill_core import baselines
 
     pool_ids = list(pool_examples["sample_id"])
@@ -766,13 +846,18 @@ def baseline_outcome(
         picked = list(baselines.midppl_select(ids, nll, budget).sample_ids)
         return SelectionOutcome(ids, nll, uniform_weights(ids, picked), picked, method)
     if method == "rds":
-        got, cosine = baselines.rds_scores(
-            model,
-            batches_for(pool_examples, tokenizer, recipe.batch_size),
-            # targets in file order: their columns set the round-robin order
-            batches_for(target_examples, tokenizer, recipe.batch_size, bucket=False),
+        if pool_features is None:
+            got, features = baselines.rds_embeddings(model, batches_for(pool_examples, tokenizer, recipe.batch_size))
+            pool_features = in_order(pool_ids, got, features.numpy())  # batches were length-bucketed
+        if np.shape(pool_features)[0] != len(pool_ids):
+            raise DataError(f"pool_features has {np.shape(pool_features)[0]} rows for a pool of {len(pool_ids)}")
+        # targets in file order: their columns set the round-robin order
+        target_ids, targets = baselines.rds_embeddings(
+            model, batches_for(target_examples, tokenizer, recipe.batch_size, bucket=False)
         )
-        cosine = in_order(pool_ids, list(got), np.asarray(cosine))  # batches were length-bucketed
+        if not target_ids:
+            raise DataError("the target set has no usable samples for RDS+")
+        cosine = baselines.rds_scores_from_features(pool_features, targets)
         # RDS+'s code visits the query examples in a fixed order every round
         return select_samples(
             pool_ids, cosine, budget, aggregate="rr", seed=recipe.seed, method=method, fixed_order=True,
@@ -951,7 +1036,7 @@ def run_selection(
     if method in ("random", "midppl", "rds", "less"):
         with timed("baseline"):
             outcome = baseline_outcome(
-                method, model, tokenizer, pool_examples, target_examples, budget, recipe, source_of, target_subtasks
+                method, model, tokenizer, pool_examples, target_examples, budget, recipe, source_of, target_subtasks=target_subtasks
             )
         return SelectionReport(outcome, timings, sizes, precision=precision)
 

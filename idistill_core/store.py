@@ -1,7 +1,7 @@
 """EmbeddingStore: JVP embeddings of the pool in an embedded LanceDB table, reused across targets and pools.
 
 One row per pool sample: ``sample_id`` (first column, the table's declared primary key), ``vector`` (fixed-size
-list of float16, cast explicitly before every write: lancedb#3602 silently misplaces variable-size list
+list of float16, or float32 where the identity says so, cast explicitly before every write: lancedb#3602 silently misplaces variable-size list
 vectors), plus ``model_fingerprint`` and ``recipe`` columns. The table's schema metadata records the model
 fingerprint, the embedding recipe fingerprint and the dimension; opening a table with a different model or
 recipe is refused, so vectors from two models are never mixed.
@@ -56,19 +56,28 @@ class StoreIdentity:
     model_fingerprint: str
     recipe: str
     dim: int
+    dtype: str = "float16"
+    """Stored vector dtype: ``float16`` (JVP embeddings) or ``float32`` (RDS+ features, whose cosines rank)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise StoreError(f"StoreIdentity.dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}.")
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"model_fingerprint": self.model_fingerprint, "recipe": self.recipe, "dim": self.dim},
-            sort_keys=True,
-        ).encode()
+        fields = {"model_fingerprint": self.model_fingerprint, "recipe": self.recipe, "dim": self.dim}
+        if self.dtype != "float16":  # float16 tables written before the field existed keep their identity
+            fields["dtype"] = self.dtype
+        return json.dumps(fields, sort_keys=True).encode()
+
+
+_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
 def _schema(identity: StoreIdentity) -> pa.Schema:
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False, metadata=_PRIMARY_KEY),
-            pa.field("vector", pa.list_(pa.float16(), identity.dim)),
+            pa.field("vector", pa.list_(_DTYPES[identity.dtype], identity.dim)),
             pa.field("model_fingerprint", pa.string()),
             pa.field("recipe", pa.string()),
         ],
@@ -273,8 +282,9 @@ class EmbeddingStore:
 
     # -- writing -------------------------------------------------------------------------------------------
     def rows_per_commit(self, commit_mb: float) -> int:
-        """How many rows fit a commit of ``commit_mb`` megabytes (float16 vector plus row overhead)."""
-        return max(1, int(commit_mb * 2**20 // (2 * self.identity.dim + _ROW_OVERHEAD_BYTES)))
+        """How many rows fit a commit of ``commit_mb`` megabytes (the vector plus row overhead)."""
+        itemsize = np.dtype(self.identity.dtype).itemsize
+        return max(1, int(commit_mb * 2**20 // (itemsize * self.identity.dim + _ROW_OVERHEAD_BYTES)))
 
     def _require_writable(self) -> None:
         if self._pinned is not None:
@@ -307,10 +317,10 @@ class EmbeddingStore:
             bad = sample_ids[int(np.flatnonzero(~finite)[0])]
             raise NumericalError(f"embedding of sample '{bad}' is not finite (NaN/Inf); nothing was written.")
         with np.errstate(over="ignore"):
-            half = vectors.astype(np.float16)
+            half = vectors.astype(self.identity.dtype)
         if not np.isfinite(half).all():
             bad = sample_ids[int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0])]
-            raise NumericalError(f"embedding of sample '{bad}' overflows float16; nothing was written.")
+            raise NumericalError(f"embedding of sample '{bad}' overflows {self.identity.dtype}; nothing was written.")
         ids = _as_id_array(sample_ids)
         step = self.rows_per_commit(commit_mb)
         inserted = 0
@@ -330,7 +340,7 @@ class EmbeddingStore:
             {
                 "sample_id": ids,
                 "vector": pa.FixedSizeListArray.from_arrays(
-                    pa.array(half.reshape(-1), pa.float16()), self.identity.dim
+                    pa.array(half.reshape(-1), _DTYPES[self.identity.dtype]), self.identity.dim
                 ),
                 "model_fingerprint": pa.array([self.identity.model_fingerprint] * n, pa.string()),
                 "recipe": pa.array([self.identity.recipe] * n, pa.string()),

@@ -24,6 +24,7 @@ from idistill_core.hashing import config_fingerprint, stable_hash
 DATA_VERSION_TAG = "dagster/data_version"
 HEAVY = [
     "embeddings",
+    "rds_features",
     "warmup",
     "landmarks",
     "propagation",
@@ -32,6 +33,10 @@ HEAVY = [
     "random_checkpoint",
     "eval_scores",
 ]
+
+
+OPTIONAL = ["rds_features"]
+"""Assets that skip (no materialization) when no target needs them; a missing one blocks nothing downstream."""
 
 
 def key(name: str) -> dg.AssetKey:
@@ -48,7 +53,7 @@ def follow_inputs() -> dg.AutomationCondition:
     ).with_label("upstream data version changed")
     return (
         (ac.newly_missing() | upstream_changed | ac.code_version_changed()).since_last_handled()
-        & ~ac.any_deps_missing()
+        & ~ac.any_deps_missing().ignore(dg.AssetSelection.assets(*[key(n) for n in OPTIONAL]))
         & ~ac.any_deps_in_progress()
         & ~ac.in_progress()
     ).with_label("follow_inputs")
@@ -75,6 +80,7 @@ def code_versions(settings) -> dict[str, str]:
             },
         ),
         "propagation": ("propagation-v1", {"propagate": config_fingerprint(r.propagate)}),
+        "rds_features": ("rds-features-v1", tokens),
         "target_gradients": ("target-grads-v1", {**tokens, "gradients": config_fingerprint(r.gradients)}),
         "landmark_influence": ("influence-v1", {"lr": r.lr, "optimizer": r.optimizer}),
         "propagated_weights": (
@@ -148,7 +154,8 @@ def automation_sensors(settings) -> list[dg.AutomationConditionSensorDefinition]
 shared_job = dg.define_asset_job(
     "shared_job",
     selection=dg.AssetSelection.groups("shared"),
-    description="Pool, base model, embeddings (incremental), warm-up and landmarks: everything targets share.",
+    description="Pool, base model, embeddings (incremental), warm-up, landmarks and (when a target uses rds) RDS+ "
+    "features: everything targets share.",
 )
 target_job = dg.define_asset_job(
     "target_job",

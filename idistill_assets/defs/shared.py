@@ -289,7 +289,8 @@ def landmarks_path(res: IdistillResource):
 
 @dg.asset(
     key=[PREFIX, "landmarks"],
-    deps=[pool, base_model, warmup],
+    # embeddings: the kmeanspp/kcenter/leverage strategies choose landmarks from them (lineage + staleness)
+    deps=[pool, base_model, warmup, embeddings],
     group_name=SHARED,
     kinds={"pytorch", "safetensors"},
     code_version="landmarks-v1",
@@ -313,7 +314,8 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "landmarks.strategy 'adaptive' needs a target's values between its rounds; the shared landmarks "
             "serve every target, so use it with `idistill select` (or pick another strategy here)."
         )
-    emb = idistill.store().read(ids) if s.recipe.landmarks.needs_embeddings else None
+    # at the Lance version the embeddings materialization recorded, like every other reader of the embeddings
+    emb = embedded_pool(idistill)[1].read(ids) if s.recipe.landmarks.needs_embeddings else None
     landmark_ids, holdout_ids = choose_landmarks(
         ids, s.recipe.num_landmarks, s.recipe.num_holdout, s.recipe.seed, s.recipe.landmarks, emb
     )
@@ -424,3 +426,91 @@ def load_propagation(res: IdistillResource):
 
     state = artifacts.read_json(propagation_path(res))
     return CoefficientTable.open(state["uri"], state["table"], state["version"])
+
+
+# -- RDS+ pool features (baseline `rds`) -------------------------------------------------------------------
+def rds_target_names(res: IdistillResource) -> list[str]:
+    """Registered targets whose YAML says ``method: rds`` (a target file that does not validate is left to its
+    own partition to report)."""
+    from idistill_core.errors import ConfigError
+    from idistill_core.targets import load_target_spec
+
+    folder = res.settings.targets_dir
+    names = []
+    for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")) if folder.is_dir() else []:
+        try:
+            spec = load_target_spec(path, res.settings.data_roots)
+        except ConfigError:
+            continue
+        if spec.method == "rds":
+            names.append(spec.name)
+    return names
+
+
+def rds_store(res: IdistillResource):
+    """The RDS+ feature table of the base model at the profile's max length (``pipeline.open_rds_store``)."""
+    from idistill_core.pipeline import open_rds_store
+
+    loaded = res.load_model()
+    return open_rds_store(
+        res.settings.lancedb_uri, loaded.fingerprint, res.settings.recipe.max_length, loaded.model.config.hidden_size
+    )
+
+
+def fill_rds_features(res: IdistillResource, examples, on_commit=None):
+    """Compute the RDS+ features of the pool samples the table lacks (none once `rds_features` ran for this pool)."""
+    from idistill_core.pipeline import embed_rds_pool
+
+    loaded = res.load_model()
+    store = rds_store(res)
+    report = embed_rds_pool(
+        loaded.model, loaded.tokenizer, examples, store, res.settings.recipe.batch_size,
+        commit_every=res.settings.commit_every, on_commit=on_commit,
+    )
+    return store, report
+
+
+@dg.asset(
+    key=[PREFIX, "rds_features"],
+    deps=[pool, base_model],
+    group_name=SHARED,
+    kinds={"lancedb", "pytorch"},
+    code_version="rds-features-v1",
+    pool="lancedb_writer",
+    output_required=False,
+)
+def rds_features(context: dg.AssetExecutionContext, idistill: IdistillResource):
+    """RDS+ representations of every pool sample (final hidden states, position-weighted mean, unit norm) in
+    LanceDB, computed once per pool, model and max length and read by every target with method `rds`; only ids
+    not yet in the table are computed. Skipped, with the reason, while no target uses `rds`: no pool forward."""
+    users = rds_target_names(idistill)
+    if not users:
+        reason = f"no target in {idistill.settings.targets_dir} uses method rds"
+        context.log.info("skipped: %s", reason)
+        yield dg.AssetObservation(asset_key=context.asset_key, metadata={"skipped": reason})
+        return
+    loaded = idistill.load_model()
+    tokenized = tokenized_pool(idistill, loaded.tokenizer)
+
+    def on_commit(done: int, total: int) -> None:
+        context.log.info("RDS+ features: committed %d / %d new samples", done, total)
+
+    store, report = fill_rds_features(idistill, tokenized.examples, on_commit)
+    pool_ids = list(tokenized.examples["sample_id"])
+    version = stable_hash({"model": loaded.fingerprint, "recipe": store.identity.recipe, "ids": ids_hash(pool_ids)}, 16)
+    yield dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "dagster/row_count": report.row_count,
+            "dagster/uri": f"{store.uri}::{store.name}?version={report.table_version}",
+            "lance_version": report.table_version,
+            "pool_samples": len(pool_ids),
+            "inserted": report.inserted,
+            "already_present": report.already_present,
+            "dimension": store.identity.dim,
+            "seconds": round(report.seconds, 2),
+            "seconds_per_sample": round(report.seconds / report.computed, 4) if report.computed else 0.0,
+            "padding_fraction": round(report.padding_fraction, 4),
+            "used_by": ", ".join(users),
+        },
+    )

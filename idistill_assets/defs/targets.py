@@ -12,6 +12,7 @@ from idistill_assets.defs.shared import (
     PREFIX,
     base_model,
     embeddings,
+    fill_rds_features,
     gradient_model,
     landmarks,
     load_landmarks,
@@ -19,6 +20,7 @@ from idistill_assets.defs.shared import (
     pool,
     pool_path,
     propagation,
+    rds_features,
     source_counts,
     tokenized_pool,
     warmup,
@@ -164,7 +166,8 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
 
 @_partitioned(
     "propagated_weights",
-    [embeddings, propagation, landmark_influence, pool],
+    # rds_features: read by method rds (optional: skipped while no target uses rds, see automation.OPTIONAL)
+    [embeddings, propagation, landmark_influence, pool, rds_features],
     {"numpy", "parquet"},
     "propagate-v2",
     check_specs=[
@@ -252,7 +255,23 @@ def _score_target(res: IdistillResource, spec) -> dict:
         return {"outcome": outcome}
     base = res.load_model()
     dev = tokenize_rows(target_rows(spec, "dev"), base.tokenizer, recipe.max_length).examples
-    return {"outcome": baseline_outcome(spec.method, base.model, base.tokenizer, examples, dev, spec.budget, recipe)}
+    features = None
+    if spec.method == "rds":
+        # the shared pool features (rds_features); only when that asset has not run for this pool yet does this
+        # compute the missing ones, into the same table, so the next rds target finds them
+        store, report = fill_rds_features(res, examples)
+        if report.computed:
+            import logging
+
+            logging.getLogger("idistill").warning(
+                "target '%s': computed RDS+ features of %d pool samples that rds_features had not (materialize "
+                "rds_features with the shared assets to do this once, up front)", spec.name, report.computed,
+            )
+        features = store.read(list(examples["sample_id"]))
+    outcome = baseline_outcome(
+        spec.method, base.model, base.tokenizer, examples, dev, spec.budget, recipe, pool_features=features
+    )
+    return {"outcome": outcome}
 
 
 @_partitioned(

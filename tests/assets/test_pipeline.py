@@ -19,7 +19,7 @@ PER_TARGET = [
     "random_checkpoint",
     "eval_scores",
 ]
-SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks", "propagation"]
+SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks", "propagation", "rds_features"]
 
 
 def key(name: str) -> dg.AssetKey:
@@ -145,3 +145,51 @@ def test_rematerializing_keeps_the_earlier_version_and_opt_out_targets_skip_visi
     run_shared(build_definitions(str(grown)), instance)
     second = instance.get_latest_materialization_event(key("pool")).asset_materialization.metadata["dagster/uri"].value
     assert second != first and pl.read_parquet(first).height == 96 and pl.read_parquet(second).height == 120
+
+
+def test_rds_pool_features_are_skipped_without_rds_targets_and_computed_once_for_all_of_them(
+    project, instance, monkeypatch
+):
+    from idistill_core import baselines
+
+    profile, targets_dir = project
+    seen: list[str] = []
+    original = baselines.rds_embeddings
+
+    def counting(model, batches):
+        ids, emb = original(model, batches)
+        seen.extend(ids)
+        return ids, emb
+
+    monkeypatch.setattr(baselines, "rds_embeddings", counting)
+
+    def run_rds_features(defs):  # alone: one full shared run below is enough (landmark gradients dominate)
+        job = defs.resolve_job_def("shared_job")
+        assert job.execute_in_process(instance=instance, asset_selection=[key("rds_features")]).success
+
+    defs = build_definitions(str(profile))
+    run_rds_features(defs)  # only 'arith' (method id): no pool forward for RDS+
+    assert seen == [] and materializations(instance, "rds_features") == 0
+    skip = instance.fetch_observations(key("rds_features"), limit=1).records[0]
+    assert "uses method rds" in skip.asset_observation.metadata["skipped"].value
+
+    write_target(targets_dir, "reading", method="rds")
+    write_target(targets_dir, "gsm", method="rds", finetune=False, budget=8,
+                 dev="builtin/targets/arith/dev.jsonl", test="builtin/targets/arith/test.jsonl")
+    defs = build_definitions(str(profile))
+    run_shared(defs, instance)
+    res = IdistillResource(profile=str(profile))
+    pool_ids = set(pl.read_parquet(res.current("pool") / "pool.parquet")["sample_id"])
+    assert sorted(seen) == sorted(pool_ids)  # once, in the shared stage
+    meta = instance.get_latest_materialization_event(key("rds_features")).asset_materialization.metadata
+    assert meta["dagster/row_count"].value == len(pool_ids) and meta["inserted"].value == len(pool_ids)
+    assert meta["dimension"].value == res.load_model().model.config.hidden_size and meta["used_by"].value == "gsm, reading"
+    for name in ("reading", "gsm"):
+        seen.clear()
+        run_target(defs, instance, name, job="selection_job")
+        assert not set(seen) & pool_ids and seen  # only the target's own dev samples were embedded
+        subset = pl.read_parquet(res.current("selected_subset", name) / "subset.parquet")
+        assert subset.height == (10 if name == "reading" else 8)
+    run_rds_features(defs)  # a re-run finds every id present
+    meta = instance.get_latest_materialization_event(key("rds_features")).asset_materialization.metadata
+    assert meta["inserted"].value == 0 and meta["already_present"].value == len(pool_ids)

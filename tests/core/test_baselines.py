@@ -104,3 +104,56 @@ def test_less_scores_average_within_groups_then_max():
     np.testing.assert_allclose(s, [1.0, 1.0, 2**-0.5])
     _, one_group = baselines.less_scores([(["p2"], pool[2:])], targets)
     np.testing.assert_allclose(one_group, [2**-0.5])
+
+
+def test_rds_from_stored_pool_features_equals_rds_scores_and_its_selection(tiny, data, tmp_path):
+    from idistill_core.pipeline import SelectionRecipe, baseline_outcome, embed_rds_pool, open_rds_store
+    from tests.conftest import TINY_MAX_LENGTH
+
+    pool, dev = data
+    model, tokenizer = tiny.model, tiny.tokenizer
+    store = open_rds_store(tmp_path, tiny.fingerprint, TINY_MAX_LENGTH, model.config.hidden_size)
+    report = embed_rds_pool(model, tokenizer, pool, store, batch_size=8)
+    assert report.computed == report.inserted == len(pool) and report.padding_fraction < 0.5
+    pool_ids = list(pool["sample_id"])
+    features = store.read(pool_ids)
+    _, targets = baselines.rds_embeddings(model, [collate([dev[i]], tokenizer.pad_token_id) for i in range(len(dev))])
+    shared = baselines.rds_scores_from_features(features, targets)
+    # independent: rds_scores one unpadded sample at a time, nothing stored
+    direct_ids, direct = baselines.rds_scores(
+        model, [collate([pool[i]], 0) for i in range(len(pool))], [collate([dev[i]], 0) for i in range(len(dev))]
+    )
+    assert direct_ids == pool_ids
+    np.testing.assert_allclose(shared, direct, atol=2e-6)  # float32 storage: batching noise only
+
+    recipe = SelectionRecipe(method="rds", max_length=TINY_MAX_LENGTH, batch_size=8)
+    from_store = baseline_outcome("rds", model, tokenizer, pool, dev, 10, recipe, pool_features=features)
+    computed = baseline_outcome("rds", model, tokenizer, pool, dev, 10, recipe)
+    assert from_store.selected == computed.selected and len(from_store.selected) == 10
+
+
+def test_a_partly_filled_rds_table_is_completed_with_only_the_missing_ids(tiny, data, tmp_path, monkeypatch):
+    from idistill_core.pipeline import embed_rds_pool, open_rds_store
+    from tests.conftest import TINY_MAX_LENGTH
+
+    pool, _ = data
+    model, tokenizer = tiny.model, tiny.tokenizer
+    store = open_rds_store(tmp_path / "a", tiny.fingerprint, TINY_MAX_LENGTH, model.config.hidden_size)
+    embed_rds_pool(model, tokenizer, pool.select(range(40)), store, batch_size=8, commit_every=16)  # a killed run
+    seen = []
+    original = baselines.rds_embeddings
+
+    def counting(model, batches):
+        ids, emb = original(model, batches)
+        seen.extend(ids)
+        return ids, emb
+
+    monkeypatch.setattr(baselines, "rds_embeddings", counting)
+    report = embed_rds_pool(model, tokenizer, pool, store, batch_size=8)
+    ids = list(pool["sample_id"])
+    assert sorted(seen) == sorted(ids[40:]) and report.inserted == len(ids) - 40 and report.already_present == 40
+    assert store.count() == len(ids)
+    fresh = open_rds_store(tmp_path / "b", tiny.fingerprint, TINY_MAX_LENGTH, model.config.hidden_size)
+    embed_rds_pool(model, tokenizer, pool, fresh, batch_size=8)
+    np.testing.assert_allclose(store.read(ids), fresh.read(ids), atol=2e-6)
+    assert embed_rds_pool(model, tokenizer, pool, store, batch_size=8).computed == 0

@@ -158,6 +158,38 @@ def test_weights_that_all_scale_by_a_constant_change_nothing():
         finetune(tiny_llama(), TOKENIZER, make_examples(4), config)
 
 
+def test_scaling_every_weight_by_7_changes_neither_the_loss_nor_the_parameters():
+    """Σ w_i CE_i / Σ w_i n_i is invariant to w -> 7w; a sum normalised by the plain token count is not, and the
+    clip makes that visible in the parameters too: AdamW alone would hide a constant factor on every step."""
+    examples = make_examples(6)
+    w = [0.5, 2.0, 1.0, 0.25, 3.0, 1.0]
+    model = tiny_llama(dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    sums, counts = zip(*(per_example_ce_sum(reference, e) for e in examples))
+    loss = sum(x * s for x, s in zip(w, sums)) / sum(x * n for x, n in zip(w, counts))
+    loss.backward()
+    grad_norm = float(torch.sqrt(sum((p.grad**2).sum() for p in reference.parameters())))
+    # clip above the correct gradient (so it does not act) but far below 7x it (an unnormalised sum is clipped
+    # on both steps, which changes AdamW's second step); full-batch steps so data order cannot differ
+    config = FinetuneConfig(
+        lr=1e-2, max_steps=2, batch_size=3, grad_accum=2, warmup_ratio=0.0, max_grad_norm=3 * grad_norm,
+        precision="fp32", use_weights=True,
+    )
+    runs = {}
+    for scale in (1.0, 7.0):
+        trained = copy.deepcopy(model)
+        weights = {e["sample_id"]: scale * x for e, x in zip(examples, w)}
+        runs[scale] = (finetune(trained, TOKENIZER, examples, config, weights=weights), trained)
+    (one, one_model), (seven, seven_model) = runs[1.0], runs[7.0]
+    # float32 log-probs: an embedding row with |g| near eps moves ~1e-5 either way; the plain-count sum moves
+    # parameters by up to 1.5e-3 here (checked by breaking the weighted count in train.py)
+    for (name, p), q in zip(seven_model.named_parameters(), one_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=5 * ADAM_ATOL, msg=name)
+    assert seven.losses == pytest.approx(one.losses, rel=50 * F32_EPS)
+    assert one.losses[0] == pytest.approx(float(loss), rel=50 * F32_EPS)  # the weighted-count loss itself
+    assert one.steps == seven.steps == 2
+
+
 def test_tiny_model_overfits_a_tiny_subset():
     examples = make_examples(8)
     result = finetune(
