@@ -7,7 +7,8 @@
   `automation_heavy` for the device-hour ones (stopped unless the profile says `orchestration.automate_heavy`;
   toggle it in the UI). With the switch on, one sensor evaluates everything, so chains are never split.
 - `target_registry_sensor` launches nothing: it turns targets/*.yaml into dynamic partitions (adds and
-  removals) and reports each new or edited spec as an observation of `target_spec` (its data version).
+  removals) and reports each new or edited spec as an observation of `target_spec` (its data version);
+  `mix_registry_sensor` does the same for targets/mixes/*.yaml (`mixes` partitions, `mix_spec`).
 - The code version of each asset folds in the profile fields it reads (`code_versions`), so a profile edit
   makes exactly the affected assets (and their downstream) stale.
 """
