@@ -9,7 +9,7 @@ import os
 
 import dagster as dg
 
-from idistill_assets.defs import automation, finetune, shared, targets
+from idistill_assets.defs import automation, finetune, mixes, shared, targets
 from idistill_assets.resources import IdistillResource
 from idistill_core.errors import ConfigError
 
@@ -40,6 +40,8 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
         finetune.finetuned_checkpoint,
         finetune.random_checkpoint,
         finetune.eval_scores,
+        mixes.mix_spec,
+        mixes.mixed_subset,
     ]
     return dg.Definitions(
         assets=automation.with_profile(assets, settings),
@@ -47,10 +49,11 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
             automation.shared_job,
             automation.target_job,
             automation.selection_job,
+            automation.mix_job,
             automation.refresh_job,
             automation.lancedb_maintenance_job,
         ],
-        sensors=[automation.target_registry_sensor, *automation.automation_sensors(settings)],
+        sensors=[automation.target_registry_sensor, automation.mix_registry_sensor, *automation.automation_sensors(settings)],
         schedules=[
             automation.daily_refresh_schedule,
             automation.daily_stale_schedule,

@@ -1,4 +1,5 @@
-"""The main job: materialize every asset for every registered target, then print a per-target summary.
+"""The main job: materialize every asset for every registered target (and every mix over them), then print a
+per-target summary.
 
     python -m idistill_assets.main [--profile profiles/default.yaml] [--targets arith,reading]
 
@@ -197,11 +198,42 @@ def _main(argv: list[str] | None, holder: dict) -> int:
         if not run.success:
             failed.append(name)
 
+    mixes_failed = _run_mixes(defs, instance, settings, registry, [n for n in names if n not in failed], timings)
+
     print_summary(instance, settings, args.profile, registry, names, timings, failed)
+    for mix, split in timings.pop("_mixes", {}).items():
+        print(f"mix {mix}: {split}" + (" FAILED" if mix in mixes_failed else ""))
     total = time.perf_counter() - started
     print(f"total wall time {total:.0f} s ({total / 60:.1f} min). Open the UI with: make ui")
     print("=" * 100)
-    return 1 if failed else 0
+    return 1 if failed or mixes_failed else 0
+
+
+def _run_mixes(defs, instance, settings, registry: dict, built: list[str], timings: dict) -> list[str]:
+    """Materialize every mix whose targets were all built in this run (a mix only re-reads their scores, so
+    this adds seconds). Records ``timings['_mixes'] = {mix: budget split or reason}``; returns failed mixes."""
+    from idistill_assets.partitions import mixes as mixes_partitions
+    from idistill_core.mixes import load_mixes
+
+    specs = load_mixes(settings.targets_dir, registry)
+    ready = [m for m, spec in specs.items() if set(spec.targets) <= set(built)]
+    known = set(instance.get_dynamic_partitions(mixes_partitions.name))
+    instance.add_dynamic_partitions(mixes_partitions.name, [m for m in ready if m not in known])
+    report, failed = {}, []
+    for mix in specs:
+        if mix not in ready:
+            report[mix] = "skipped (not all of its targets were built in this run)"
+            continue
+        step = time.perf_counter()
+        run = defs.resolve_job_def("mix_job").execute_in_process(instance=instance, partition_key=mix, raise_on_error=False)
+        if _was_interrupted(run):
+            raise KeyboardInterrupt
+        split = _metadata(instance, ["idistill", "mixed_subset"], mix, "budget_split")
+        report[mix] = f"{split} ({time.perf_counter() - step:.1f} s)" if run.success else "see the log above"
+        if not run.success:
+            failed.append(mix)
+    timings["_mixes"] = report
+    return failed
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ A target file ``targets/<name>.yaml``::
     finetune: true                 # also fine-tune and evaluate on the subset
     lm_eval: {task: gsm8k-local}   # optional: also score with lm-evaluation-harness (local test file, no hub)
     evaluate: true                 # evaluate the fine-tuned models (needs finetune: true)
+    per_source_cap: 40             # optional: at most this many selected samples from one pool source
+                                   # (overrides the profile's recipe.per_source_cap)
 
 The optimizer (GD or Adam preconditioning) is a property of the shared landmark gradients, so it is set once in
 the settings profile (``recipe.optimizer``), not per target.
@@ -45,6 +47,7 @@ _OPTIONAL = {
     "finetune": True,
     "lm_eval": None,
     "evaluate": True,
+    "per_source_cap": None,
 }
 LM_EVAL_TASKS = ("gsm8k-local",)
 """Harness task templates a target may name (``evaluate.lm_eval_task_config``)."""
@@ -66,11 +69,17 @@ class TargetSpec:
     lm_eval: str | None = None
     """lm-evaluation-harness task template scored beside ``metric`` (None: our metric only)."""
     evaluate: bool = True
+    per_source_cap: int | None = None
+    """At most this many selected samples from one pool source (None: the profile recipe's cap, if any)."""
     source_file: Path | None = None
 
     def version(self) -> str:
         """Hash of the spec and of its dev/test files' contents: changes when anything the target uses changes."""
-        fields = {k: str(v) for k, v in asdict(self).items() if k != "source_file"}
+        # an unset cap is left out so that specs written before the field existed keep their version
+        fields = {
+            k: str(v) for k, v in asdict(self).items()
+            if k != "source_file" and not (k == "per_source_cap" and v is None)
+        }
         files = {p: (file_hash(p) if Path(p).exists() else "missing") for p in (self.dev, self.test)}
         return stable_hash({"spec": fields, "files": {str(k): v for k, v in files.items()}}, 16)
 
@@ -139,6 +148,13 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
                 f"{path}: field 'lm_eval' must be {{task: <one of {', '.join(LM_EVAL_TASKS)}>}}; got {lm_eval!r}."
             )
         lm_eval = lm_eval["task"]
+    cap = check_cap(values["per_source_cap"], path)
+    if cap is not None and (values["method"] == "midppl" or values["order"] == "second"):
+        # midppl picks a perplexity band and the second-order QP its own support: neither can honour a cap
+        raise ConfigError(
+            f"{path}: field 'per_source_cap' is not supported with method {values['method']!r} / order "
+            f"{values['order']!r} (only score-ranked selection honours it)."
+        )
     return TargetSpec(
         name=name,
         metric=metric,
@@ -153,8 +169,33 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         finetune=values["finetune"],
         lm_eval=lm_eval,
         evaluate=values["evaluate"],
+        per_source_cap=cap,
         source_file=path,
     )
+
+
+def check_cap(value: object, source: Path) -> int | None:
+    """A ``per_source_cap`` field: None or an integer >= 1 (a one-line error naming the file otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{source}: field 'per_source_cap' must be an integer >= 1; got {value!r}.")
+    return value
+
+
+def selection_cap(spec: TargetSpec, recipe_cap: int | None) -> int | None:
+    """The per-source cap a target's selection uses: its own, else the profile recipe's.
+
+    Raises:
+        ConfigError: the profile sets a cap but the target's method cannot honour one.
+    """
+    cap = spec.per_source_cap if spec.per_source_cap is not None else recipe_cap
+    if cap is not None and (spec.method == "midppl" or spec.order == "second"):
+        raise ConfigError(
+            f"{spec.source_file}: per_source_cap={cap} (from the profile recipe) is not supported with method "
+            f"{spec.method!r} / order {spec.order!r}; only score-ranked selection honours it."
+        )
+    return cap
 
 
 def load_registry(targets_dir: str | Path, data_roots: list[str | Path]) -> dict[str, TargetSpec]:

@@ -7,7 +7,8 @@
   `automation_heavy` for the device-hour ones (stopped unless the profile says `orchestration.automate_heavy`;
   toggle it in the UI). With the switch on, one sensor evaluates everything, so chains are never split.
 - `target_registry_sensor` launches nothing: it turns targets/*.yaml into dynamic partitions (adds and
-  removals) and reports each new or edited spec as an observation of `target_spec` (its data version).
+  removals) and reports each new or edited spec as an observation of `target_spec` (its data version);
+  `mix_registry_sensor` does the same for targets/mixes/*.yaml (`mixes` partitions, `mix_spec`).
 - The code version of each asset folds in the profile fields it reads (`code_versions`), so a profile edit
   makes exactly the affected assets (and their downstream) stale.
 """
@@ -17,7 +18,7 @@ import json
 import dagster as dg
 
 from idistill_assets.defs.shared import PREFIX
-from idistill_assets.partitions import targets
+from idistill_assets.partitions import mixes, targets
 from idistill_assets.resources import WRITER_POOL, IdistillResource
 from idistill_core.hashing import config_fingerprint, stable_hash
 
@@ -63,6 +64,8 @@ def code_versions(settings) -> dict[str, str]:
     """Each asset's code version: its code revision plus a fingerprint of the profile fields it reads."""
     r, model = settings.recipe, settings.model
     tokens = {"model": model, "max_length": r.max_length, "on_overflow": r.on_overflow}
+    # an unset cap adds nothing, so profiles without one keep their code versions
+    cap = {"per_source_cap": r.per_source_cap} if r.per_source_cap is not None else {}
     parts = {
         "pool": ("pool-v1", {"pool": config_fingerprint(settings.pool)}),
         "base_model": ("model-v1", {"model": model}),
@@ -90,9 +93,11 @@ def code_versions(settings) -> dict[str, str]:
                 "seed": r.seed,
                 "lr": r.lr,
                 "batch_size": r.batch_size,
+                **cap,
             },
         ),
-        "selected_subset": ("subset-v1", {}),
+        "selected_subset": ("subset-v1", cap),
+        "mixed_subset": ("mix-v1", cap),
         "finetuned_checkpoint": (
             "finetune-v1",
             {**tokens, "finetune": config_fingerprint(settings.finetune)},
@@ -111,7 +116,7 @@ def with_profile(assets: list, settings) -> list:
 
     def update(spec: dg.AssetSpec) -> dg.AssetSpec:
         name = spec.key.path[-1]
-        if name == "target_spec":  # observed by the registry sensor
+        if name in ("target_spec", "mix_spec"):  # observed by the registry sensors
             return spec
         return spec.replace_attributes(
             code_version=versions.get(name, spec.code_version), automation_condition=follow_inputs()
@@ -123,7 +128,7 @@ def with_profile(assets: list, settings) -> list:
 
 
 def automation_sensors(settings) -> list[dg.AutomationConditionSensorDefinition]:
-    everything = dg.AssetSelection.groups("shared", "target")
+    everything = dg.AssetSelection.groups("shared", "target", "mix")
     heavy = dg.AssetSelection.assets(*[key(n) for n in HEAVY])
     if settings is not None and settings.orchestration.automate_heavy:
         return [
@@ -170,6 +175,11 @@ selection_job = dg.define_asset_job(
     ),
     description="Selection only (no fine-tuning) for one target partition.",
 )
+mix_job = dg.define_asset_job(
+    "mix_job",
+    selection=dg.AssetSelection.assets(key("mixed_subset")),
+    description="One multi-target mix partition: re-select from its targets' current propagated_weights.",
+)
 refresh_job = dg.define_asset_job(
     "refresh_job",
     selection=dg.AssetSelection.assets(key("pool"), key("base_model")),
@@ -185,7 +195,10 @@ def registry_versions(res: IdistillResource) -> dict[str, str]:
     return {name: spec.version() for name, spec in specs.items()}
 
 
-def registry_tick(current: dict[str, str], known_partitions: set[str], cursor: str | None):
+def registry_tick(
+    current: dict[str, str], known_partitions: set[str], cursor: str | None,
+    partitions_def: dg.DynamicPartitionsDefinition = targets, spec_key: str = "target_spec", what: str = "target",
+):
     """One tick of the registry: partitions to add/remove and an observation per new or edited spec. No runs:
     declarative automation decides what the new data versions require."""
     previous = json.loads(cursor) if cursor else {}
@@ -193,15 +206,15 @@ def registry_tick(current: dict[str, str], known_partitions: set[str], cursor: s
     removed = sorted(known_partitions - set(current))
     observed = sorted(k for k in current if previous.get(k) != current[k])
     if not (added or removed or observed):
-        return dg.SkipReason(f"target registry unchanged ({len(current)} targets)")
+        return dg.SkipReason(f"{what} registry unchanged ({len(current)} {what}s)")
     requests = []
     if added:
-        requests.append(targets.build_add_request(added))
+        requests.append(partitions_def.build_add_request(added))
     if removed:
-        requests.append(targets.build_delete_request(removed))
+        requests.append(partitions_def.build_delete_request(removed))
     observations = [
         dg.AssetObservation(
-            asset_key=key("target_spec"), partition=name, tags={DATA_VERSION_TAG: current[name]}
+            asset_key=key(spec_key), partition=name, tags={DATA_VERSION_TAG: current[name]}
         )
         for name in observed
     ]
@@ -217,6 +230,21 @@ def target_registry_sensor(context: dg.SensorEvaluationContext, idistill: Idisti
     """Syncs targets/*.yaml to the `targets` partitions and observes each new or edited spec; launches nothing."""
     known = set(context.instance.get_dynamic_partitions(targets.name))
     return registry_tick(registry_versions(idistill), known, context.cursor)
+
+
+def mix_versions(res: IdistillResource) -> dict[str, str]:
+    from idistill_core.mixes import load_mixes
+    from idistill_core.targets import load_registry
+
+    known = load_registry(res.settings.targets_dir, res.settings.data_roots)
+    return {name: spec.version() for name, spec in load_mixes(res.settings.targets_dir, known).items()}
+
+
+@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING)
+def mix_registry_sensor(context: dg.SensorEvaluationContext, idistill: IdistillResource):
+    """Syncs targets/mixes/*.yaml to the `mixes` partitions and observes each new or edited mix; launches nothing."""
+    known = set(context.instance.get_dynamic_partitions(mixes.name))
+    return registry_tick(mix_versions(idistill), known, context.cursor, mixes, "mix_spec", "mix")
 
 
 def stale_or_missing(instance: dg.DagsterInstance, asset_graph) -> dict[str | None, list[dg.AssetKey]]:
@@ -243,6 +271,8 @@ def stale_or_missing(instance: dg.DagsterInstance, asset_graph) -> dict[str | No
     for node in asset_graph.asset_nodes:
         if not node.is_materializable:
             continue
+        if node.partitions_def is not None and getattr(node.partitions_def, "name", None) != targets.name:
+            continue  # mixes follow their targets through declarative automation, not this schedule
         for partition in partitions if node.partitions_def is not None else [None]:
             if resolver.get_status(node.key, partition) != StaleStatus.FRESH:
                 todo.setdefault(partition, []).append(node.key)

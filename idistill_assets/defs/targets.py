@@ -228,6 +228,14 @@ def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillReso
     )
 
 
+def pool_sources(res: IdistillResource) -> dict[str, str]:
+    """Sample id -> pool source of the current pool (what per-source caps count)."""
+    import polars as pl
+
+    frame = pl.read_parquet(pool_path(res), columns=["sample_id", "source"])
+    return dict(zip(frame["sample_id"].to_list(), frame["source"].to_list(), strict=True))
+
+
 def _score_target(res: IdistillResource, spec) -> dict:
     """Scores and weights of every pool sample for ``spec.method`` (reads the upstream artefacts)."""
     import dataclasses
@@ -236,22 +244,28 @@ def _score_target(res: IdistillResource, spec) -> dict:
 
     from idistill_core.data import tokenize_rows
     from idistill_core.pipeline import baseline_outcome, exact_outcome, landmark_outcome
+    from idistill_core.targets import selection_cap
 
-    recipe = dataclasses.replace(res.settings.recipe, method=spec.method, order=spec.order, aggregate=spec.aggregate)
+    cap = selection_cap(spec, res.settings.recipe.per_source_cap)
+    recipe = dataclasses.replace(
+        res.settings.recipe, method=spec.method, order=spec.order, aggregate=spec.aggregate, per_source_cap=cap
+    )
+    source_of = pool_sources(res) if cap is not None else None
     if spec.method == "id":
         folder = target_dir(res, spec.name, "landmark_influence")
         arrays, meta = artifacts.load_arrays(folder / "landmark_influence.safetensors")
         second = {"p": arrays["p_second"], "q": arrays["q"]} if "q" in arrays else None
         outcome, rho, timings = landmark_outcome(
             load_propagation(res), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
-            spec.budget, recipe, second_order=second,
+            spec.budget, recipe, second_order=second, source_of=source_of,
         )
         return {"outcome": outcome, "fidelity": rho, "timings": timings}
     model, tokenizer, pre = gradient_model(res)
     examples = tokenized_pool(res, tokenizer).examples
     if spec.method == "exact":
         grads, _ = artifacts.load_arrays(target_dir(res, spec.name, "target_gradients") / "target_gradients.safetensors")
-        outcome = exact_outcome(model, tokenizer, examples, torch.from_numpy(grads["targets"]), spec.budget, recipe, pre, method=spec.method)
+        outcome = exact_outcome(model, tokenizer, examples, torch.from_numpy(grads["targets"]), spec.budget, recipe, pre, method=spec.method,
+                                source_of=source_of)
         return {"outcome": outcome}
     base = res.load_model()
     dev = tokenize_rows(target_rows(spec, "dev"), base.tokenizer, recipe.max_length).examples
@@ -269,7 +283,8 @@ def _score_target(res: IdistillResource, spec) -> dict:
             )
         features = store.read(list(examples["sample_id"]))
     outcome = baseline_outcome(
-        spec.method, base.model, base.tokenizer, examples, dev, spec.budget, recipe, pool_features=features
+        spec.method, base.model, base.tokenizer, examples, dev, spec.budget, recipe, source_of,
+        pool_features=features,
     )
     return {"outcome": outcome}
 
@@ -306,6 +321,11 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
         problems.append("ids missing from the pool")
     counts = source_counts(subset)
     pool_counts = source_counts(pool_rows)
+    from idistill_core.targets import selection_cap
+
+    cap = selection_cap(spec, idistill.settings.recipe.per_source_cap)
+    if cap is not None and counts and max(counts.values()) > cap:
+        problems.append(f"a source has {max(counts.values())} samples, per_source_cap {cap}")
     scale = len(ids) / max(1, len(pool_rows))
     top = subset.head(20).to_dicts()
     bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left").to_dicts()
@@ -318,6 +338,7 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
             "dagster/column_schema": plots.column_schema(subset.schema, SUBSET_COLUMNS),
             "dagster/uri": str(folder / "subset.parquet"),
             "budget": spec.budget,
+            "per_source_cap": cap if cap is not None else "none",
             "composition": plots.bars(
                 counts, f"{spec.name}: selected subset by source", "samples",
                 compare={k: v * scale for k, v in pool_counts.items()},

@@ -229,3 +229,26 @@ def test_spec_version_changes_only_for_the_edited_target(tmp_path):
     (data / "builtin" / "targets" / "reading" / "dev.jsonl").write_text('{"changed": 1}\n')
     again = {k: v.version() for k, v in load_registry(targets_dir, [data]).items()}
     assert again["reading"] != after["reading"] and again["arith"] == after["arith"]
+
+
+def test_a_mix_is_built_once_its_targets_are_and_follows_their_weights(project):
+    from idistill_assets.partitions import mixes
+
+    baseline(project, "arith", "reading")
+    (project.targets_dir / "mixes").mkdir()
+    (project.targets_dir / "mixes" / "both.yaml").write_text(
+        "name: both\ntargets: {arith: 1, reading: 1}\nbudget: 10\n"
+    )
+    tick = registry_tick({"both": "v1"}, set(), None, mixes, "mix_spec", "mix")
+    (add,) = tick.dynamic_partitions_requests
+    project.instance.add_dynamic_partitions("mixes", list(add.partition_keys))
+    for event in tick.asset_events:
+        project.instance.report_runless_asset_event(event)
+    assert project.tick() == {"mixed_subset": {"both"}}  # newly missing: built from the targets' weights
+    project.instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=key("mixed_subset"), partition="both", tags={"dagster/data_version": "m1"})
+    )
+    assert project.tick() == {}
+    project.materialize({"propagated_weights": {"arith"}}, data_version="changed")
+    requested = project.tick()
+    assert requested["mixed_subset"] == {"both"} and requested["selected_subset"] == {"arith"}

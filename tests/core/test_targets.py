@@ -33,6 +33,10 @@ def test_valid_spec_resolves_paths_inside_the_data_root(tmp_path):
         ({"method": "magic"}, "field 'method' = 'magic' is unknown"),
         ({"colour": "red"}, "unknown field"),
         ({"name": "other"}, "must equal the file name stem"),
+        ({"per_source_cap": 0}, "field 'per_source_cap' must be an integer >= 1; got 0"),
+        ({"per_source_cap": "ten"}, "field 'per_source_cap' must be an integer >= 1; got 'ten'"),
+        ({"per_source_cap": True}, "field 'per_source_cap' must be an integer >= 1"),
+        ({"per_source_cap": 3, "method": "midppl"}, "'per_source_cap' is not supported with method 'midppl'"),
     ],
 )
 def test_invalid_specs_are_refused_with_one_line(tmp_path, fields, message):
@@ -65,3 +69,18 @@ def test_lm_eval_field_names_a_known_harness_task(tmp_path):
     good.write_text(base + "lm_eval: {task: mmlu-hub}\n")
     with pytest.raises(ConfigError, match="lm_eval"):
         load_target_spec(good, [tmp_path])
+
+
+def test_per_source_cap_is_optional_and_an_unset_cap_keeps_the_spec_version(tmp_path):
+    from idistill_core.targets import selection_cap
+
+    plain = load_target_spec(_write(tmp_path), [tmp_path])
+    assert plain.per_source_cap is None and selection_cap(plain, 7) == 7  # the profile's cap applies
+    before = plain.version()
+    capped = load_target_spec(_write(tmp_path, per_source_cap=3), [tmp_path])
+    assert capped.per_source_cap == 3 and selection_cap(capped, 7) == 3  # the target's cap overrides it
+    assert capped.version() != before
+    assert load_target_spec(_write(tmp_path), [tmp_path]).version() == before
+    midppl = load_target_spec(_write(tmp_path, method="midppl"), [tmp_path])
+    with pytest.raises(ConfigError, match="from the profile recipe"):
+        selection_cap(midppl, 7)
