@@ -37,6 +37,10 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [0, 1, 2, 3, 4],
     "strategies": ["random", "kmeanspp", "kcenter", "leverage", "adaptive"],
     "budget_fraction": 0.1,
+    # PropagateConfig fields of the KRR (as in a profile's recipe.propagate): {} = today's fixed rbf / median σ /
+    # ridge 1e-2; {"kernel": "auto", "ridge": "auto", "bandwidth_scale": "auto"} = chosen by CV over the
+    # landmarks' own gradients, as the pipeline does (idistill_core.kernel_select)
+    "propagate": {},
 }
 
 
@@ -145,7 +149,15 @@ def _evaluate(ids, sources, emb, grads, targets, params, strategy, count, seed, 
             rows = np.array([position[s] for s in lm_ids])
             mean = grads[rows].mean(axis=0) if centred else None  # ID only knows its landmarks' gradients
             values = _scores(grads[rows], tg, mean)[:, None]
-            ridge = KernelRidge.fit(emb[rows], PropagateConfig())
+            config = PropagateConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in params.get("propagate", {}).items()}
+            )
+            if config.needs_selection:  # the pipeline's choice: CV on the gradients the values come from
+                from idistill_core.kernel_select import select_kernel
+
+                lm_grads = grads[rows] if mean is None else _unit(grads[rows] - mean)
+                config = select_kernel(emb[rows], lm_grads, config).config
+            ridge = KernelRidge.fit(emb[rows], config)
             return values, np.asarray(ridge.predict(values, [emb]))[:, 0]
 
         values, predicted = estimate(lm)

@@ -144,6 +144,8 @@ def _select(args) -> int:
         print(f"  precision ({step}): {line}")
     stage_times = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
     print(f"  stage times: model load {load_seconds:.1f}s, {stage_times}")
+    if report.propagation is not None:
+        print(f"  propagation: {report.propagation}")
     if report.fidelity is not None:
         print(f"  fidelity: Spearman rho(propagated, exact) on held-out pool samples = {report.fidelity:.3f}")
     print("  selected by source: " + ", ".join(f"{k} {v}" for k, v in mix.most_common()))

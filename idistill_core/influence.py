@@ -54,6 +54,20 @@ def first_order(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> tor
     return landmark_grads @ target_grads.T
 
 
+def center_gradients(grads: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``(g − μ) / ‖g − μ‖`` row-wise (a row equal to ``μ`` stays zero): the shared component removed.
+
+    Optional (``SelectionRecipe.center``), not the paper's objective: the component all gradients share is part
+    of the true first-order loss change; removing it ranks by what is specific to the target (docs/DESIGN.md).
+
+    Args:
+        grads: ``(n, P)`` unit-normalised gradients.
+        mean: ``(P,)`` the mean gradient to remove (the landmarks' for ID, the pool's for ``exact``).
+    """
+    centred = grads - mean.to(grads.dtype)[None, :]
+    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def aggregated_first_order(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Tensor:
     """Influence on the mean target loss, ``p = G_L ḡ_T`` (paper §1.3).
 

@@ -82,6 +82,11 @@ class SelectionRecipe:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     gradients: GradientConfig = field(default_factory=GradientConfig)
     propagate: PropagateConfig = field(default_factory=PropagateConfig)
+    center: bool = False
+    """Centre landmark, held-out and target gradients on the landmarks' mean unit gradient (the pool's mean for
+    `exact`) and re-normalise before the first-order inner products: removes the component every gradient shares
+    (which makes short-answer samples score high on every target). Changes the paper's objective (docs/DESIGN.md);
+    off by default."""
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     less: LessConfig = field(default_factory=LessConfig)
     """LESS's own warm-up, feature and projection settings (only used with method='less')."""
@@ -105,6 +110,8 @@ class SelectionRecipe:
             raise ConfigError(f"SelectionRecipe.on_overflow must be 'truncate' or 'error'; got {self.on_overflow!r}.")
         if self.max_length <= 0 or self.batch_size <= 0:
             raise ConfigError("SelectionRecipe.max_length and batch_size must be > 0.")
+        if self.center and self.order == "second":
+            raise ConfigError("SelectionRecipe.center applies to first-order scores only; use order='first'.")
         if self.per_source_cap is not None and self.per_source_cap < 1:
             raise ConfigError(f"SelectionRecipe.per_source_cap must be >= 1; got {self.per_source_cap}.")
 
@@ -394,13 +401,17 @@ def adaptive_round(
     budget: int,
     recipe: SelectionRecipe,
     exact_values: Callable[[list[str]], np.ndarray],
+    landmark_grads: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """The adaptive strategy's second round: propagate the first-round landmarks, take the rest of the budget
     nearest the top-k cut of that estimate (``exact_values(ids)`` gives their ``(n, T)`` exact values), and
-    return all landmarks with their values (the caller refits)."""
+    return all landmarks with their values (the caller refits). ``landmark_grads`` (first-round landmarks) are
+    needed when the propagate config has ``auto`` fields."""
     from idistill_core import landmarks
 
-    ids, scores, _ = propagate_scores(store, pool_ids, landmark_ids, lm_values, recipe.propagate)
+    ids, scores, _ = propagate_scores(
+        store, pool_ids, landmark_ids, lm_values, recipe.propagate, landmark_grads=landmark_grads
+    )
     more = landmarks.boundary_picks(
         ids, scores, budget, recipe.num_landmarks - len(landmark_ids), [*landmark_ids, *holdout_ids]
     )
@@ -518,6 +529,19 @@ def landmark_values(landmark_grads: torch.Tensor, target_grads: torch.Tensor, ag
     return values
 
 
+def landmark_gradients_for_propagation(landmark_grads, recipe: SelectionRecipe):
+    """The landmark gradients kernel selection should predict: the ones the landmark values are computed from
+    (centred when ``recipe.center``); None when the propagate config has no ``auto`` field (nothing to choose)."""
+    if not recipe.propagate.needs_selection:
+        return None
+    g = torch.as_tensor(np.asarray(landmark_grads))
+    if recipe.center:
+        from idistill_core.influence import center_gradients
+
+        g = center_gradients(g, g.mean(dim=0))
+    return g
+
+
 def propagate_scores(
     store: EmbeddingStore,
     pool_ids: Sequence[str],
@@ -525,13 +549,21 @@ def propagate_scores(
     values: np.ndarray,
     config: PropagateConfig,
     chunk_size: int = 4096,
+    landmark_grads: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[list[str], np.ndarray, KernelRidge]:
     """KRR from landmark embeddings to every sample of the pool: ``(pool ids, (N, T) float32, fitted model)``.
 
     Only ``pool_ids`` are read from the store (by id, in that order): a store shared with other pools never
-    leaks their rows into the scores.
+    leaks their rows into the scores. ``auto`` fields of ``config`` are chosen from ``landmark_grads`` first
+    (``kernel_select``), never from ``values``.
     """
     landmark_emb = store.read(list(landmark_ids))
+    if config.needs_selection:
+        from idistill_core.kernel_select import select_kernel
+
+        if landmark_grads is None:
+            raise ConfigError("PropagateConfig has 'auto' fields: propagate_scores needs the landmark gradients")
+        config = select_kernel(landmark_emb, landmark_grads, config).config
     ridge = KernelRidge.fit(landmark_emb, config)
     ids: list[str] = []
 
@@ -551,10 +583,18 @@ def shared_coefficients(
     config: PropagateConfig,
     dtype: str = "float32",
     on_chunk: Callable[[int, int], None] | None = None,
+    landmark_grads: torch.Tensor | np.ndarray | None = None,
 ):
     """The target-independent KRR coefficients ``C (N, L)`` of the pool, built once and resumably in the store's
-    LanceDB folder (``(CoefficientTable, CoefficientReport)``); every target then needs only ``C · V``."""
-    return build_coefficients(store, pool_ids, landmark_ids, config, dtype=dtype, on_chunk=on_chunk)
+    LanceDB folder (``(CoefficientTable, CoefficientReport)``); every target then needs only ``C · V``.
+
+    ``landmark_grads`` ``(L, P)`` (rows in ``landmark_ids`` order) are needed when ``config`` has ``auto`` fields:
+    the kernel, bandwidth and ridge are then chosen by cross-validation on the landmarks' own gradients, which
+    keeps the coefficients target-independent (``CoefficientReport.selection`` has the choice and its CV grid).
+    """
+    return build_coefficients(
+        store, pool_ids, landmark_ids, config, dtype=dtype, on_chunk=on_chunk, landmark_grads=landmark_grads
+    )
 
 
 def keep_exact(ids: Sequence[str], scores: np.ndarray, exact_ids: Sequence[str], exact_values: Sequence[np.ndarray]) -> np.ndarray:
@@ -919,7 +959,13 @@ def exact_outcome(
     """Every pool sample is a landmark: exact gradients for all N, no propagation (the reference ID approximates)."""
     aggregate = aggregate or recipe.aggregate
     pool = compute_gradients(grad_model, tokenizer, pool_examples, None, recipe.gradients, preconditioner, progress)
-    values = landmark_values(pool.grads, target_grads, aggregate)
+    pool_grads = pool.grads
+    if recipe.center:
+        from idistill_core.influence import center_gradients
+
+        mean = pool_grads.mean(dim=0)  # exact knows every pool gradient: centre on the pool mean
+        pool_grads, target_grads = center_gradients(pool_grads, mean), center_gradients(target_grads, mean)
+    values = landmark_values(pool_grads, target_grads, aggregate)
     return select_samples(
         pool.sample_ids, values, budget, aggregate, recipe.seed, method=method,
         **cap_options(pool.sample_ids, recipe, source_of),
@@ -979,6 +1025,10 @@ class SelectionReport:
     notes: list[str] = field(default_factory=list)
     precision: dict[str, str] = field(default_factory=dict)
     """Resolved compute precision per step, with the reason (``precision.PrecisionDecision.summary``)."""
+    propagation: str | None = None
+    """The kernel, bandwidth and ridge the propagation used (chosen by CV or fixed), one line."""
+    kernel_selection: object | None = None
+    """``kernel_select.KernelSelection`` when the propagate config had ``auto`` fields."""
 
 
 def run_selection(
@@ -1073,21 +1123,38 @@ def run_selection(
             grad_model, tokenizer, pool_examples, landmark_ids + holdout_ids, recipe.gradients, preconditioner, progress,
             backend=backend, source=source,
         )
-    lm_values = landmark_values(grads.grads[: len(landmark_ids)], targets.grads, recipe.aggregate)
-    ho_values = landmark_values(grads.grads[len(landmark_ids) :], targets.grads, recipe.aggregate)
+    lm_grads, ho_grads, target_grads = grads.grads[: len(landmark_ids)], grads.grads[len(landmark_ids) :], targets.grads
+    center = None
+    if recipe.center:
+        from idistill_core.influence import center_gradients
+
+        mean = lm_grads.mean(dim=0)  # ID only knows its landmarks' gradients
+
+        def center(g):
+            return center_gradients(g, mean)
+
+        lm_grads, ho_grads, target_grads = center(lm_grads), center(ho_grads), center(target_grads)
+    lm_values = landmark_values(lm_grads, target_grads, recipe.aggregate)
+    ho_values = landmark_values(ho_grads, target_grads, recipe.aggregate)
     if recipe.landmarks.strategy == "adaptive" and len(landmark_ids) < recipe.num_landmarks:
+        extra: list[torch.Tensor] = []
+
+        def second_round_values(ids):
+            g = compute_gradients(
+                grad_model, tokenizer, pool_examples, ids, recipe.gradients, preconditioner, progress,
+                backend=backend, source=source,
+            ).grads
+            g = center(g) if center is not None else g
+            extra.append(g)  # kernel selection needs every landmark's gradient
+            return landmark_values(g, target_grads, recipe.aggregate)
+
         with timed("landmark_gradients"):
+            first_grads = lm_grads
             landmark_ids, lm_values = adaptive_round(
-                store, pool_ids, landmark_ids, lm_values, holdout_ids, budget, recipe,
-                lambda ids: landmark_values(
-                    compute_gradients(
-                        grad_model, tokenizer, pool_examples, ids, recipe.gradients, preconditioner, progress,
-                        backend=backend, source=source,
-                    ).grads,
-                    targets.grads,
-                    recipe.aggregate,
-                ),
+                store, pool_ids, landmark_ids, lm_values, holdout_ids, budget, recipe, second_round_values,
+                landmark_grads=first_grads,
             )
+            lm_grads = torch.cat([first_grads, *extra]) if extra else first_grads
     sizes.update(landmarks=len(landmark_ids), holdout=len(holdout_ids))
     second = None
     if recipe.order == "second":
@@ -1096,10 +1163,15 @@ def run_selection(
                 grad_model, tokenizer, pool_examples, target_examples, landmark_ids, recipe, preconditioner
             )
     with timed("coefficients"):
-        coefficients, _ = shared_coefficients(store, pool_ids, landmark_ids, recipe.propagate)
+        coefficients, coefficient_report = shared_coefficients(
+            store, pool_ids, landmark_ids, recipe.propagate, landmark_grads=lm_grads
+        )
     outcome, rho, stage_times = landmark_outcome(
         coefficients, landmark_ids, lm_values, holdout_ids, ho_values, budget, recipe, second_order=second,
         source_of=source_of,
     )
     timings.update(stage_times)
-    return SelectionReport(outcome, timings, sizes, fidelity=rho, precision=precision)
+    return SelectionReport(
+        outcome, timings, sizes, fidelity=rho, precision=precision, propagation=coefficient_report.summary(),
+        kernel_selection=coefficient_report.selection,
+    )

@@ -24,30 +24,67 @@ from idistill_core.hashing import config_fingerprint
 logger = logging.getLogger("idistill")
 
 
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class PropagateConfig:
-    """How landmark influences are spread to the pool."""
+    """How landmark influences are spread to the pool.
 
-    kernel: Literal["rbf", "linear"] = "rbf"
-    """``rbf``: exp(−‖x−y‖²/(2σ²)), σ by the median heuristic (official code); ``linear``: ``x·y``."""
-    ridge: float = 1e-2
-    """Relative ridge: ``ridge · mean(diag K)`` is added to the diagonal (official ``damp``); > 0."""
+    ``kernel``, ``ridge`` and ``bandwidth_scale`` may each be ``auto``: chosen by K-fold cross-validation over
+    the landmarks (:func:`idistill_core.kernel_select.select_kernel`), which predicts the landmarks' own
+    gradients and so keeps the coefficients target-independent. Fixed values (the default) skip it.
+    """
+
+    kernel: Literal["rbf", "linear", "auto"] = "rbf"
+    """``rbf``: exp(−‖x−y‖²/(2σ²)), σ by the median heuristic (official code); ``linear``: ``x·y``; ``auto``: the
+    one of the two with the lower cross-validated error."""
+    ridge: float | Literal["auto"] = 1e-2
+    """Relative ridge: ``ridge · mean(diag K)`` is added to the diagonal (official ``damp``); > 0; ``auto``: the
+    best of ``ridge_grid``."""
+    bandwidth_scale: float | Literal["auto"] = 1.0
+    """RBF σ = ``bandwidth_scale`` × the median-heuristic σ (1 = the official code); > 0; ``auto``: the best of
+    ``bandwidth_grid``."""
     bandwidth_sample: int = 1000
     """At most this many landmarks (seeded subset) enter the median heuristic; >= 2."""
     chunk_size: int = 4096
     """Pool rows per kernel block; bounds memory at ``chunk_size · L`` floats; >= 1."""
     seed: int = 0
-    """Seed of the bandwidth subset."""
+    """Seed of the bandwidth subset, the cross-validation folds and the random directions."""
+    ridge_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    """Relative ridges tried when ``ridge`` is ``auto``."""
+    bandwidth_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    """Multipliers of the median σ tried when ``bandwidth_scale`` is ``auto``."""
+    cv_folds: int = 5
+    """Folds over the landmarks for ``auto`` (capped at L); >= 2."""
+    cv_directions: int = 64
+    """``auto`` scores held-out predictions of ``g · r`` for this many seeded Gaussian directions ``r`` (an
+    unbiased estimate of the gradient error at a fraction of the cost); 0 = the whole gradient vectors."""
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("rbf", "linear"):
-            raise ConfigError(f"PropagateConfig.kernel must be 'rbf' or 'linear'; got {self.kernel!r}")
-        if not self.ridge > 0:
-            raise ConfigError(f"PropagateConfig.ridge must be > 0; got {self.ridge}")
+        if self.kernel not in ("rbf", "linear", AUTO):
+            raise ConfigError(f"PropagateConfig.kernel must be 'rbf', 'linear' or 'auto'; got {self.kernel!r}")
+        for name in ("ridge", "bandwidth_scale"):
+            value = getattr(self, name)
+            if value != AUTO and (isinstance(value, (str, bool)) or not float(value) > 0):
+                raise ConfigError(f"PropagateConfig.{name} must be > 0 or 'auto'; got {value!r}")
+        for name in ("ridge_grid", "bandwidth_grid"):
+            grid = getattr(self, name)
+            if not isinstance(grid, tuple) or not grid or any(isinstance(v, (str, bool)) or not v > 0 for v in grid):
+                raise ConfigError(f"PropagateConfig.{name} must be a non-empty tuple of values > 0; got {grid!r}")
+        if self.cv_folds < 2:
+            raise ConfigError(f"PropagateConfig.cv_folds must be >= 2; got {self.cv_folds}")
+        if self.cv_directions < 0:
+            raise ConfigError(f"PropagateConfig.cv_directions must be >= 0; got {self.cv_directions}")
         if self.bandwidth_sample < 2:
             raise ConfigError(f"PropagateConfig.bandwidth_sample must be >= 2; got {self.bandwidth_sample}")
         if self.chunk_size < 1:
             raise ConfigError(f"PropagateConfig.chunk_size must be >= 1; got {self.chunk_size}")
+
+    @property
+    def needs_selection(self) -> bool:
+        """True when a field is ``auto`` (the landmark gradients are needed to fit)."""
+        return AUTO in (self.kernel, self.ridge, self.bandwidth_scale)
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
@@ -130,10 +167,17 @@ class KernelRidge:
                 with a linear kernel and a ridge too small to matter).
         """
         config = config or PropagateConfig()
+        if config.needs_selection:
+            raise ConfigError(
+                "PropagateConfig has 'auto' fields; choose them first with kernel_select.select_kernel "
+                "(it needs the landmark gradients)"
+            )
         lm = _as_float64(landmark_emb, "landmark_emb")
         if lm.shape[0] == 0:
             raise DataError("landmark_emb has no rows")
-        sigma = median_bandwidth(lm, config.bandwidth_sample, config.seed) if config.kernel == "rbf" else None
+        sigma = None
+        if config.kernel == "rbf":
+            sigma = median_bandwidth(lm, config.bandwidth_sample, config.seed) * float(config.bandwidth_scale)
         model = cls(lm, config, sigma, 0.0, torch.empty(0))
         k = model.kernel(lm)
         ridge_abs = config.ridge * float(k.diagonal().mean())
@@ -245,6 +289,20 @@ class CoefficientReport:
     seconds: float
     sigma: float | None
     ridge_abs: float
+    config: PropagateConfig | None = None
+    """The config the rows were computed with (``auto`` fields replaced by the chosen values)."""
+    selection: object | None = None
+    """The ``kernel_select.KernelSelection`` when the config had ``auto`` fields, else None."""
+
+    def summary(self) -> str:
+        """One line: the kernel, bandwidth and ridge used (with the CV result when they were chosen)."""
+        if self.selection is not None:
+            return self.selection.summary()
+        c = self.config
+        if c is None:
+            return f"sigma={self.sigma} ridge_abs={self.ridge_abs:g}"
+        band = f" bandwidth={c.bandwidth_scale:g}×median (σ={self.sigma:.4g})" if c.kernel == "rbf" else ""
+        return f"kernel={c.kernel}{band} ridge={c.ridge:g} (fixed)"
 
 
 class CoefficientTable:
@@ -344,6 +402,7 @@ def build_coefficients(
     dtype: str = "float32",
     chunk_rows: int = 16384,
     on_chunk=None,
+    landmark_grads: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[CoefficientTable, CoefficientReport]:
     """Compute (or resume) the coefficient table of ``pool_ids`` in the store's LanceDB folder.
 
@@ -356,7 +415,10 @@ def build_coefficients(
         store: an ``EmbeddingStore`` (ideally pinned at the version the pool was embedded at).
         pool_ids: the ``N`` pool samples (landmarks and held-out samples among them).
         landmark_ids: the ``L`` landmarks, in the order of the landmark values' rows.
-        config: kernel, ridge and bandwidth.
+        config: kernel, ridge and bandwidth; ``auto`` fields are chosen first by cross-validation over the
+            landmarks (:func:`idistill_core.kernel_select.select_kernel`), and the CHOSEN values enter the
+            table's fingerprint (a different choice is a different table).
+        landmark_grads: ``(L, P)`` the landmarks' gradients in ``landmark_ids`` order; needed only for ``auto``.
         dtype: ``float32`` or ``float16`` storage of the coefficients.
         on_chunk: called with ``(chunks done, chunks total)`` after each commit.
     """
@@ -375,6 +437,14 @@ def build_coefficients(
     if pc.count_distinct(pool).as_py() != len(pool):
         raise DataError("pool_ids has duplicate sample ids")
     landmark_ids = list(landmark_ids)
+    selection = None
+    if config.needs_selection:
+        from idistill_core.kernel_select import select_kernel
+
+        if landmark_grads is None:
+            raise ConfigError("PropagateConfig has 'auto' fields: build_coefficients needs the landmark gradients")
+        selection = select_kernel(store.read(landmark_ids), landmark_grads, config)
+        config = selection.config
     spec = CoefficientSpec(
         embeddings_table=store.name,
         embeddings_version=store.version,
@@ -395,7 +465,17 @@ def build_coefficients(
             pa.field("chunk", pa.int32()),
             pa.field("c", pa.list_(value_type, num_l)),
         ],
-        metadata={b"idistill": json.dumps({"landmark_ids": landmark_ids, "spec": spec.fingerprint()}).encode()},
+        metadata={
+            b"idistill": json.dumps(
+                {
+                    "landmark_ids": landmark_ids,
+                    "spec": spec.fingerprint(),
+                    "kernel": config.kernel,
+                    "ridge": config.ridge,
+                    "bandwidth_scale": config.bandwidth_scale,
+                }
+            ).encode()
+        },
     )
     db = lancedb.connect(store.uri)
     name = spec.table_name()
@@ -445,6 +525,8 @@ def build_coefficients(
         seconds=time.perf_counter() - start,
         sigma=ridge.sigma,
         ridge_abs=ridge.ridge_abs,
+        config=config,
+        selection=selection,
     )
     logger.info(
         "propagate: coefficients %s: %d rows, %d chunks computed, %d reused (%.1fs)",

@@ -82,10 +82,15 @@ def code_versions(settings) -> dict[str, str]:
                 "gradients": config_fingerprint(r.gradients),
             },
         ),
-        "propagation": ("propagation-v1", {"propagate": config_fingerprint(r.propagate)}),
+        # centring enters only when on (and, for the propagation, only when it feeds the kernel selection), so
+        # the default recipe's versions are unchanged
+        "propagation": (
+            "propagation-v1",
+            {"propagate": config_fingerprint(r.propagate), **({"center": True} if r.center and r.propagate.needs_selection else {})},
+        ),
         "rds_features": ("rds-features-v1", tokens),
         "target_gradients": ("target-grads-v1", {**tokens, "gradients": config_fingerprint(r.gradients)}),
-        "landmark_influence": ("influence-v1", {"lr": r.lr, "optimizer": r.optimizer}),
+        "landmark_influence": ("influence-v1", {"lr": r.lr, "optimizer": r.optimizer, **({"center": True} if r.center else {})}),
         "propagated_weights": (
             "propagate-v1",
             {

@@ -388,17 +388,23 @@ def propagation_path(res: IdistillResource):
 )
 def propagation(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """Target-independent KRR coefficients C = K(X, X_L)(K_LL + λI)⁻¹ of every pool sample (an N × L Lance table,
-    committed chunk by chunk and resumed after a kill); a target's propagation is then one product C · V."""
-    from idistill_core.pipeline import shared_coefficients
+    committed chunk by chunk and resumed after a kill); a target's propagation is then one product C · V.
+    With ``propagate`` fields set to ``auto`` the kernel, bandwidth and ridge are chosen by cross-validation over
+    the landmarks' own gradients (still target-independent); the metadata reports the choice and the CV grid."""
+    from idistill_core.pipeline import landmark_gradients_for_propagation, shared_coefficients
 
     s = idistill.settings
     pool_ids, store = embedded_pool(idistill)
-    landmark_ids, _, _, _ = load_landmarks(idistill)
+    landmark_ids, lm_grads, _, _ = load_landmarks(idistill)
 
     def on_chunk(done: int, total: int) -> None:
         context.log.info("propagation coefficients: committed chunk %d / %d", done, total)
 
-    table, report = shared_coefficients(store, pool_ids, landmark_ids, s.recipe.propagate, on_chunk=on_chunk)
+    table, report = shared_coefficients(
+        store, pool_ids, landmark_ids, s.recipe.propagate, on_chunk=on_chunk,
+        landmark_grads=landmark_gradients_for_propagation(lm_grads, s.recipe),
+    )
+    selection = report.selection
     artifacts.write_json(
         propagation_path(idistill),
         {"uri": str(store.uri), "table": report.table, "version": report.version, "embeddings_version": store.version},
@@ -415,6 +421,14 @@ def propagation(context: dg.AssetExecutionContext, idistill: IdistillResource) -
             "chunks_reused": report.chunks_reused,
             "sigma": float(report.sigma) if report.sigma is not None else float("nan"),
             "ridge_abs": report.ridge_abs,
+            "kernel": report.config.kernel,
+            "ridge": float(report.config.ridge),
+            "bandwidth_scale": float(report.config.bandwidth_scale),
+            "kernel_selection": "cv" if selection is not None else "fixed",
+            **(
+                {"cv_error": selection.best.error, "cv_grid": dg.MetadataValue.md(selection.markdown())}
+                if selection is not None else {}
+            ),
             "seconds": round(report.seconds, 2),
         },
     )

@@ -128,8 +128,14 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
     lm_ids, lm_grads, ho_ids, ho_grads = load_landmarks(idistill)
     arrays, _ = artifacts.load_arrays(target_dir(idistill, spec.name, "target_gradients") / "target_gradients.safetensors")
     t = torch.from_numpy(arrays["targets"])
-    values = landmark_values(torch.from_numpy(lm_grads), t, spec.aggregate)
-    holdout = landmark_values(torch.from_numpy(ho_grads), t, spec.aggregate) if len(ho_ids) else np.zeros((0, values.shape[1]))
+    lm, ho = torch.from_numpy(lm_grads), torch.from_numpy(ho_grads)
+    if idistill.settings.recipe.center:
+        from idistill_core.influence import center_gradients
+
+        mean = lm.mean(dim=0)  # ID only knows its landmarks' gradients
+        lm, ho, t = center_gradients(lm, mean), center_gradients(ho, mean), center_gradients(t, mean)
+    values = landmark_values(lm, t, spec.aggregate)
+    holdout = landmark_values(ho, t, spec.aggregate) if len(ho_ids) else np.zeros((0, values.shape[1]))
     out = {"landmarks": values, "holdout": holdout}
     extra = {}
     if spec.order == "second":
