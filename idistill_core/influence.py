@@ -443,8 +443,7 @@ class PoolQuadratic:
         gram = torch.zeros(num_l, num_l, dtype=torch.float64)
         ids: list[str] = []
         n = 0
-        resident: list[torch.Tensor] = []
-        keep = False
+        resident: torch.Tensor | None = None  # the table read once into float32, filled in place (no 2x peak)
         if self._table is not None:
             size = coefficients.count() if hasattr(coefficients, "count") else None
             keep = config.coefficients == "memory" or (
@@ -452,6 +451,9 @@ class PoolQuadratic:
                 and size is not None
                 and 4 * size * num_l <= config.memory_limit_mib * 2**20
             )
+            if keep and size is None:
+                raise ConfigError("PoolQPConfig.coefficients='memory' needs a coefficient source with count()")
+            resident = torch.empty(size, num_l, dtype=torch.float32) if keep else None
         for chunk_ids, block in self._blocks():
             if chunk_ids is not None:
                 ids += chunk_ids
@@ -459,17 +461,20 @@ class PoolQuadratic:
                 raise NumericalError(f"coefficients rows {n}..{n + block.shape[0]} have non-finite entries")
             b = block.to(self._dtype)
             gram += (b.T @ b).double()
+            if resident is not None:
+                if n + block.shape[0] > resident.shape[0]:
+                    raise DataError(f"coefficient table has more rows than its count() ({resident.shape[0]})")
+                resident[n : n + block.shape[0]] = block
             n += block.shape[0]
-            if keep:
-                resident.append(block.to(torch.float32))
         if n == 0:
             raise DataError("coefficients have no rows")
         if self._table is not None:
             self.ids = ids
-            if keep:
-                self._matrix = torch.cat(resident)
+            if resident is not None:
+                if n != resident.shape[0]:
+                    raise DataError(f"coefficient table has {n} rows; its count() said {resident.shape[0]}")
+                self._matrix = resident
                 self._table = None
-            del resident
         self.n = n
         self.streamed = self._table is not None
         self._gram = gram
