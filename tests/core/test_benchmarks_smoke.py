@@ -120,7 +120,7 @@ def test_second_order_memory_smoke_writes_peak_rss_and_seconds_per_landmark(tmp_
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--profile", "smoke", "--only", "second_order_memory",
          "--results-dir", str(tmp_path)],
-        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=540,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "second_order_memory.json").read_text())
