@@ -254,6 +254,18 @@ EXTENDED["scale"] = FULL["scale"]
 
 PROFILES = {"full": FULL, "smoke": SMOKE, "extended": EXTENDED}
 ORDER = ["jvp_cost", "end_to_end", "landmark_sweep", "scaling", "propagation", "gpu"]
-EXTRA = ["embed_dtype", "scale", "landmark_strategies"]
+EXTRA = ["embed_dtype", "scale", "landmark_strategies", "second_order_memory"]
 FULL["landmark_strategies"] = {}  # its own DEFAULTS (benchmarks/landmark_strategies.py)
 EXTENDED["landmark_strategies"] = {}
+
+# Benchmark (benchmarks/second_order_memory.py): sketched second-order terms + the pool QP, peak RSS (issue 11).
+FULL["second_order_memory"] = {}  # its own DEFAULTS: the default model, L = 8, T = 2, the main job's gradients
+EXTENDED["second_order_memory"] = {"num_landmarks": 512}  # also writes second_order_peak_rss_gib_l512 to scale.json
+SMOKE["second_order_memory"] = {
+    "model": "tiny-llama",
+    "num_landmarks": 4,
+    "target_examples": 2,
+    "max_length": 128,
+    "gradients": {"param_subset": "down_proj", "proj_type": "srht", "proj_dim": 512},
+    "qp_pool_size": 2000,
+}

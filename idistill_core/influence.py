@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -361,33 +362,184 @@ def second_order_q(
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PoolQPConfig:
+    """How the pool QP holds and multiplies the coefficients ``C (N, L)`` (issue 11: fit N = 1M in memory).
+
+    Only ``C`` is ``N × L``; everything else the QP keeps is ``O(N + L²)``: the ``L × L`` terms, ``CᵀC``, the
+    λ search and FISTA's ``N``-vectors stay float64. ``C`` is stored float32 (the coefficient table's dtype),
+    so a float64 copy of it would add no information, only 8 bytes per entry.
+    """
+
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    """Least dtype of the per-chunk products ``C_chunk·r`` and ``C_chunkᵀ·v`` (their sums over chunks are
+    float64); a float64 ``C`` given in memory is multiplied in float64 regardless. ``float32`` multiplies the
+    stored float32 values directly (half the memory traffic of float64, and no per-product upcast copy); its
+    rounding is ~1e-7 relative per product, far below what moves the support. ``float64`` upcasts one chunk
+    at a time (``chunk_rows · L`` doubles)."""
+    coefficients: Literal["auto", "memory", "stream"] = "auto"
+    """Where ``C`` lives during the solve when it comes from a coefficient table. ``memory``: read once into a
+    float32 ``(N, L)`` matrix (fast; ``4·N·L`` bytes). ``stream``: re-read the table chunk by chunk for every
+    product (peak ``O(chunk_rows · L + N)``; slower, each product reads the table). ``auto``: ``memory`` when
+    ``4·N·L`` bytes fit in ``memory_limit_mib``, else ``stream``. An in-memory matrix is used as given."""
+    memory_limit_mib: int = 2048
+    """``auto``'s bound on the resident float32 ``C``."""
+    chunk_rows: int = 16384
+    """Rows of ``C`` per product block (and per table read)."""
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in ("float32", "float64"):
+            raise ConfigError(f"PoolQPConfig.compute_dtype must be 'float32' or 'float64'; got {self.compute_dtype!r}")
+        if self.coefficients not in ("auto", "memory", "stream"):
+            raise ConfigError(
+                f"PoolQPConfig.coefficients must be 'auto', 'memory' or 'stream'; got {self.coefficients!r}"
+            )
+        if self.memory_limit_mib < 0:
+            raise ConfigError(f"PoolQPConfig.memory_limit_mib must be >= 0; got {self.memory_limit_mib}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"PoolQPConfig.chunk_rows must be >= 1; got {self.chunk_rows}")
+
+
+class ChunkSource(Protocol):
+    """What ``PoolQuadratic`` streams from (``propagate.CoefficientTable``): ``C`` in row blocks, table order."""
+
+    @property
+    def num_landmarks(self) -> int: ...
+
+    def iter_chunks(self, batch_rows: int = ...) -> Iterator[tuple[list[str], np.ndarray]]: ...
+
+
 class PoolQuadratic:
     """``Q_pool = (L/N) · C Q_L Cᵀ`` as a callable, never formed (``C``: KRR coefficients ``(N, L)``).
 
     Each pool gradient is modelled as ``g_i ≈ Σ_j C_ij g_j`` (landmark gradients), so
     ``G_pool ≈ C G_L`` and, with ``Q = (1/|S|) G H Gᵀ``, ``Q_pool = (1/N) C (L·Q_L) Cᵀ``.
 
+    A product ``v ↦ C (M (Cᵀ v))`` is two passes over ``C`` in ``config.chunk_rows`` blocks: ``Cᵀv`` summed in
+    float64 over blocks, the ``L × L`` core in float64, then ``C r`` block by block into a float64 ``N``-vector.
+    ``C`` is either an in-memory matrix (used as given, never copied whole) or a ``ChunkSource`` (a
+    coefficient table), which is read into float32 memory or re-streamed per product (``PoolQPConfig``).
+
     Args:
-        coefficients: ``(N, L)``.
+        coefficients: ``(N, L)`` tensor/array, or a ``ChunkSource``.
         terms: landmark ``SecondOrderTerms`` (``q`` scaled by ``1/terms.num_source``).
+        config: dtype and streaming choices; defaults to ``PoolQPConfig()``.
+
+    Attributes:
+        ids: the table's sample ids in row order (None for an in-memory matrix).
+        n: ``N``.
+        streamed: True when every product re-reads the table.
     """
 
-    def __init__(self, coefficients: torch.Tensor, terms: SecondOrderTerms):
-        if coefficients.ndim != 2 or coefficients.shape[1] != terms.q.shape[0]:
-            raise DataError(f"coefficients must be (N, {terms.q.shape[0]}); got {tuple(coefficients.shape)}")
-        self.c = coefficients.to(torch.float64)
-        n = self.c.shape[0]
-        self.core = terms.q.to(torch.float64) * (terms.num_source / n)
+    def __init__(
+        self,
+        coefficients: torch.Tensor | np.ndarray | ChunkSource,
+        terms: SecondOrderTerms,
+        config: PoolQPConfig | None = None,
+    ):
+        self.config = config = config or PoolQPConfig()
+        num_l = terms.q.shape[0]
+        self._dtype = torch.float32 if config.compute_dtype == "float32" else torch.float64
+        self.ids: list[str] | None = None
+        self._table: ChunkSource | None = None
+        self._matrix: torch.Tensor | None = None
+        if hasattr(coefficients, "iter_chunks"):
+            if coefficients.num_landmarks != num_l:
+                raise DataError(f"coefficient table has L={coefficients.num_landmarks}; the terms have L={num_l}")
+            self._table = coefficients
+        else:
+            c = torch.as_tensor(coefficients).detach()  # numpy arrays are wrapped, not copied
+            if c.ndim != 2 or c.shape[1] != num_l:
+                raise DataError(f"coefficients must be (N, {num_l}); got {tuple(c.shape)}")
+            self._matrix = c
+            self._dtype = torch.promote_types(self._dtype, c.dtype if c.is_floating_point() else torch.float32)
+        # One pass: ids, N and CᵀC (float64, L × L) for the exact eigenvalue bounds.
+        gram = torch.zeros(num_l, num_l, dtype=torch.float64)
+        ids: list[str] = []
+        n = 0
+        resident: torch.Tensor | None = None  # the table read once into float32, filled in place (no 2x peak)
+        if self._table is not None:
+            size = coefficients.count() if hasattr(coefficients, "count") else None
+            keep = config.coefficients == "memory" or (
+                config.coefficients == "auto"
+                and size is not None
+                and 4 * size * num_l <= config.memory_limit_mib * 2**20
+            )
+            if keep and size is None:
+                raise ConfigError("PoolQPConfig.coefficients='memory' needs a coefficient source with count()")
+            resident = torch.empty(size, num_l, dtype=torch.float32) if keep else None
+        for chunk_ids, block in self._blocks():
+            if chunk_ids is not None:
+                ids += chunk_ids
+            if not bool(torch.isfinite(block).all()):
+                raise NumericalError(f"coefficients rows {n}..{n + block.shape[0]} have non-finite entries")
+            b = block.to(self._dtype)
+            gram += (b.T @ b).double()
+            if resident is not None:
+                if n + block.shape[0] > resident.shape[0]:
+                    raise DataError(f"coefficient table has more rows than its count() ({resident.shape[0]})")
+                resident[n : n + block.shape[0]] = block
+            n += block.shape[0]
+        if n == 0:
+            raise DataError("coefficients have no rows")
+        if self._table is not None:
+            self.ids = ids
+            if resident is not None:
+                if n != resident.shape[0]:
+                    raise DataError(f"coefficient table has {n} rows; its count() said {resident.shape[0]}")
+                self._matrix = resident
+                self._table = None
         self.n = n
+        self.streamed = self._table is not None
+        self._gram = gram
+        self.core = terms.q.detach().to(torch.float64) * (terms.num_source / n)
+
+    def _blocks(self) -> Iterator[tuple[list[str] | None, torch.Tensor]]:
+        step = self.config.chunk_rows
+        if self._table is None:
+            assert self._matrix is not None
+            for start in range(0, self._matrix.shape[0], step):
+                yield None, self._matrix[start : start + step]  # a view
+            return
+        for chunk_ids, block in self._table.iter_chunks(step):
+            yield chunk_ids, torch.from_numpy(np.asarray(block))
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``Cᵀ v`` ``(L,)`` float64 for ``v`` ``(N,)``, one block at a time."""
+        out = torch.zeros(self.core.shape[0], dtype=torch.float64)
+        start = 0
+        for _, block in self._blocks():
+            rows = block.shape[0]
+            out += (block.to(self._dtype).T @ v[start : start + rows].to(self._dtype)).double()
+            start += rows
+        self._check_rows(start)
+        return out
+
+    def matvec(self, r: torch.Tensor) -> torch.Tensor:
+        """``C r`` ``(N,)`` float64 for ``r`` ``(L,)``, one block at a time."""
+        out = torch.empty(self.n, dtype=torch.float64)
+        rc = r.to(self._dtype)
+        start = 0
+        for _, block in self._blocks():
+            rows = block.shape[0]
+            if start + rows > self.n:
+                self._check_rows(start + rows)
+            out[start : start + rows] = block.to(self._dtype) @ rc
+            start += rows
+        self._check_rows(start)
+        return out
+
+    def _check_rows(self, rows: int) -> None:
+        if rows != self.n:
+            raise DataError(f"coefficient table changed during the QP: {rows} rows read, {self.n} expected")
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.c @ (self.core @ (self.c.T @ v))
+        return self.matvec(self.core @ self.rmatvec(v.to(torch.float64)))
 
     def eig_bounds(self) -> tuple[float, float]:
         """Exact extreme eigenvalues, from an ``L × L`` problem: the non-zero spectrum of ``C M Cᵀ``
         equals that of ``Rᵀ M R`` with ``CᵀC = R Rᵀ``; zero is in the spectrum when ``N > rank``."""
-        gram = self.c.T @ self.c
-        evals_g, evecs_g = torch.linalg.eigh(gram)
+        evals_g, evecs_g = torch.linalg.eigh(self._gram)
         r = evecs_g * evals_g.clamp_min(0).sqrt()
         evals = torch.linalg.eigvalsh(r.T @ self.core @ r)
         lo, hi = float(evals.min()), float(evals.max())
@@ -396,10 +548,12 @@ class PoolQuadratic:
         return lo, hi
 
 
-def pool_terms(coefficients: torch.Tensor, terms: SecondOrderTerms) -> tuple[torch.Tensor, PoolQuadratic]:
-    """Lift landmark terms to the pool: ``p_pool = C p_L`` ``(N,)`` and ``Q_pool`` as a callable."""
-    quad = PoolQuadratic(coefficients, terms)
-    return quad.c @ terms.p.to(torch.float64), quad
+def pool_terms(
+    coefficients: torch.Tensor | np.ndarray | ChunkSource, terms: SecondOrderTerms, config: PoolQPConfig | None = None
+) -> tuple[torch.Tensor, PoolQuadratic]:
+    """Lift landmark terms to the pool: ``p_pool = C p_L`` ``(N,)`` float64 and ``Q_pool`` as a callable."""
+    quad = PoolQuadratic(coefficients, terms, config)
+    return quad.matvec(terms.p.detach().to(torch.float64)), quad
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError, DataError, IdistillError
 from idistill_core.gradients import GradientConfig, GradientSet, collect_gradients, select_parameters
 from idistill_core.hashing import config_fingerprint
+from idistill_core.influence import PoolQPConfig
 from idistill_core.landmarks import LandmarkConfig
 from idistill_core.less import LessConfig
 from idistill_core.precision import PrecisionResolver
@@ -812,21 +813,38 @@ def second_order_terms_for(
 
 
 def qp_outcome(
-    ids: Sequence[str], coefficients: np.ndarray, second: dict, budget: int, recipe: SelectionRecipe
+    ids: Sequence[str] | None,
+    coefficients: np.ndarray | CoefficientTable,
+    second: dict,
+    budget: int,
+    recipe: SelectionRecipe,
+    qp: PoolQPConfig | None = None,
 ) -> SelectionOutcome:
     """Second-order weights over the whole pool: lift landmark terms with the KRR coefficients C (N, L)
     (g_i ≈ Σ_j C_ij g_j, so p_pool = C p_L and Q_pool = C Q_L Cᵀ, never formed) and solve the QP with a
-    binary search on λ for exactly ``budget`` non-zero weights."""
+    binary search on λ for exactly ``budget`` non-zero weights.
+
+    ``coefficients`` is an in-memory ``(N, L)`` matrix (rows in ``ids`` order) or the coefficient table itself
+    (``ids`` None: the table's order); ``qp`` says whether the table is read into float32 memory or streamed per
+    product, and the product dtype (``influence.PoolQPConfig``; no N × L float64 copy either way)."""
     from idistill_core.influence import SecondOrderTerms, pool_terms, qp_weights
 
-    coefficients = torch.from_numpy(np.asarray(coefficients))
+    if not hasattr(coefficients, "iter_chunks"):  # a matrix (a CoefficientTable streams itself)
+        coefficients = torch.from_numpy(np.asarray(coefficients))
     terms = SecondOrderTerms(
         p=torch.from_numpy(np.asarray(second["p"], dtype=np.float64)),
         q=torch.from_numpy(np.asarray(second["q"], dtype=np.float64)),
         lr=float(np.asarray(second["lr"]).reshape(-1)[0]),
         num_source=int(np.asarray(second["num_source"]).reshape(-1)[0]),
     )
-    p_pool, quad = pool_terms(coefficients, terms)
+    p_pool, quad = pool_terms(coefficients, terms, qp)
+    if quad.ids is not None:
+        if ids is not None and list(ids) != quad.ids:
+            raise ConfigError("qp_outcome: ids differ from the coefficient table's row order.")
+        ids = quad.ids
+    if ids is None or len(ids) != quad.n:
+        got = None if ids is None else len(ids)
+        raise ConfigError(f"qp_outcome: need one id per coefficient row ({quad.n}); got {got}.")
     from idistill_core.select import select_from_weights
 
     weights = qp_weights(p_pool, quad, terms.lr, budget).double().numpy()
@@ -1003,8 +1021,8 @@ def landmark_outcome(
         rho = coefficient_fidelity(coefficients, lm_values, holdout_ids, ho_values)
     start = time.perf_counter()
     if second_order is not None:
-        matrix_ids, matrix = coefficients.matrix()
-        outcome = qp_outcome(matrix_ids, matrix, second_order, budget, recipe)
+        # the table itself: PoolQPConfig decides float32 in memory or streamed, never an N × L float64 copy
+        outcome = qp_outcome(None, coefficients, second_order, budget, recipe)
     else:
         outcome = select_samples(
             ids, scores, budget, aggregate, recipe.seed, method="id", **cap_options(ids, recipe, source_of)

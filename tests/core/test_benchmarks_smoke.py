@@ -113,3 +113,30 @@ def test_extrapolation_scales_pool_stages_and_keeps_landmark_costs():
     assert out["id_total_s"] == pytest.approx(100.0 + 50.0 + 5.0 + 10.0 + 5.0)
     # Exact: a gradient for every one of the 1000 samples, the targets, and the same selection.
     assert out["exact_total_s"] == pytest.approx(2000.0 + 5.0 + 5.0)
+
+
+def test_second_order_memory_smoke_writes_peak_rss_and_seconds_per_landmark(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--profile", "smoke", "--only", "second_order_memory",
+         "--results-dir", str(tmp_path)],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=540,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "second_order_memory.json").read_text())
+    figures = record["figures"]
+    assert record["params"]["num_landmarks"] == 4 and record["machine"]["cpu_count"] >= 1
+    assert 0 < figures["second_order_peak_rss_gib_l4"] < 8
+    assert figures["seconds_per_landmark_l4"] > 0
+    # one progress line per landmark
+    assert proc.stderr.count("[second_order_memory] landmark") == 4
+    assert not (tmp_path / "scale.json").exists()  # only L = 512 touches scale.json
+
+
+def test_second_order_memory_l512_merges_into_scale_json_keeping_other_figures(tmp_path):
+    from benchmarks.second_order_memory import merge_into_scale
+
+    (tmp_path / "scale.json").write_text(json.dumps({"benchmark": "scale", "figures": {"peak_rss_gib_1m": 3.2}}))
+    merge_into_scale(tmp_path, {"second_order_peak_rss_gib_l512": 5.5}, {"cpu": "AMD EPYC"})
+    figures = json.loads((tmp_path / "scale.json").read_text())["figures"]
+    assert figures == {"peak_rss_gib_1m": 3.2, "second_order_peak_rss_gib_l512": 5.5, "second_order_cpu": "AMD EPYC"}
