@@ -160,8 +160,8 @@ def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: 
     figures = figures_from(params, record)
     terms = {k: v for k, v in record["terms"].items() if k not in ("p", "q")}
     notes = [
-        "terms: sketched_second_order_terms (one gradient + one HVP through the target graph per landmark);"
-        " qp: qp_outcome on synthetic float32 coefficients, PoolQPConfig as in params.qp",
+        ("terms: sketched_second_order_terms (one gradient + one HVP through the target graph per landmark);"
+        " qp: qp_outcome on synthetic float32 coefficients, PoolQPConfig as in params.qp"),
     ]
     write_result(
         results_dir, NAME, profile, params, figures, [{"phase": "terms", **terms}, {"phase": "qp", **record["qp"]}],

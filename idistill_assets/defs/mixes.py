@@ -9,7 +9,6 @@ from idistill_assets.defs.shared import PREFIX, pool, pool_path, source_counts
 from idistill_assets.defs.targets import SUBSET_COLUMNS, pool_sources, propagated_weights, target_dir
 from idistill_assets.partitions import mixes
 from idistill_assets.resources import IdistillResource
-from idistill_core import artifacts
 
 MIX = "mix"
 MIX_COLUMNS = {**SUBSET_COLUMNS, "score": "the picking target's influence score", "target": "target that picked it"}

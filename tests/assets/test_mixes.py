@@ -3,7 +3,6 @@ again from the pool file and compared with the core selectors on the same scores
 
 from collections import Counter
 
-import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
