@@ -63,9 +63,8 @@ def test_id_centres_on_the_landmark_mean_and_off_is_the_plain_score(tiny, data, 
 def test_run_selection_with_auto_propagation_reports_the_chosen_values(tiny, data, tmp_path):
     pool, targets = _small(data)
     model, tokenizer = tiny.model, tiny.tokenizer
-    recipe = dataclasses.replace(
-        RECIPE, propagate=PropagateConfig(kernel="auto", ridge="auto", bandwidth_grid=(0.5, 1.0, 2.0), cv_folds=4)
-    )
+    auto = PropagateConfig(kernel="auto", ridge="auto", bandwidth_scale="auto", bandwidth_grid=(0.5, 1.0, 2.0), cv_folds=4)
+    recipe = dataclasses.replace(RECIPE, propagate=auto)
     report = run_selection(model, tokenizer, tiny.fingerprint, pool, targets, 10, recipe, tmp_path)
     sel = report.kernel_selection
     assert sel is not None and not sel.config.needs_selection and sel.landmarks == RECIPE.num_landmarks
