@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from idistill_core.errors import ConfigError
 from idistill_core.hashing import stable_hash
-from idistill_core.targets import _NAME, check_cap
+from idistill_core.targets import check_cap, read_named_yaml
 
 MIXES_SUBDIR = "mixes"
 """Mix files live in this folder of the targets folder (the target registry reads only ``targets/*.yaml``)."""
@@ -58,25 +57,7 @@ class MixSpec:
 def load_mix_spec(path: str | Path, known_targets: Collection[str]) -> MixSpec:
     """Parse and validate one mix YAML against the registered target names."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"mix file {path} does not exist.") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]}).") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}.")
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise ConfigError(f"{path}: missing required field(s) {', '.join(missing)}.")
-    unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
-    name = str(raw["name"])
-    if not _NAME.match(name):
-        raise ConfigError(f"{path}: field 'name' = {name!r} must match [a-z0-9][a-z0-9_-]* (it is a partition key).")
-    if name != path.stem:
-        raise ConfigError(f"{path}: field 'name' = {name!r} must equal the file name stem {path.stem!r}.")
+    raw, name = read_named_yaml(path, "mix", _REQUIRED, _OPTIONAL)
     targets = raw["targets"]
     if not isinstance(targets, dict) or not targets:
         raise ConfigError(f"{path}: field 'targets' must be a non-empty mapping of target name -> weight.")

@@ -98,22 +98,21 @@ def _resolve(path_value: object, field_name: str, source: Path, data_roots: list
     raise ConfigError(f"{source}: field '{field_name}' = {path_value!r} escapes the data roots ({roots}).")
 
 
-def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSpec:
-    """Parse and validate one target YAML; paths are resolved inside ``data_roots``."""
-    path = Path(path)
-    roots = [Path(r) for r in data_roots]
+def read_named_yaml(path: Path, kind: str, required, optional) -> tuple[dict, str]:
+    """The fields of a ``<name>.yaml`` registry file (target or mix) and its checked name: a mapping with every
+    ``required`` field, nothing outside ``required``/``optional``, and ``name`` a partition key equal to the stem."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"target file {path} does not exist.") from None
+        raise ConfigError(f"{kind} file {path} does not exist.") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}.")
-    missing = [k for k in _REQUIRED if k not in raw]
+    missing = [k for k in required if k not in raw]
     if missing:
         raise ConfigError(f"{path}: missing required field(s) {', '.join(missing)}.")
-    unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
+    unknown = sorted(set(raw) - set(required) - set(optional))
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
     name = str(raw["name"])
@@ -121,6 +120,14 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
         raise ConfigError(f"{path}: field 'name' = {name!r} must match [a-z0-9][a-z0-9_-]* (it is a partition key).")
     if name != path.stem:
         raise ConfigError(f"{path}: field 'name' = {name!r} must equal the file name stem {path.stem!r}.")
+    return raw, name
+
+
+def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSpec:
+    """Parse and validate one target YAML; paths are resolved inside ``data_roots``."""
+    path = Path(path)
+    roots = [Path(r) for r in data_roots]
+    raw, name = read_named_yaml(path, "target", _REQUIRED, _OPTIONAL)
     metric = raw["metric"]
     if metric not in METRICS:
         raise ConfigError(f"{path}: field 'metric' = {metric!r} is unknown; use one of {', '.join(METRICS)}.")
