@@ -17,7 +17,8 @@ from idistill_core.targets import load_registry
 
 from .conftest import write_profile, write_target
 
-SHARED = ["pool", "base_model", "embeddings", "warmup", "landmarks", "propagation"]
+# rds_features is a shared asset like the rest (it skips, unmaterialized, when no target uses method rds)
+SHARED = ["pool", "base_model", "embeddings", "rds_features", "warmup", "landmarks", "propagation"]
 CHAIN = [
     "target_gradients",
     "landmark_influence",
@@ -167,8 +168,10 @@ def test_unchanged_rerun_of_the_shared_assets_requests_nothing(project):
     project.materialize({n: {None} for n in SHARED}, data_version="same")  # same content, same data versions
     assert project.tick() == {}
     project.materialize({"embeddings": {None}}, data_version="changed")  # a real change reaches the targets
-    # the shared coefficients follow the embeddings in the same tick, and the targets' weights follow both
-    assert project.tick() == {"propagation": {None}, **chain("arith", names=CHAIN[2:])}
+    # the shared assets that read the embeddings follow them in the same tick (landmarks: the coverage strategies
+    # choose by embedding; with `random` the re-run finds its gradient shards cached), and the targets' weights
+    # follow the coefficients
+    assert project.tick() == {"landmarks": {None}, "propagation": {None}, **chain("arith", names=CHAIN[2:])}
 
 
 def test_landmark_count_edit_requests_the_landmark_dependent_assets_of_every_target_only(project):
