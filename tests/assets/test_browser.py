@@ -162,7 +162,7 @@ def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_parti
             start_new_session=True,
         )
         try:
-            _wait_until_up(port, process, time.monotonic() + 90)
+            _wait_until_up(port, process, time.monotonic() + 300)  # code-location load (torch, transformers, dagster) on 2 busy cores
             location = _graphql(
                 port,
                 "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "

@@ -71,7 +71,7 @@ def test_webserver_launches_a_materialization_through_graphql(tmp_path):
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
-            _wait_until_up(port, process, time.monotonic() + 180)
+            _wait_until_up(port, process, time.monotonic() + 300)
             nodes = _graphql(port, REPOSITORIES)["repositoriesOrError"]["nodes"]
             assert nodes, "no repository loaded"
             repo = nodes[0]
