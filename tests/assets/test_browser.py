@@ -162,12 +162,18 @@ def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_parti
             start_new_session=True,
         )
         try:
-            _wait_until_up(port, process, time.monotonic() + 300)  # code-location load (torch, transformers, dagster) on 2 busy cores
-            location = _graphql(
-                port,
-                "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
-                "location { name } } } } }",
-            )["repositoriesOrError"]["nodes"][0]
+            _wait_until_up(port, process, time.monotonic() + 300)  # slow start on 2 busy cores
+            # the webserver answers before its code location has loaded (slowly, on 2 busy cores): wait for it
+            deadline, nodes = time.monotonic() + 300, []
+            while not nodes and time.monotonic() < deadline:
+                nodes = _graphql(
+                    port,
+                    "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }",
+                )["repositoriesOrError"].get("nodes") or []
+                if not nodes:
+                    time.sleep(2)
+            assert nodes, "the code location did not load in time (see webserver.log)"
+            location = nodes[0]
             base = f"http://127.0.0.1:{port}"
             page = Page(tmp_path / "screenshots", tmp_path / "chromium-profile")
             page.driver.get(f"{base}/locations/{location['location']['name']}/jobs/target_job")
@@ -178,8 +184,10 @@ def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_parti
             skip = page.button("Skip", timeout=8)  # the first-visit community modal covers the dialog
             if skip is not None:
                 page.driver.execute_script("arguments[0].click()", skip)
-            everything = page.button("All", timeout=15)  # the dialog opens on "Custom" with 0 partitions
-            assert everything is not None, f"no partition selection in the dialog:\n{page.text()[:2000]}"
+            everything = page.button("All", timeout=60)  # the dialog opens on "Custom" with 0 partitions
+            if everything is None:
+                page.shot("no-partition-selection")
+            assert everything is not None, f"no partition selection in the dialog:\n{page.text()[-3000:]}"
             page.driver.execute_script("arguments[0].click()", everything)
             time.sleep(1)
             launch = page.button("Launch", timeout=30)
