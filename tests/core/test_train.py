@@ -116,7 +116,9 @@ def test_grad_accumulation_normalises_by_tokens_of_the_whole_step():
     r2 = finetune(two, TOKENIZER, examples, FinetuneConfig(batch_size=2, grad_accum=4, **base))
     assert r1.losses[0] == pytest.approx(r2.losses[0], rel=50 * F32_EPS)
     for p, q in zip(one.parameters(), two.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=ADAM_ATOL)
+        # summation order differs (4 micro-batches vs 1): AdamW's first step ~ lr * g / (|g| + eps) turns that
+        # into up to a few 1e-3 * lr where |g| is near eps (seen 1.4e-3 * lr on an AVX2 CPU)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=5 * ADAM_ATOL)
 
 
 def test_sample_weights_are_normalised_by_the_weighted_token_count():

@@ -244,7 +244,8 @@ def test_non_finite_weights_are_detected_and_named_and_nothing_is_written(
     result = run_assets(profile, instance, ["pool", "warmup", "embeddings", "landmarks"])
     embedding_error = assert_run_fails_with(result, "NumericalError", "sample '")
     steps = {e.step_key for e in result.all_events if e.is_step_failure}
-    assert steps == {"idistill__embeddings", "idistill__landmarks"}, steps
+    # landmarks read the embeddings (their input since the coverage strategies), so they do not start after it fails
+    assert steps == {"idistill__embeddings"}, steps
     settings = load_settings(profile)
     assert store_rows(settings.lancedb_uri) == 0
     landmarks_dir = settings.artifacts / "landmarks"
