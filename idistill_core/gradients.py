@@ -188,7 +188,9 @@ def _check_supervised(batch: TokenBatch) -> None:
 
 
 @contextlib.contextmanager
-def _only_grads_for(model: nn.Module, names: list[str]) -> Iterator[None]:
+def only_grads_for(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Eval mode with ``requires_grad`` only on ``names`` (restored on exit): autograd then keeps no tensor
+    for the other weights' gradients, which a graph kept for double backward would otherwise hold."""
     wanted = set(names)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -273,7 +275,7 @@ def _per_sample(model: nn.Module, batch: TokenBatch, names: list[str], batch_siz
     device = next(model.parameters()).device
     batch = batch.to(device)
     _check_supervised(batch)
-    with _only_grads_for(model, names):
+    with only_grads_for(model, names):
         if batch_size == 1:
             return _loop_grads(model, batch, names)
         chunks = [

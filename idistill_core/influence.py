@@ -860,7 +860,7 @@ def sketched_second_order_terms(
         lr: ``η``; defaults to ``preconditioner.lr`` (0 for GD).
         num_source: ``|S|``; defaults to the number of landmarks.
     """
-    from idistill_core.gradients import select_parameters
+    from idistill_core.gradients import only_grads_for, select_parameters
     from idistill_core.projection import RademacherProjector, SRHTProjector
 
     if config.max_params is not None:
@@ -879,7 +879,9 @@ def sketched_second_order_terms(
 
     eta, a, b = _step_terms(preconditioner, names, params, lr)
 
-    with torch.enable_grad(), eager_attention(model):
+    # only the chosen parameters require grad while the target graph lives: ~0.15 GiB less per target sample
+    # on SmolLM2-135M (its peak RSS sets the second order's memory; benchmarks/second_order_memory.py)
+    with torch.enable_grad(), eager_attention(model), only_grads_for(model, names):
         # the normalised target gradient, with its graph, summed over every target sample
         g_hat, loss_sum, num_targets = None, 0.0, 0
         for batch in target_batches:
@@ -896,22 +898,25 @@ def sketched_second_order_terms(
         if num_targets == 0:
             raise DataError("target_batches is empty")
 
-        def hvp(v: torch.Tensor) -> torch.Tensor:
+        def hvp(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            """``Ĥ v``, flattened into ``out`` when given (``v`` itself is allowed: autograd is done with it)."""
             hv = torch.autograd.grad(g_hat, params, grad_outputs=_split_like(v, params), retain_graph=True)
-            return _flat(hv) / num_targets
+            flat = torch.cat([x.reshape(-1) for x in hv], out=out) if out is not None else _flat(hv)
+            return flat.div_(num_targets)
 
         s_g = sketch(_flat(x.detach() for x in g_hat) / num_targets)
         s_u, s_hu = [], []
         for batch in landmark_batches:
-            for row in per_sample_flat_gradients(model, batch, names):
-                u = row if a is None else row * a
+            for u in per_sample_flat_gradients(model, batch, names):  # rows of a fresh tensor: scaled in place
+                if a is not None:
+                    u.mul_(a)
                 norm = u.norm()
                 if float(norm) == 0.0:
                     raise NumericalError("a landmark has a zero (preconditioned) gradient; cannot normalise")
-                u = u / norm
+                u.div_(norm)
                 s_u.append(sketch(u))
-                s_hu.append(sketch(hvp(u)))
-                del u, row
+                s_hu.append(sketch(hvp(u, out=u)))  # Ĥu over u: one d-vector fewer while sketching
+                del u
         if not s_u:
             raise DataError("landmark_batches is empty")
         s_hb = sketch(hvp(b)) if b is not None else None

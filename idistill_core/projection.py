@@ -52,7 +52,7 @@ def _hadamard_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.
     return h / math.sqrt(n)
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
+def fwht(x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Orthonormal fast Walsh–Hadamard transform over the last dimension.
 
     The ``n``-point transform is the Kronecker product of small Hadamard factors (at most 128 points
@@ -61,6 +61,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: ``(..., n)`` floating tensor, ``n`` a power of two.
+        overwrite: ``x`` may be used as scratch (the caller's own, contiguous buffer): the passes then
+            alternate between ``x`` and one new buffer, so a large transform holds two copies, not three.
 
     Returns:
         ``(..., n)`` ``H_n x`` with ``H_n`` symmetric and orthonormal (``H_n H_n = I``), in Sylvester
@@ -72,19 +74,25 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     log_n = n.bit_length() - 1
     lead = x.shape[:-1]
     out = x.reshape(-1, n)
+    # each pass writes into a buffer other than its input: x itself when allowed, else at most two new ones
+    scratch = [out] if overwrite and x.is_contiguous() else []
     done = 0  # log2 of the product of the factors already applied (the trailing axis)
     while done < log_n:
         step = min(_WHT_BLOCK_LOG2, log_n - done)
         f = 1 << step
         inner = 1 << done
         h = _hadamard_matrix(f, out.dtype, out.device)
+        dest = next((b for b in scratch if b.data_ptr() != out.data_ptr()), None)
+        if dest is None:
+            dest = torch.empty_like(out, memory_format=torch.contiguous_format)
+            scratch.append(dest)
         # H_n = H_outer ⊗ H_f ⊗ H_inner in Sylvester order; apply H_f (symmetric) to its own axis as
         # a batched (f, f) @ (f, inner) matmul, which needs no permuted copies (3x faster than einsum).
         if inner == 1:
-            out = out.reshape(-1, f) @ h
+            torch.matmul(out.reshape(-1, f), h, out=dest.view(-1, f))
         else:
-            out = torch.matmul(h, out.reshape(-1, f, inner))
-        out = out.reshape(-1, n)
+            torch.matmul(h, out.reshape(-1, f, inner), out=dest.view(-1, f, inner))
+        out = dest
         done += step
     return out.reshape(*lead, n)
 
@@ -210,7 +218,7 @@ class SRHTProjector(_Projector):
         padded = torch.zeros((x.shape[0], self.n_pad), dtype=torch.float32, device=x.device)
         padded[:, : self.in_dim] = x
         padded *= self.signs.to(x.device)
-        return fwht(padded)[:, self.index.to(x.device)] * self.scale
+        return fwht(padded, overwrite=True)[:, self.index.to(x.device)] * self.scale
 
 
 class RademacherProjector(_Projector):

@@ -422,7 +422,9 @@ def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(
         if optimizer == "adamw":
             pre = _preconditioner(problem, _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.99, steps=8))
         config = _sketch_config(512)
+        flags = {n: p.requires_grad for n, p in problem.model.named_parameters()}
         terms = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=0.0)
+        assert {n: p.requires_grad for n, p in problem.model.named_parameters()} == flags  # restored
         g_l = collect_gradients(problem.model, problem.landmarks, config, preconditioner=pre).grads
         g_t = collect_gradients(problem.model, problem.targets, config).grads
     finally:

@@ -25,6 +25,17 @@ def test_fwht_equals_dense_orthonormal_hadamard(n):
     torch.testing.assert_close(fwht(x), x @ dense.T, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [2**9, 2**16])  # 2, 3 passes: every scratch buffer is written at least once
+def test_fwht_leaves_its_input_alone_unless_told_and_gives_the_same_transform_either_way(n):
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    kept = x.clone()
+    y = fwht(x)
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)
+    scratch = x.clone()
+    torch.testing.assert_close(fwht(scratch, overwrite=True), y, rtol=0, atol=0)
+    torch.testing.assert_close(fwht(fwht(x.T.contiguous().T)), x, rtol=0, atol=1e-12)  # a strided input
+
+
 def test_fwht_is_orthonormal_and_self_inverse():
     n = 512  # more than one 128-point factor, so the Kronecker passes are exercised
     eye = torch.eye(n, dtype=torch.float64)
