@@ -235,6 +235,35 @@ def embed_pool(
     all_ids = list(examples["sample_id"])
     missing = store.missing_ids(all_ids)
     logger.info("embeddings: %d of %d pool samples missing from '%s'", len(missing), len(all_ids), store.name)
+    padding, stream = 0.0, iter(())
+    if missing:
+        # length-bucketed: every backend batches ids in the order given (batch.py: why one global stable sort)
+        lengths = [len(x) for x in examples.select(_rows_for(examples, missing))["input_ids"]]
+        missing = [missing[i] for i in length_order(lengths)]
+        padding = padding_fraction(sorted(lengths), config.batch_size)
+        logger.info("embeddings: length-bucketed batches, padding fraction %.3f", padding)
+        stream = backends.embed_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, progress)
+    return _fill_store(store, stream, len(all_ids), len(missing), padding, start, commit_every, on_commit, "embeddings")
+
+
+def _fill_store(
+    store: EmbeddingStore,
+    stream: Iterable[tuple[list[str], np.ndarray]],
+    pool_size: int,
+    total: int,
+    padding: float,
+    start: float,
+    commit_every: int,
+    on_commit: Callable[[int, int], None] | None,
+    what: str,
+) -> EmbedReport:
+    """Insert the ``(ids, vectors)`` of ``stream`` (the ``total`` missing ids) into ``store``, a commit per
+    ``commit_every`` rows, and report on the whole call (``start``: its ``perf_counter``).
+
+    An interrupt (BaseException) keeps the committed rows to resume from; an error rolls the table back to its
+    version at the start, unless another writer committed in between (then this run's rows are kept); the
+    re-raised error says which.
+    """
     inserted = computed = 0
     pending_ids: list[str] = []
     pending_vectors: list[np.ndarray] = []
@@ -249,26 +278,18 @@ def embed_pool(
             ours = ours and before == latest  # (one insert may be several commits of its own)
             latest = store.version
             if on_commit is not None:
-                on_commit(inserted, len(missing))
+                on_commit(inserted, total)
             pending_ids, pending_vectors = [], []
 
-    padding = 0.0
     try:
-        if missing:
-            # length-bucketed: every backend batches ids in the order given (batch.py: why one global stable sort)
-            lengths = [len(x) for x in examples.select(_rows_for(examples, missing))["input_ids"]]
-            missing = [missing[i] for i in length_order(lengths)]
-            padding = padding_fraction(sorted(lengths), config.batch_size)
-            logger.info("embeddings: length-bucketed batches, padding fraction %.3f", padding)
-            stream = backends.embed_stream(backend, model, source, examples, missing, _pad_id(tokenizer), config, progress)
-            for ids, vectors in stream:
-                computed += len(ids)
-                pending_ids += ids
-                pending_vectors.append(vectors)
-                if len(pending_ids) >= commit_every:
-                    commit()
-            commit()
-    except Exception as error:  # an interrupt (BaseException) keeps the committed rows to resume from
+        for ids, vectors in stream:
+            computed += len(ids)
+            pending_ids += ids
+            pending_vectors.append(vectors)
+            if len(pending_ids) >= commit_every:
+                commit()
+        commit()
+    except Exception as error:
         if inserted == 0:
             raise
         restored = store.restore(start_version, expected_latest=latest) if ours else None
@@ -282,13 +303,13 @@ def embed_pool(
                 f"this run's {inserted} rows in '{store.name}' are kept (another writer committed since); "
                 "a re-run resumes from them"
             )
-        logger.error("embeddings failed: %s", outcome)
+        logger.error("%s failed: %s", what, outcome)
         if isinstance(error, IdistillError):
             raise type(error)(f"{error}; {outcome}") from None
         raise
     return EmbedReport(
         inserted=inserted,
-        already_present=len(all_ids) - len(missing),
+        already_present=pool_size - total,
         seconds=time.perf_counter() - start,
         table_version=store.version,
         row_count=store.count(),
@@ -329,8 +350,9 @@ def embed_rds_pool(
 
     Target-independent, so computed once per pool and model and read by every target with method ``rds``.
     Length-bucketed batches of ``batch_size`` (one decoder forward each, torch's own threads), committed every
-    ``commit_every`` rows (insert-if-missing keyed by ``sample_id``): a killed or failed run keeps its committed
-    rows, each a finished feature of one sample, and a re-run computes only the ids still missing.
+    ``commit_every`` rows (insert-if-missing keyed by ``sample_id``): a killed run keeps its committed
+    rows, each a finished feature of one sample, and a re-run computes only the ids still missing; a failed one
+    rolls the table back as ``embed_pool`` does.
     """
     from idistill_core import baselines
 
@@ -338,37 +360,15 @@ def embed_rds_pool(
     all_ids = list(examples["sample_id"])
     missing = store.missing_ids(all_ids)
     logger.info("RDS+ features: %d of %d pool samples missing from '%s'", len(missing), len(all_ids), store.name)
-    inserted = computed = 0
-    pending_ids: list[str] = []
-    pending: list[np.ndarray] = []
+    padding = batch_padding(examples, batch_size, missing) if missing else 0.0
 
-    def commit() -> None:
-        nonlocal inserted, pending_ids, pending
-        if pending_ids:
-            inserted += store.insert_missing(pending_ids, np.concatenate(pending))
-            if on_commit is not None:
-                on_commit(inserted, len(missing))
-            pending_ids, pending = [], []
-
-    padding = 0.0
-    if missing:
-        padding = batch_padding(examples, batch_size, missing)
+    def stream():
         for batch in batches_for(examples, tokenizer, batch_size, ids=missing):
             ids, features = baselines.rds_embeddings(model, [batch])
-            computed += len(ids)
-            pending_ids += ids
-            pending.append(features.numpy())
-            if len(pending_ids) >= commit_every:
-                commit()
-        commit()
-    return EmbedReport(
-        inserted=inserted,
-        already_present=len(all_ids) - len(missing),
-        seconds=time.perf_counter() - start,
-        table_version=store.version,
-        row_count=store.count(),
-        computed=computed,
-        padding_fraction=padding,
+            yield ids, features.numpy()
+
+    return _fill_store(
+        store, stream(), len(all_ids), len(missing), padding, start, commit_every, on_commit, "RDS+ features"
     )
 
 

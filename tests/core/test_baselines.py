@@ -157,3 +157,29 @@ def test_a_partly_filled_rds_table_is_completed_with_only_the_missing_ids(tiny, 
     embed_rds_pool(model, tokenizer, pool, fresh, batch_size=8)
     np.testing.assert_allclose(store.read(ids), fresh.read(ids), atol=2e-6)
     assert embed_rds_pool(model, tokenizer, pool, store, batch_size=8).computed == 0
+
+
+def test_a_failed_rds_feature_run_rolls_its_committed_rows_back(tiny, data, tmp_path, monkeypatch):
+    from idistill_core.errors import NumericalError
+    from idistill_core.pipeline import embed_rds_pool, open_rds_store
+    from tests.conftest import TINY_MAX_LENGTH
+
+    pool, _ = data
+    model, tokenizer = tiny.model, tiny.tokenizer
+    store = open_rds_store(tmp_path, tiny.fingerprint, TINY_MAX_LENGTH, model.config.hidden_size)
+    embed_rds_pool(model, tokenizer, pool.select(range(8)), store, batch_size=8)  # an earlier, finished run
+    before = store.version
+    original, calls = baselines.rds_embeddings, []
+
+    def failing_on_the_fourth_batch(model, batches):
+        calls.append(1)
+        if len(calls) == 4:
+            raise NumericalError("sample 'x' has a non-finite feature")
+        return original(model, batches)
+
+    monkeypatch.setattr(baselines, "rds_embeddings", failing_on_the_fourth_batch)
+    with pytest.raises(NumericalError, match=r"non-finite feature; the table .* rolled back to version") as error:
+        embed_rds_pool(model, tokenizer, pool, store, batch_size=8, commit_every=8)  # commits 3 batches first
+    assert f"version {before} (24 rows of this run removed)" in str(error.value)
+    assert store.count() == 8 and store.version > before  # a restore is a new version holding the old rows
+    assert store.missing_ids(list(pool["sample_id"])[:8]) == []
