@@ -57,6 +57,18 @@ def bars(counts: Mapping[str, float], title: str, ylabel: str, compare: Mapping[
     return png_markdown(fig, title)
 
 
+def source_composition(counts: Mapping[str, int], pool_counts: Mapping[str, int], title: str) -> dict[str, dg.MetadataValue]:
+    """The ``composition`` bars (selected vs the pool scaled to the subset's size) and ``sources`` table of a subset."""
+    scale = sum(counts.values()) / max(1, sum(pool_counts.values()))
+    return {
+        "composition": bars(counts, title, "samples", compare={k: v * scale for k, v in pool_counts.items()}),
+        "sources": table(
+            [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.items()],
+            {"source": "string", "selected": "int", "pool": "int"},
+        ),
+    }
+
+
 def _cell(value: object, kind: str) -> object:
     if value is None:
         return None

@@ -109,7 +109,6 @@ def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) 
     lines += [
         f"| {t} | {spec.targets[t]:g} | {spec.targets[t] / total:.1%} | {budgets[t]} | {got[t]} |" for t in names
     ]
-    scale = subset.height / max(1, pool_rows.height)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -120,14 +119,7 @@ def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) 
             "budget_split": ", ".join(f"{t} {budgets[t]}" for t in names),
             "per_target": dg.MetadataValue.md("\n".join(lines)),
             "per_source_cap": cap if cap is not None else "none",
-            "composition": plots.bars(
-                counts, f"{spec.name}: mixed subset by source", "samples",
-                compare={k: v * scale for k, v in pool_counts.items()},
-            ),
-            "sources": plots.table(
-                [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.items()],
-                {"source": "string", "selected": "int", "pool": "int"},
-            ),
+            **plots.source_composition(counts, pool_counts, f"{spec.name}: mixed subset by source"),
         },
         check_results=[
             dg.AssetCheckResult(check_name="mix_valid", passed=not problems, metadata={"problems": "; ".join(problems) or "none"})

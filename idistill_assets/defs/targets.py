@@ -332,7 +332,6 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
     cap = selection_cap(spec, idistill.settings.recipe.per_source_cap)
     if cap is not None and counts and max(counts.values()) > cap:
         problems.append(f"a source has {max(counts.values())} samples, per_source_cap {cap}")
-    scale = len(ids) / max(1, len(pool_rows))
     top = subset.head(20).to_dicts()
     bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left").to_dicts()
     preview = lambda r: {"sample_id": r["sample_id"], "source": r["source"], "score": r["score"], "prompt": r["messages"][0]["content"][:80]}
@@ -345,14 +344,7 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
             "dagster/uri": str(folder / "subset.parquet"),
             "budget": spec.budget,
             "per_source_cap": cap if cap is not None else "none",
-            "composition": plots.bars(
-                counts, f"{spec.name}: selected subset by source", "samples",
-                compare={k: v * scale for k, v in pool_counts.items()},
-            ),
-            "sources": plots.table(
-                [{"source": k, "selected": counts.get(k, 0), "pool": v} for k, v in pool_counts.items()],
-                {"source": "string", "selected": "int", "pool": "int"},
-            ),
+            **plots.source_composition(counts, pool_counts, f"{spec.name}: selected subset by source"),
             "weight_histogram": plots.histogram(subset["weight"].to_list(), f"{spec.name}: weights of selected", "weight"),
             "top_samples": plots.table([{"rank": r["rank"], **preview(r), "weight": r["weight"]} for r in top],
                                        {"rank": "int", **preview_columns, "weight": "float"}),
