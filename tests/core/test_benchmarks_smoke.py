@@ -140,3 +140,18 @@ def test_second_order_memory_l512_merges_into_scale_json_keeping_other_figures(t
     merge_into_scale(tmp_path, {"second_order_peak_rss_gib_l512": 5.5}, {"cpu": "AMD EPYC"})
     figures = json.loads((tmp_path / "scale.json").read_text())["figures"]
     assert figures == {"peak_rss_gib_1m": 3.2, "second_order_peak_rss_gib_l512": 5.5, "second_order_cpu": "AMD EPYC"}
+
+
+def test_a_scale_rerun_replaces_its_own_figures_and_keeps_the_merged_ones(tmp_path, monkeypatch):
+    import benchmarks.scale as scale
+
+    merged = {"second_order_peak_rss_gib_l512": 3.3, "spearman_vs_exact_10k": 0.7}
+    old = {"peak_rss_gib_1m": 9.9, "new_target_seconds_1m": 99.0, **merged}
+    (tmp_path / "scale.json").write_text(json.dumps({"benchmark": "scale", "figures": old}))
+    build = {"coefficients_seconds": 1.0, "read_10k_ids_seconds_cold": 0.1}
+    per_size = {"100000": {"build": build, "target": {"peak_rss_gib": 1.5, "new_target_seconds": [2.0, 3.0]}}}
+    monkeypatch.setattr(scale, "measure", lambda *args: per_size)
+    params = {"sizes": [100_000], "num_landmarks": 8, "targets": 2}
+    assert scale.run(params, tmp_path, tmp_path, "cli", {"cpu": "x"}) == {"peak_rss_gib_100k": 1.5}
+    figures = json.loads((tmp_path / "scale.json").read_text())["figures"]
+    assert figures == {"peak_rss_gib_100k": 1.5, **merged}  # the old 1M figures belong to the older run: gone
