@@ -224,7 +224,7 @@ def _gradients_in_chunks(runner, stage, model, tokenizer, examples, ids, config,
 
 def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_chunks: int | None) -> dict | None:
     """Run (or continue) every stage; returns the figures once complete (None when stopped early)."""
-    from benchmarks.common import builtin_data, load_bench_model, machine_info, tokenized
+    from benchmarks.common import builtin_data, git_commit, load_bench_model, machine_info, tokenized
     from idistill_core.batch import length_order
     from idistill_core.hashing import config_fingerprint
     from idistill_core.pipeline import choose_landmarks, embed_pool, landmark_values, open_store
@@ -247,7 +247,8 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
         for t in params["targets"]
     }
     session = {"pid": os.getpid(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "setup_s": round(time.perf_counter() - began, 2), "precision": precision}
+               "setup_s": round(time.perf_counter() - began, 2), "precision": precision,
+               "git_commit": git_commit()}  # the code this session runs (HEAD may move before the run ends)
     progress.data["sessions"].append(session)
     progress.data["machine"] = {"cpu": machine_info()["cpu"], "cpu_count": os.cpu_count()}
     progress.save()
@@ -424,7 +425,8 @@ def finish(params, progress, ho_predicted, ho_exact, target_names, num_landmarks
     )
     scale["figures"]["end_to_end_10k_pool_n"] = n
     scale["figures"]["end_to_end_10k_cpu"] = machine["cpu"]
-    scale["figures"]["end_to_end_10k_git_commit"] = git_commit()
+    commits = list(dict.fromkeys(x["git_commit"] for x in progress.data["sessions"] if x.get("git_commit")))
+    scale["figures"]["end_to_end_10k_git_commit"] = ",".join(commits) or git_commit()
     tmp = scale_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(scale, indent=2) + "\n")
     os.replace(tmp, scale_path)
