@@ -37,7 +37,7 @@ HEAVY = [
 
 
 OPTIONAL = ["rds_features"]
-"""Assets that skip (no materialization) when no target needs them; a missing one blocks nothing downstream."""
+"""Assets that only some targets read (an empty marker while none does); one never materialized blocks nothing."""
 
 
 def key(name: str) -> dg.AssetKey:

@@ -496,12 +496,17 @@ def fill_rds_features(res: IdistillResource, examples, on_commit=None):
 def rds_features(context: dg.AssetExecutionContext, idistill: IdistillResource):
     """RDS+ representations of every pool sample (final hidden states, position-weighted mean, unit norm) in
     LanceDB, computed once per pool, model and max length and read by every target with method `rds`; only ids
-    not yet in the table are computed. Skipped, with the reason, while no target uses `rds`: no pool forward."""
+    not yet in the table are computed. While no target uses `rds` there is no pool forward: it materializes an
+    empty marker with the reason (so materializing a target never asks to confirm an unmaterialized upstream);
+    a target that starts using rds later computes what is missing itself, or re-run this asset up front."""
     users = rds_target_names(idistill)
     if not users:
         reason = f"no target in {idistill.settings.targets_dir} uses method rds"
-        context.log.info("skipped: %s", reason)
-        yield dg.AssetObservation(asset_key=context.asset_key, metadata={"skipped": reason})
+        context.log.info("nothing to compute: %s", reason)
+        yield dg.MaterializeResult(
+            data_version=dg.DataVersion(stable_hash({"rds_features": "unused"}, 16)),
+            metadata={"dagster/row_count": 0, "skipped": reason, "used_by": "none"},
+        )
         return
     loaded = idistill.load_model()
     tokenized = tokenized_pool(idistill, loaded.tokenizer)

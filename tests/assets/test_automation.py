@@ -17,7 +17,7 @@ from idistill_core.targets import load_registry
 
 from .conftest import write_profile, write_target
 
-# rds_features is a shared asset like the rest (it skips, unmaterialized, when no target uses method rds)
+# rds_features is a shared asset like the rest (an empty marker when no target uses method rds)
 SHARED = ["pool", "base_model", "embeddings", "rds_features", "warmup", "landmarks", "propagation"]
 CHAIN = [
     "target_gradients",

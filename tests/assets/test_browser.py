@@ -184,10 +184,12 @@ def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_parti
             skip = page.button("Skip", timeout=8)  # the first-visit community modal covers the dialog
             if skip is not None:
                 page.driver.execute_script("arguments[0].click()", skip)
-            # rds_features stays unmaterialized while no target uses method rds: the UI asks to confirm
-            confirm = page.button("Confirm", timeout=8)
+            # every upstream is materialized (rds_features as an empty marker, no target uses rds): the UI must not
+            # ask to confirm launching over an unmaterialized upstream
+            confirm = page.button("Confirm", timeout=5)
             if confirm is not None:
-                page.driver.execute_script("arguments[0].click()", confirm)
+                page.shot("confirm-prompt")
+            assert confirm is None, f"the UI asked to confirm an unmaterialized upstream:\n{page.text()[-2000:]}"
             everything = page.button("All", timeout=60)  # the dialog opens on "Custom" with 0 partitions
             if everything is None:
                 page.shot("no-partition-selection")

@@ -147,7 +147,7 @@ def test_rematerializing_keeps_the_earlier_version_and_opt_out_targets_skip_visi
     assert second != first and pl.read_parquet(first).height == 96 and pl.read_parquet(second).height == 120
 
 
-def test_rds_pool_features_are_skipped_without_rds_targets_and_computed_once_for_all_of_them(
+def test_rds_pool_features_are_an_empty_marker_without_rds_targets_and_computed_once_for_all_of_them(
     project, instance, monkeypatch
 ):
     from idistill_core import baselines
@@ -169,9 +169,9 @@ def test_rds_pool_features_are_skipped_without_rds_targets_and_computed_once_for
 
     defs = build_definitions(str(profile))
     run_rds_features(defs)  # only 'arith' (method id): no pool forward for RDS+
-    assert seen == [] and materializations(instance, "rds_features") == 0
-    skip = instance.fetch_observations(key("rds_features"), limit=1).records[0]
-    assert "uses method rds" in skip.asset_observation.metadata["skipped"].value
+    assert seen == [] and materializations(instance, "rds_features") == 1  # an empty marker, no features
+    marker = instance.get_latest_materialization_event(key("rds_features")).asset_materialization.metadata
+    assert "uses method rds" in marker["skipped"].value and marker["dagster/row_count"].value == 0
 
     write_target(targets_dir, "reading", method="rds")
     write_target(targets_dir, "gsm", method="rds", finetune=False, budget=8,
