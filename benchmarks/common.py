@@ -322,7 +322,8 @@ def write_result(
         "name": name,
         "profile": profile,
         "created_utc": utc_now(),
-        "git_commit": git_commit(),
+        # the commit the run started from when the caller recorded it (HEAD may move during a long run)
+        "git_commit": machine.get("git_commit") or git_commit(),
         "seconds": round(seconds, 1),
         "machine": machine,
         "params": params,
