@@ -831,6 +831,7 @@ def sketched_second_order_terms(
     preconditioner: Preconditioner | None = None,
     lr: float | None = None,
     num_source: int | None = None,
+    hessian_batches: Iterable[TokenBatch] | None = None,
 ) -> SecondOrderTerms:
     """``p`` and ``Q`` of the quadratic model in first order's space, from projected probes only.
 
@@ -848,7 +849,9 @@ def sketched_second_order_terms(
     shrinks like ``1/√P`` and vanishes when ``S`` is the identity (``proj_dim=None``).
 
     Cost: per landmark one backward and one Hessian-vector product through the target graph, which is built
-    once for all target samples (memory grows with the number of target samples: use a few).
+    once and kept: its memory grows with the target samples in it. ``hessian_batches`` (a uniform sample of the
+    targets) puts only those in the graph: ``Ĥ`` is then their mean ``(1/T_h) Σ_{t∈H} H_t / ‖g_t‖``, an unbiased
+    estimate, while ``ĝ_T`` (and so ``p`` at ``η = 0``) still comes from every target sample.
 
     Args:
         model: causal LM in eval mode.
@@ -859,6 +862,7 @@ def sketched_second_order_terms(
         preconditioner: AdamW ``a``/``b``; None for GD.
         lr: ``η``; defaults to ``preconditioner.lr`` (0 for GD).
         num_source: ``|S|``; defaults to the number of landmarks.
+        hessian_batches: the target samples whose Hessian is used; None: all of ``target_batches``.
     """
     from idistill_core.gradients import only_grads_for, select_parameters
     from idistill_core.projection import RademacherProjector, SRHTProjector
@@ -879,32 +883,46 @@ def sketched_second_order_terms(
 
     eta, a, b = _step_terms(preconditioner, names, params, lr)
 
-    # only the chosen parameters require grad while the target graph lives: ~0.15 GiB less per target sample
-    # on SmolLM2-135M (its peak RSS sets the second order's memory; benchmarks/second_order_memory.py)
-    with torch.enable_grad(), eager_attention(model), only_grads_for(model, names):
-        # the normalised target gradient, with its graph, summed over every target sample
-        g_hat, loss_sum, num_targets = None, 0.0, 0
-        for batch in target_batches:
+    def unit_gradient_sum(batches: Iterable[TokenBatch], graph: bool, what: str):
+        """``Σ_t g_t / ‖g_t‖`` over the samples of ``batches`` (kept differentiable when ``graph``), their
+        count and loss sum."""
+        total, count, loss_sum = None, 0, 0.0
+        for batch in batches:
             losses = sample_losses(model, batch)
             for i in range(len(batch)):
-                g = torch.autograd.grad(losses[i], params, create_graph=True)
+                g = torch.autograd.grad(losses[i], params, create_graph=graph, retain_graph=graph or i + 1 < len(batch))
                 norm = _flat(x.detach() for x in g).norm()
                 if float(norm) == 0.0 or not math.isfinite(float(norm)):
                     raise NumericalError(f"target sample '{batch.sample_ids[i]}' has a zero or non-finite gradient")
                 scaled = [x / norm for x in g]
-                g_hat = scaled if g_hat is None else [s + x for s, x in zip(g_hat, scaled)]
+                total = scaled if total is None else [s + x for s, x in zip(total, scaled)]
             loss_sum += float(losses.detach().sum())
-            num_targets += len(batch)
-        if num_targets == 0:
-            raise DataError("target_batches is empty")
+            count += len(batch)
+        if count == 0:
+            raise DataError(f"{what} is empty")
+        return total, count, loss_sum
+
+    # only the chosen parameters require grad while the target graph lives: ~0.15 GiB less per target sample
+    # on SmolLM2-135M (its peak RSS sets the second order's memory; benchmarks/second_order_memory.py)
+    with torch.enable_grad(), eager_attention(model), only_grads_for(model, names):
+        # the Hessian's samples keep their graph (double backward); the gradient term uses every target sample
+        if hessian_batches is None:
+            g_graph, num_hessian, loss_sum = unit_gradient_sum(target_batches, True, "target_batches")
+            g_all, num_targets = [x.detach() for x in g_graph], num_hessian
+        else:
+            g_all, num_targets, loss_sum = unit_gradient_sum(target_batches, False, "target_batches")
+            g_graph, num_hessian, _ = unit_gradient_sum(hessian_batches, True, "hessian_batches")
 
         def hvp(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
             """``Ĥ v``, flattened into ``out`` when given (``v`` itself is allowed: autograd is done with it)."""
-            hv = torch.autograd.grad(g_hat, params, grad_outputs=_split_like(v, params), retain_graph=True)
+            hv = torch.autograd.grad(g_graph, params, grad_outputs=_split_like(v, params), retain_graph=True)
             flat = torch.cat([x.reshape(-1) for x in hv], out=out) if out is not None else _flat(hv)
-            return flat.div_(num_targets)
+            return flat.div_(num_hessian)
 
-        s_g = sketch(_flat(x.detach() for x in g_hat) / num_targets)
+        g_mean = _flat(g_all) / num_targets
+        s_g = sketch(g_mean)
+        g_b = float(g_mean @ b) if b is not None else 0.0
+        del g_all, g_mean  # not held through the landmark loop (one d-vector less at its peak)
         s_u, s_hu = [], []
         for batch in landmark_batches:
             for u in per_sample_flat_gradients(model, batch, names):  # rows of a fresh tensor: scaled in place
@@ -921,7 +939,6 @@ def sketched_second_order_terms(
             raise DataError("landmark_batches is empty")
         s_hb = sketch(hvp(b)) if b is not None else None
         b_h_b = float(b @ hvp(b)) if b is not None else 0.0
-        g_b = float(_flat(x.detach() for x in g_hat) @ b) / num_targets if b is not None else 0.0
 
     su, shu = torch.stack(s_u), torch.stack(s_hu)
     n_land = su.shape[0]

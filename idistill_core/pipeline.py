@@ -72,6 +72,10 @@ class SelectionRecipe:
     naming the sample."""
     lr: float = 1e-4
     """η of the step the second-order model predicts (only used with order='second')."""
+    hessian_targets: int | None = 2
+    """Target samples whose Hessian the second order uses (a seeded uniform sample of the dev set; None: all).
+    Each keeps its double-backward graph alive for every landmark (~0.6 GiB per 100-token sample on SmolLM2-135M),
+    so this bounds the second order's memory; the gradient term always uses every target sample."""
     batch_size: int = 8
     """Samples per forward batch for embeddings and forward-only baselines."""
     seed: int = 0
@@ -115,6 +119,8 @@ class SelectionRecipe:
             raise ConfigError("SelectionRecipe.center applies to first-order scores only; use order='first'.")
         if self.per_source_cap is not None and self.per_source_cap < 1:
             raise ConfigError(f"SelectionRecipe.per_source_cap must be >= 1; got {self.per_source_cap}.")
+        if self.hessian_targets is not None and self.hessian_targets < 1:
+            raise ConfigError(f"SelectionRecipe.hessian_targets must be >= 1 or null; got {self.hessian_targets}.")
 
     def embed_fingerprint(self, model_fingerprint: str) -> str:
         return config_fingerprint(self.embed) + "-" + model_fingerprint[:8] + f"-len{self.max_length}"
@@ -792,17 +798,25 @@ def second_order_terms_for(
     Sketched (``influence.sketched_second_order_terms``): the landmark directions and target gradient are first
     order's (unit-normalised, ⊙ the Adam factor with a preconditioner, projected by ``recipe.gradients``), and
     only projected gradients and projected Hessian-vector products are kept, so memory is O(L · P), and η → 0
-    gives back the first-order landmark values.
+    gives back the first-order landmark values. The Hessian is that of ``recipe.hessian_targets`` target samples
+    (seeded by ``recipe.seed``), whose graphs are what the memory holds beyond the model.
     """
     from idistill_core.influence import sketched_second_order_terms
 
+    target_ids = list(target_examples["sample_id"])
+    hessian = None
+    if recipe.hessian_targets is not None and recipe.hessian_targets < len(target_ids):
+        rng = np.random.default_rng(recipe.seed)
+        picked = sorted(rng.choice(len(target_ids), size=recipe.hessian_targets, replace=False).tolist())
+        hessian = batches_for(target_examples, tokenizer, 1, ids=[target_ids[i] for i in picked])
     terms = sketched_second_order_terms(
         model,
         batches_for(pool_examples, tokenizer, 1, ids=landmark_ids),
-        batches_for(target_examples, tokenizer, recipe.batch_size),
+        batches_for(target_examples, tokenizer, 1),  # one at a time: a batch's activations would set the peak
         recipe.gradients,
         preconditioner=preconditioner,
         lr=recipe.lr,
+        hessian_batches=hessian,
     )
     return {
         "p": terms.p.detach().double().numpy(),

@@ -90,7 +90,11 @@ def code_versions(settings) -> dict[str, str]:
         ),
         "rds_features": ("rds-features-v1", tokens),
         "target_gradients": ("target-grads-v1", {**tokens, "gradients": config_fingerprint(r.gradients)}),
-        "landmark_influence": ("influence-v1", {"lr": r.lr, "optimizer": r.optimizer, **({"center": True} if r.center else {})}),
+        # hessian_targets: which target samples the second order's Hessian uses (first-order values ignore it)
+        "landmark_influence": (
+            "influence-v1",
+            {"lr": r.lr, "optimizer": r.optimizer, "hessian_targets": r.hessian_targets, **({"center": True} if r.center else {})},
+        ),
         "propagated_weights": (
             "propagate-v1",
             {

@@ -439,6 +439,31 @@ def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(
     assert int((weights > 0).sum()) == k
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "adamw"])
+def test_a_hessian_from_some_targets_keeps_every_targets_gradient_term(problem, optimizer):
+    params = _params(problem)
+    saved = [p.detach().clone() for p in params]
+    try:
+        pre = None
+        if optimizer == "adamw":
+            pre = _preconditioner(problem, _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.99, steps=8))
+        config, eta = _sketch_config(512), 0.05
+        subset = [problem.targets[0].select([1, 3])]
+        mixed = inf.sketched_second_order_terms(
+            problem.model, problem.landmarks, problem.targets, config, pre, lr=eta, hessian_batches=subset
+        )
+        every = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=eta)
+        only = inf.sketched_second_order_terms(problem.model, problem.landmarks, subset, config, pre, lr=eta)
+    finally:
+        _restore(params, saved)
+    # the gradient term (p at η = 0) is every target's; the curvature is the subset's alone
+    torch.testing.assert_close(mixed.p_first, every.p_first, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixed.q, only.q, rtol=0, atol=1e-12)
+    assert not torch.allclose(mixed.q, every.q, atol=1e-6)  # the subset's Hessian is not the whole set's
+    if optimizer == "adamw":  # p = p_first - η (S u)·(S Ĥ b): the subset's Ĥ
+        torch.testing.assert_close(mixed.p - mixed.p_first, only.p - only.p_first, rtol=0, atol=1e-12)
+
+
 def _exact_normalised_q(problem: Problem) -> torch.Tensor:
     """uᵢᵀ Ĥ uⱼ by central differences of ĝ(θ) = mean_t g_t(θ)/‖g_t(θ₀)‖ (an independent computation)."""
     params = _params(problem)

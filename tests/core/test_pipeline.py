@@ -1,6 +1,8 @@
 """The composed selection pipeline on a tiny model and the built-in pool: ID approximates exact mode, and the
 approximation improves with the number of landmarks."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,39 @@ def test_exact_gradients_of_the_pipeline_match_plain_autograd(tiny, data):
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = flat / flat.norm()
         assert torch.allclose(got.grads[row].double(), flat.double(), atol=1e-5), sample_id
+
+
+def test_second_order_uses_a_seeded_sample_of_hessian_targets_and_every_target_for_the_gradient(tiny, data):
+    from idistill_core.influence import sketched_second_order_terms
+    from idistill_core.pipeline import batches_for, second_order_terms_for
+
+    pool, dev = data  # 6 dev samples
+    model, tokenizer = tiny.model, tiny.tokenizer
+    landmark_ids = list(pool["sample_id"])[:5]
+    two = SelectionRecipe(order="second", hessian_targets=2, seed=3, lr=0.05)
+    got = second_order_terms_for(model, tokenizer, pool, dev, landmark_ids, two)
+    dev_ids = list(dev["sample_id"])
+
+    def q_with_the_hessian_of(pair):
+        return sketched_second_order_terms(
+            model, batches_for(pool, tokenizer, 1, ids=landmark_ids), batches_for(dev, tokenizer, 8), two.gradients,
+            lr=0.05, hessian_batches=batches_for(dev, tokenizer, 1, ids=list(pair)),
+        ).q.numpy()
+
+    scale = np.abs(got["q"]).max()
+    matching = [
+        pair for pair in itertools.combinations(dev_ids, 2)
+        if np.abs(q_with_the_hessian_of(pair) - got["q"]).max() <= 1e-9 * scale
+    ]
+    assert len(matching) == 1  # exactly one pair of the 6 dev samples gives this Q: the Hessian is theirs alone
+    everything = second_order_terms_for(model, tokenizer, pool, dev, landmark_ids, SelectionRecipe(
+        order="second", hessian_targets=None, seed=3, lr=0.05))
+    # GD: p is the gradient term, of all targets either way (float32 model: a backward that keeps its graph for
+    # double backward rounds differently, ~1e-6 relative)
+    np.testing.assert_allclose(got["p"], everything["p"], rtol=1e-5, atol=0)
+    assert np.abs(got["q"] - everything["q"]).max() > 1e-9
+    at_least_all = second_order_terms_for(model, tokenizer, pool, dev, landmark_ids, SelectionRecipe(
+        order="second", hessian_targets=len(dev_ids), seed=3, lr=0.05))
+    np.testing.assert_array_equal(at_least_all["q"], everything["q"])
+    with pytest.raises(ConfigError, match="hessian_targets must be >= 1"):
+        SelectionRecipe(hessian_targets=0)
