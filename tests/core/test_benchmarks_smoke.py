@@ -143,7 +143,7 @@ def test_second_order_memory_l512_merges_into_scale_json_keeping_other_figures(t
 
 
 def test_a_scale_rerun_replaces_its_own_figures_and_keeps_the_merged_ones(tmp_path, monkeypatch):
-    import benchmarks.scale as scale
+    from benchmarks import scale
 
     merged = {"second_order_peak_rss_gib_l512": 3.3, "spearman_vs_exact_10k": 0.7}
     old = {"peak_rss_gib_1m": 9.9, "new_target_seconds_1m": 99.0, **merged}
