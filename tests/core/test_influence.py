@@ -410,6 +410,13 @@ def _sketch_config(proj_dim):
     return GradientConfig(param_subset=SKETCH_SUBSET, proj_dim=proj_dim, seed=3)
 
 
+def _sketch_preconditioner(problem: Problem, optimizer: str):
+    """None for GD; AdamW's factors after 8 warm-up steps, which move the parameters (the caller restores them)."""
+    if optimizer == "gd":
+        return None
+    return _preconditioner(problem, _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.99, steps=8))
+
+
 @pytest.mark.parametrize("optimizer", ["gd", "adamw"])
 def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(problem, optimizer):
     from idistill_core.gradients import collect_gradients
@@ -418,9 +425,7 @@ def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(
     params = _params(problem)
     saved = [p.detach().clone() for p in params]
     try:
-        pre = None
-        if optimizer == "adamw":
-            pre = _preconditioner(problem, _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.99, steps=8))
+        pre = _sketch_preconditioner(problem, optimizer)
         config = _sketch_config(512)
         flags = {n: p.requires_grad for n, p in problem.model.named_parameters()}
         terms = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=0.0)
@@ -444,9 +449,7 @@ def test_a_hessian_from_some_targets_keeps_every_targets_gradient_term(problem, 
     params = _params(problem)
     saved = [p.detach().clone() for p in params]
     try:
-        pre = None
-        if optimizer == "adamw":
-            pre = _preconditioner(problem, _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.99, steps=8))
+        pre = _sketch_preconditioner(problem, optimizer)
         config, eta = _sketch_config(512), 0.05
         subset = [problem.targets[0].select([1, 3])]
         mixed = inf.sketched_second_order_terms(
