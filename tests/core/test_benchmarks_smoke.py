@@ -155,3 +155,28 @@ def test_a_scale_rerun_replaces_its_own_figures_and_keeps_the_merged_ones(tmp_pa
     assert scale.run(params, tmp_path, tmp_path, "cli", {"cpu": "x"}) == {"peak_rss_gib_100k": 1.5}
     figures = json.loads((tmp_path / "scale.json").read_text())["figures"]
     assert figures == {"peak_rss_gib_100k": 1.5, **merged}  # the old 1M figures belong to the older run: gone
+
+
+def test_hessian_targets_benchmark_compares_each_sampled_hessian_with_all_dev_samples(tmp_path):
+    from benchmarks.hessian_targets import compare
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hessian_targets", "--smoke", "--work-dir", str(tmp_path),
+         "--results-dir", str(tmp_path / "results")],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=540,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "hessian_targets.json").read_text())
+    rows = record["rows"]
+    assert [(r["hessian_targets"], r["seed"]) for r in rows] == [("all", 0), (2, 0), (2, 1)]
+    assert record["figures"]["dev_samples"] > 2 and all(r["peak_rss_gib"] > 0 for r in rows)
+    for row in rows[1:]:
+        assert row["q_relative_distance"] > 0  # 2 of the dev samples: not the whole set's Hessian
+        assert all(0 <= v <= 1 for v in [*row["overlap"].values(), *row["first_order_overlap"].values()])
+    # against itself: no distance, the same support at every η
+    terms = {"p": [0.3, -0.1, 0.2, 0.05], "q": [[1.0, 0.2, 0.0, 0.1], [0.2, 1.0, 0.3, 0.0],
+                                               [0.0, 0.3, 1.0, 0.2], [0.1, 0.0, 0.2, 1.0]]}
+    same = compare(terms, terms, [1e-3, 10.0], 2)
+    assert same["q_relative_distance"] == 0 and set(same["overlap"].values()) == {1.0}
+    assert same["first_order_overlap"]["0.001"] == 1.0  # a tiny step: the QP keeps the top-k of p
