@@ -832,6 +832,7 @@ def sketched_second_order_terms(
     lr: float | None = None,
     num_source: int | None = None,
     hessian_batches: Iterable[TokenBatch] | None = None,
+    on_landmark: Callable[[int], None] | None = None,
 ) -> SecondOrderTerms:
     """``p`` and ``Q`` of the quadratic model in first order's space, from projected probes only.
 
@@ -863,6 +864,7 @@ def sketched_second_order_terms(
         lr: ``η``; defaults to ``preconditioner.lr`` (0 for GD).
         num_source: ``|S|``; defaults to the number of landmarks.
         hessian_batches: the target samples whose Hessian is used; None: all of ``target_batches``.
+        on_landmark: called with the number of landmarks done after each one (progress).
     """
     from idistill_core.gradients import only_grads_for, select_parameters
     from idistill_core.projection import RademacherProjector, SRHTProjector
@@ -935,6 +937,8 @@ def sketched_second_order_terms(
                 s_u.append(sketch(u))
                 s_hu.append(sketch(hvp(u, out=u)))  # Ĥu over u: one d-vector fewer while sketching
                 del u
+                if on_landmark is not None:
+                    on_landmark(len(s_u))
         if not s_u:
             raise DataError("landmark_batches is empty")
         s_hb = sketch(hvp(b)) if b is not None else None

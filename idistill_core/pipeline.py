@@ -791,7 +791,7 @@ def mix_outcome(
 # ---------------------------------------------------------------------------------------------------------
 def second_order_terms_for(
     model, tokenizer, pool_examples, target_examples, landmark_ids: Sequence[str], recipe: SelectionRecipe,
-    preconditioner=None,
+    preconditioner=None, on_progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Landmark ``p`` (L,) and ``Q`` (L, L) of the quadratic model of the mean target loss after one step.
 
@@ -799,9 +799,18 @@ def second_order_terms_for(
     order's (unit-normalised, ⊙ the Adam factor with a preconditioner, projected by ``recipe.gradients``), and
     only projected gradients and projected Hessian-vector products are kept, so memory is O(L · P), and η → 0
     gives back the first-order landmark values. The Hessian is that of ``recipe.hessian_targets`` target samples
-    (seeded by ``recipe.seed``), whose graphs are what the memory holds beyond the model.
+    (seeded by ``recipe.seed``), whose graphs are what the memory holds beyond the model. Progress (a line per
+    ~5% of the landmarks, with the rate) goes to ``on_progress`` (default: this module's logger).
     """
     from idistill_core.influence import sketched_second_order_terms
+
+    report = on_progress or logger.info
+    total, every, start = len(landmark_ids), max(1, len(landmark_ids) // 20), time.perf_counter()
+
+    def on_landmark(done: int) -> None:
+        if done % every == 0 or done == total:
+            rate = (time.perf_counter() - start) / done
+            report(f"second order: {done}/{total} landmarks ({rate:.1f} s each, ~{rate * (total - done) / 60:.0f} min left)")
 
     target_ids = list(target_examples["sample_id"])
     hessian = None
@@ -817,6 +826,7 @@ def second_order_terms_for(
         preconditioner=preconditioner,
         lr=recipe.lr,
         hessian_batches=hessian,
+        on_landmark=on_landmark,
     )
     return {
         "p": terms.p.detach().double().numpy(),

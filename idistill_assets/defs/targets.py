@@ -145,7 +145,10 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
         model, tokenizer, pre = gradient_model(idistill)
         recipe = idistill.settings.recipe
         dev = tokenize_rows(target_rows(spec, "dev"), tokenizer, recipe.max_length).examples
-        terms = second_order_terms_for(model, tokenizer, tokenized_pool(idistill, tokenizer).examples, dev, lm_ids, recipe, pre)
+        terms = second_order_terms_for(
+            model, tokenizer, tokenized_pool(idistill, tokenizer).examples, dev, lm_ids, recipe, pre,
+            on_progress=context.log.info,
+        )
         out.update(p_second=terms["p"], q=terms["q"])
         extra = {"second_order_q_norm": float(np.linalg.norm(terms["q"]))}
     staging = idistill.staging("landmark_influence", spec.name)

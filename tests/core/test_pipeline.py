@@ -134,7 +134,9 @@ def test_second_order_uses_a_seeded_sample_of_hessian_targets_and_every_target_f
     model, tokenizer = tiny.model, tiny.tokenizer
     landmark_ids = list(pool["sample_id"])[:5]
     two = SelectionRecipe(order="second", hessian_targets=2, seed=3, lr=0.05)
-    got = second_order_terms_for(model, tokenizer, pool, dev, landmark_ids, two)
+    progress: list[str] = []
+    got = second_order_terms_for(model, tokenizer, pool, dev, landmark_ids, two, on_progress=progress.append)
+    assert [line.split(" (")[0] for line in progress] == [f"second order: {i}/5 landmarks" for i in range(1, 6)]
     dev_ids = list(dev["sample_id"])
 
     def q_with_the_hessian_of(pair):
