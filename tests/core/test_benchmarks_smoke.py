@@ -180,3 +180,4 @@ def test_hessian_targets_benchmark_compares_each_sampled_hessian_with_all_dev_sa
     same = compare(terms, terms, [1e-3, 10.0], 2)
     assert same["q_relative_distance"] == 0 and set(same["overlap"].values()) == {1.0}
     assert same["first_order_overlap"]["0.001"] == 1.0  # a tiny step: the QP keeps the top-k of p
+    assert same["first_order_overlap"]["10"] < 1 and same["overlap_where_q_matters"] == 1.0  # Q decides at η = 10
