@@ -332,9 +332,24 @@ def write_result(
         "notes": notes,
     }
     path = out_dir / f"{name}.json"
-    tmp = out_dir / f"{name}.json.tmp"
+    write_json_atomic(path, record)
+    return path
+
+
+def write_json_atomic(path: str | Path, record: dict[str, Any]) -> None:
+    """``record`` as indented JSON at ``path``, through a temporary file (a killed run never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
+
+
+def merge_scale_figures(results_dir: str | Path, figures: dict[str, Any]) -> Path:
+    """Add ``figures`` to ``scale.json``'s (read-modify-write; every other key is kept); returns its path."""
+    path = Path(results_dir) / "scale.json"
+    record = json.loads(path.read_text()) if path.exists() else {"benchmark": "scale", "figures": {}}
+    record.setdefault("figures", {}).update(figures)
+    write_json_atomic(path, record)
     return path
 
 

@@ -347,7 +347,7 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
 
 def finish(params, progress, ho_predicted, ho_exact, target_names, num_landmarks, num_holdout, budget,
            work_dir: Path, results_dir: Path | None) -> dict:
-    from benchmarks.common import RESULTS_DIR, git_commit, machine_info, write_result
+    from benchmarks.common import RESULTS_DIR, git_commit, machine_info, merge_scale_figures, write_result
     from benchmarks.workload import rank_agreement
 
     stages = progress.data["stages"]
@@ -417,19 +417,14 @@ def finish(params, progress, ho_predicted, ho_exact, target_names, num_landmarks
     ]
     rows = [{"stage": s, **stages[s]} for s in STAGES]
     path = write_result(results_dir, NAME, "e2e10k", params, figures, rows, notes, machine, id_total)
-    scale_path = Path(results_dir) / "scale.json"
-    scale = json.loads(scale_path.read_text()) if scale_path.exists() else {"name": "scale", "figures": {}}
-    scale.setdefault("figures", {}).update(
-        {k: figures[k] for k in ("end_to_end_10k_seconds", "exact_10k_seconds", "speedup_vs_exact_10k",
-                                 "spearman_vs_exact_10k")}
-    )
-    scale["figures"]["end_to_end_10k_pool_n"] = n
-    scale["figures"]["end_to_end_10k_cpu"] = machine["cpu"]
+    headline = ("end_to_end_10k_seconds", "exact_10k_seconds", "speedup_vs_exact_10k", "spearman_vs_exact_10k")
     commits = list(dict.fromkeys(x["git_commit"] for x in progress.data["sessions"] if x.get("git_commit")))
-    scale["figures"]["end_to_end_10k_git_commit"] = ",".join(commits) or git_commit()
-    tmp = scale_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(scale, indent=2) + "\n")
-    os.replace(tmp, scale_path)
+    scale_path = merge_scale_figures(results_dir, {
+        **{k: figures[k] for k in headline},
+        "end_to_end_10k_pool_n": n,
+        "end_to_end_10k_cpu": machine["cpu"],
+        "end_to_end_10k_git_commit": ",".join(commits) or git_commit(),
+    })
     print(
         f"[{NAME}] complete: ID {id_total:.0f} s, exact {exact_total:.0f} s, speedup "
         f"{figures['speedup_vs_exact_10k']:.2f}x, spearman {figures['spearman_vs_exact_10k']:.3f}; wrote {path} "

@@ -181,6 +181,8 @@ def figures_from(per_size: dict[str, Any]) -> dict[str, float]:
 
 def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: dict) -> dict:
     """Suite entry (benchmarks/run.py): measure, write ``scale.json``, return its figures."""
+    from benchmarks.common import write_json_atomic
+
     per_size = measure(
         params["sizes"], params["num_landmarks"], params["targets"], params.get("seed", 0), Path(work_dir)
     )
@@ -201,9 +203,7 @@ def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: 
         "figures": figures_all,
         "n_reached": max(int(n) for n in per_size),
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
     return figures
 
 

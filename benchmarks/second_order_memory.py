@@ -141,13 +141,12 @@ def figures_from(params: dict[str, Any], record: dict[str, Any]) -> dict[str, An
 
 def merge_into_scale(results_dir: Path, figures: dict[str, Any], machine: dict[str, Any]) -> None:
     """Add the L = 512 peak to ``scale.json``'s figures (read-modify-write: everything else is kept)."""
-    path = Path(results_dir) / "scale.json"
-    record = json.loads(path.read_text()) if path.exists() else {"benchmark": "scale", "figures": {}}
-    record.setdefault("figures", {})["second_order_peak_rss_gib_l512"] = figures["second_order_peak_rss_gib_l512"]
-    record["figures"]["second_order_cpu"] = machine.get("cpu")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    from benchmarks.common import merge_scale_figures
+
+    merge_scale_figures(
+        results_dir,
+        {"second_order_peak_rss_gib_l512": figures["second_order_peak_rss_gib_l512"], "second_order_cpu": machine.get("cpu")},
+    )
 
 
 def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: dict) -> dict:
