@@ -941,8 +941,11 @@ def sketched_second_order_terms(
                     on_landmark(len(s_u))
         if not s_u:
             raise DataError("landmark_batches is empty")
-        s_hb = sketch(hvp(b)) if b is not None else None
-        b_h_b = float(b @ hvp(b)) if b is not None else 0.0
+        s_hb, b_h_b = None, 0.0
+        if b is not None:
+            h_b = hvp(b)  # one HVP serves both forms
+            s_hb, b_h_b = sketch(h_b), float(b @ h_b)
+            del h_b
 
     su, shu = torch.stack(s_u), torch.stack(s_hu)
     n_land = su.shape[0]
