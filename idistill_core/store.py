@@ -150,15 +150,16 @@ class EmbeddingStore:
     @staticmethod
     def _open_or_create(db, uri: str | Path, name: str, identity: StoreIdentity, retries: int = 10):
         for attempt in range(retries):
-            if name in db.list_tables().tables:
-                table = db.open_table(name)
-                break
             try:
-                table = db.create_table(name, schema=_schema(identity), exist_ok=True)
+                if name in db.list_tables().tables:
+                    table = db.open_table(name)
+                else:
+                    table = db.create_table(name, schema=_schema(identity), exist_ok=True)
                 break
             except Exception as error:
                 # Two processes creating at once: lance commits one create; the other fails its commit (or its
-                # exist_ok schema check on a table another process already evolved) and opens the winner's.
+                # exist_ok schema check on a table another process already evolved) and opens the winner's. A
+                # table can also be listed before its creator's first commit lands ("not found" on open).
                 if attempt == retries - 1:
                     raise
                 logger.info("LanceDB create of '%s' raced another writer (%s); reopening", name, error)
