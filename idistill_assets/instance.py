@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None)
     args = parser.parse_args(argv)
     from idistill_assets.main import _instance
-    from idistill_core.settings import load_settings
+    from idistill_core.project.settings import load_settings
 
     settings = load_settings(args.profile, args.home)
     _instance(settings)

@@ -164,8 +164,8 @@ def _main(argv: list[str] | None, holder: dict) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from idistill_assets.definitions import build_definitions
     from idistill_assets.partitions import targets as targets_partitions
-    from idistill_core.settings import load_settings
-    from idistill_core.targets import load_registry
+    from idistill_core.project.settings import load_settings
+    from idistill_core.project.targets import load_registry
 
     settings = load_settings(args.profile, args.home)
     holder["settings"] = settings
@@ -213,7 +213,7 @@ def _run_mixes(defs, instance, settings, registry: dict, built: list[str], timin
     """Materialize every mix whose targets were all built in this run (a mix only re-reads their scores, so
     this adds seconds). Records ``timings['_mixes'] = {mix: budget split or reason}``; returns failed mixes."""
     from idistill_assets.partitions import mixes as mixes_partitions
-    from idistill_core.mixes import load_mixes
+    from idistill_core.project.mixes import load_mixes
 
     specs = load_mixes(settings.targets_dir, registry)
     ready = [m for m, spec in specs.items() if set(spec.targets) <= set(built)]

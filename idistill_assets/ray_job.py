@@ -71,9 +71,9 @@ class _PipesLogHandler(logging.Handler):
 
 
 def _embeddings(pipes, res, backend) -> dict:
-    from idistill_assets.defs.shared import tokenized_pool
+    from idistill_assets.upstream import tokenized_pool
     from idistill_core.backends import ModelSource
-    from idistill_core.pipeline import embed_pool
+    from idistill_core.pipeline.embeddings import embed_pool
 
     s = res.settings
     loaded = res.load_model(attn_implementation="eager")
@@ -105,11 +105,11 @@ def _embeddings(pipes, res, backend) -> dict:
 
 
 def _landmarks(pipes, res, backend, ids: list[str], shard_dir: str) -> dict:
-    from idistill_assets.defs.shared import gradient_model, tokenized_pool, warmup_dir
-    from idistill_core import artifacts
+    from idistill_assets.upstream import gradient_model, tokenized_pool, warmup_dir
     from idistill_core.backends import ModelSource
-    from idistill_core.models import load_model
-    from idistill_core.pipeline import compute_gradients_resumable
+    from idistill_core.models.loading import load_model
+    from idistill_core.pipeline.gradients import compute_gradients_resumable
+    from idistill_core.store import artifacts
 
     s = res.settings
     model, tokenizer, pre = gradient_model(res)

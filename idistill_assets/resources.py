@@ -20,11 +20,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
-from idistill_core import artifacts
 from idistill_core.errors import ConfigError
-from idistill_core.hashing import file_hash, stable_hash
-from idistill_core.settings import Settings, load_settings
-from idistill_core.store import EmbeddingStore
+from idistill_core.project.settings import Settings, load_settings
+from idistill_core.store import artifacts
+from idistill_core.store.hashing import file_hash, stable_hash
+from idistill_core.store.lance import EmbeddingStore
 
 CURRENT = "current.json"
 DEVICE_POOL = "devices"
@@ -119,7 +119,7 @@ class IdistillResource(dg.ConfigurableResource):
 
     def load_model(self, attn_implementation: str | None = None):
         """The base model (``LoadedModel``), loaded once per run and per attention implementation."""
-        from idistill_core.models import load_model
+        from idistill_core.models.loading import load_model
 
         key = attn_implementation or "default"
         if key not in self._model_cache:
@@ -133,7 +133,7 @@ class IdistillResource(dg.ConfigurableResource):
 
     def precision(self, requested: str):
         """``requested`` (``auto``/``float32``/``bfloat16``) resolved on the base model (one probe per run)."""
-        from idistill_core.precision import PrecisionResolver
+        from idistill_core.models.precision import PrecisionResolver
 
         if self._resolver is None:
             self._resolver = PrecisionResolver()
@@ -150,7 +150,7 @@ class IdistillResource(dg.ConfigurableResource):
 
     def store(self) -> EmbeddingStore:
         """The embedding table of the base model under the profile's (resolved) embedding recipe."""
-        from idistill_core.pipeline import open_store
+        from idistill_core.pipeline.embeddings import open_store
 
         s = self.settings
         loaded = self.load_model()

@@ -6,7 +6,6 @@ The steps of the paper, one module each: ``embed`` (JVP embeddings), ``gradients
 embeddings in LanceDB; ``data``/``builtin``/``models`` bring pools, targets and models.
 """
 
-from idistill_core.embed import EmbedConfig, embed_samples
 from idistill_core.errors import (
     ConfigError,
     DataError,
@@ -15,16 +14,21 @@ from idistill_core.errors import (
     NumericalError,
     StoreError,
 )
-from idistill_core.evaluate import EvalConfig, evaluate
-from idistill_core.gradients import GradientConfig, collect_gradients
-from idistill_core.influence import first_order, qp_weights, second_order_terms
-from idistill_core.models import LoadedModel, load_model
-from idistill_core.pipeline import SelectionRecipe, choose_landmarks, run_selection
-from idistill_core.propagate import KernelRidge, PropagateConfig
-from idistill_core.select import round_robin, select_top_k
-from idistill_core.store import EmbeddingStore
-from idistill_core.train import FinetuneConfig, finetune
-from idistill_core.warmup import WarmupConfig, adam_preconditioner, warmup
+from idistill_core.models.loading import LoadedModel, load_model
+from idistill_core.pipeline.landmarks import choose_landmarks
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.pipeline.run import run_selection
+from idistill_core.steps.embed import EmbedConfig, embed_samples
+from idistill_core.steps.gradients import GradientConfig, collect_gradients
+from idistill_core.steps.influence import first_order
+from idistill_core.steps.propagate import KernelRidge, PropagateConfig
+from idistill_core.steps.qp import qp_weights
+from idistill_core.steps.second_order import second_order_terms
+from idistill_core.steps.select import round_robin, select_top_k
+from idistill_core.steps.warmup import WarmupConfig, adam_preconditioner, warmup
+from idistill_core.store.lance import EmbeddingStore
+from idistill_core.training.evaluate import EvalConfig, evaluate
+from idistill_core.training.finetune import FinetuneConfig, finetune
 
 __all__ = [
     "ConfigError",

@@ -29,7 +29,7 @@ from idistill_core.errors import IdistillError, Interrupted
 
 
 def _data_builtin(args) -> int:
-    from idistill_core.builtin import write_builtin, write_gsm8k
+    from idistill_core.data.builtin import write_builtin, write_gsm8k
 
     summary = write_builtin(Path(args.out), pool_size=args.pool_size, seed=args.seed)
     print(f"wrote {args.out}: {summary}")
@@ -40,8 +40,8 @@ def _data_builtin(args) -> int:
 
 
 def _recipe(args):
-    from idistill_core.pipeline import SelectionRecipe
-    from idistill_core.settings import load_settings
+    from idistill_core.pipeline.recipe import SelectionRecipe
+    from idistill_core.project.settings import load_settings
 
     base = load_settings(args.profile).recipe if args.profile else SelectionRecipe()
     changes = {
@@ -64,7 +64,7 @@ def _recipe(args):
 def _backend(args):
     """The profile's backend block (default local), overridden by --backend / --ray-address / --ray-actors."""
     from idistill_core.backends import BackendConfig
-    from idistill_core.settings import load_settings
+    from idistill_core.project.settings import load_settings
 
     base = (load_settings(args.profile).backend if args.profile else None) or BackendConfig()
     changes = {"name": args.backend, "ray_address": args.ray_address, "num_actors": args.ray_actors}
@@ -72,11 +72,12 @@ def _backend(args):
 
 
 def _select(args) -> int:
-    from idistill_core import artifacts, validate
     from idistill_core.backends import ModelSource
-    from idistill_core.data import load_rows, tokenize_rows
-    from idistill_core.models import load_model
-    from idistill_core.pipeline import run_selection
+    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.pipeline.run import run_selection
+    from idistill_core.project import validate
+    from idistill_core.store import artifacts
 
     recipe = _recipe(args)
     validate.check_output_file(args.out, "--out")
@@ -122,9 +123,9 @@ def _select(args) -> int:
         ]
     report = reports[0]
     if len(reports) > 1:
-        from idistill_core.pipeline import mix_outcome
+        from idistill_core.pipeline.selection import mix_outcome
 
-        report.outcome = mix_outcome([r.outcome for r in reports], args.budget, weights, recipe, sources)
+        report.outcome = mix_outcome([r.outcome for r in reports], args.budget, weights, recipe.per_source_cap, sources)
         print(f"  multi-target mix over {', '.join(target_files)}: per-target budgets "
               f"{report.outcome.details['budgets']}")
     table = report.outcome.to_arrow([sources.get(s, "") for s in report.outcome.sample_ids])
@@ -170,10 +171,10 @@ def _read_selection(path: str) -> dict:
 
 
 def _finetune(args) -> int:
-    from idistill_core import validate
-    from idistill_core.data import load_rows, tokenize_rows
-    from idistill_core.models import load_model
-    from idistill_core.train import FinetuneConfig, finetune
+    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.project import validate
+    from idistill_core.training.finetune import FinetuneConfig, finetune
 
     validate.check_output_folder(args.out, "--out")
     chosen = _read_selection(args.train) if args.pool else None
@@ -200,10 +201,11 @@ def _finetune(args) -> int:
 
 
 def _eval(args) -> int:
-    from idistill_core import artifacts, validate
-    from idistill_core.data import load_rows
-    from idistill_core.evaluate import EvalConfig, evaluate
-    from idistill_core.models import load_model
+    from idistill_core.data.rows import load_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.project import validate
+    from idistill_core.store import artifacts
+    from idistill_core.training.evaluate import EvalConfig, evaluate
 
     validate.check_output_file(args.out, "--out")
     rows = load_rows(args.test, fmt=args.format, limit=args.limit, format_option="--format")

@@ -9,7 +9,7 @@ TINY_MAX_LENGTH = 192
 
 @pytest.fixture(scope="session")
 def tiny():
-    from idistill_core.models import load_model
+    from idistill_core.models.loading import load_model
 
     return load_model("tiny-llama", attn_implementation="eager")
 
@@ -17,8 +17,8 @@ def tiny():
 @pytest.fixture(scope="session")
 def data(tmp_path_factory, tiny):
     """(pool, arith dev) tokenized examples of a 120-sample built-in pool."""
-    from idistill_core.builtin import write_builtin
-    from idistill_core.data import load_rows, tokenize_rows
+    from idistill_core.data.builtin import write_builtin
+    from idistill_core.data.rows import load_rows, tokenize_rows
 
     folder = tmp_path_factory.mktemp("builtin")
     write_builtin(folder, pool_size=120, seed=0, dev_size=6, test_size=4)

@@ -20,7 +20,7 @@ import dagster as dg
 from idistill_assets.defs.shared import PREFIX
 from idistill_assets.partitions import mixes, targets
 from idistill_assets.resources import WRITER_POOL, IdistillResource
-from idistill_core.hashing import config_fingerprint, stable_hash
+from idistill_core.store.hashing import config_fingerprint, stable_hash
 
 DATA_VERSION_TAG = "dagster/data_version"
 HEAVY = [
@@ -198,7 +198,7 @@ refresh_job = dg.define_asset_job(
 
 
 def registry_versions(res: IdistillResource) -> dict[str, str]:
-    from idistill_core.targets import load_registry
+    from idistill_core.project.targets import load_registry
 
     specs = load_registry(res.settings.targets_dir, res.settings.data_roots)
     return {name: spec.version() for name, spec in specs.items()}
@@ -242,8 +242,8 @@ def target_registry_sensor(context: dg.SensorEvaluationContext, idistill: Idisti
 
 
 def mix_versions(res: IdistillResource) -> dict[str, str]:
-    from idistill_core.mixes import load_mixes
-    from idistill_core.targets import load_registry
+    from idistill_core.project.mixes import load_mixes
+    from idistill_core.project.targets import load_registry
 
     known = load_registry(res.settings.targets_dir, res.settings.data_roots)
     return {name: spec.version() for name, spec in load_mixes(res.settings.targets_dir, known).items()}

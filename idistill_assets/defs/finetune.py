@@ -8,7 +8,7 @@ import dagster as dg
 import numpy as np
 
 from idistill_assets import plots
-from idistill_assets.defs.shared import PREFIX, base_model, load_pool_rows, pool
+from idistill_assets.defs.shared import PREFIX, base_model, pool
 from idistill_assets.defs.targets import (
     _partitioned,
     selected_subset,
@@ -18,8 +18,9 @@ from idistill_assets.defs.targets import (
     target_spec_for,
 )
 from idistill_assets.resources import DEVICE_POOL, IdistillResource
-from idistill_core import artifacts
-from idistill_core.hashing import config_fingerprint, ids_hash, stable_hash
+from idistill_assets.upstream import load_pool_rows
+from idistill_core.store import artifacts
+from idistill_core.store.hashing import config_fingerprint, ids_hash, stable_hash
 
 
 def checkpoint_path(res: IdistillResource, target: str, asset: str) -> str:
@@ -29,8 +30,8 @@ def checkpoint_path(res: IdistillResource, target: str, asset: str) -> str:
 
 def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -> dg.MaterializeResult:
     """Fine-tune a fresh copy of the base model on pool rows ``ids``; checkpoint path = target + data version."""
-    from idistill_core.data import tokenize_rows
-    from idistill_core.train import finetune
+    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.training.finetune import finetune
 
     s = res.settings
     base = res.load_model()
@@ -136,8 +137,8 @@ def random_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResou
 )
 def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
     """Target metric on the test set for the base model, the ID-tuned model and the random-tuned model."""
-    from idistill_core.evaluate import EvalConfig, evaluate
-    from idistill_core.models import load_model
+    from idistill_core.models.loading import load_model
+    from idistill_core.training.evaluate import EvalConfig, evaluate
 
     s = idistill.settings
     spec = target_spec_for(idistill, context.partition_key)
@@ -162,7 +163,7 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
         context.log.info("%s %s: %s = %.4f on %d (%.1f s)", spec.name, name, spec.metric, result.score, result.n, seconds[name])
     harness = {}
     if spec.lm_eval:  # the harness's own numbers beside ours, same models and test rows
-        from idistill_core.evaluate import evaluate_lm_eval
+        from idistill_core.training.evaluate import evaluate_lm_eval
 
         for name, get in models.items():
             harness[name] = evaluate_lm_eval(get(), base.tokenizer, rows, spec.lm_eval, config)

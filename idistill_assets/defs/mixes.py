@@ -5,18 +5,19 @@ per target and a round-robin, never a gradient."""
 import dagster as dg
 
 from idistill_assets import plots
-from idistill_assets.defs.shared import PREFIX, pool, pool_path, source_counts
+from idistill_assets.defs.shared import PREFIX, pool
 from idistill_assets.defs.targets import SUBSET_COLUMNS, pool_sources, propagated_weights, target_dir
 from idistill_assets.partitions import mixes
 from idistill_assets.resources import IdistillResource
+from idistill_assets.upstream import pool_path, source_counts
 
 MIX = "mix"
 MIX_COLUMNS = {**SUBSET_COLUMNS, "score": "the picking target's influence score", "target": "target that picked it"}
 
 
 def mix_spec_for(res: IdistillResource, name: str):
-    from idistill_core.mixes import load_mix_spec, mixes_dir
-    from idistill_core.targets import load_registry
+    from idistill_core.project.mixes import load_mix_spec, mixes_dir
+    from idistill_core.project.targets import load_registry
 
     known = load_registry(res.settings.targets_dir, res.settings.data_roots)
     return load_mix_spec(mixes_dir(res.settings.targets_dir) / f"{name}.yaml", known), known
@@ -25,8 +26,8 @@ def mix_spec_for(res: IdistillResource, name: str):
 @dg.observable_source_asset(key=[PREFIX, "mix_spec"], partitions_def=mixes, group_name=MIX)
 def mix_spec(context, idistill: IdistillResource):
     """Each mix's YAML spec (targets, weights, budget, cap); its data version changes when the file changes."""
-    from idistill_core.mixes import load_mixes
-    from idistill_core.targets import load_registry
+    from idistill_core.project.mixes import load_mixes
+    from idistill_core.project.targets import load_registry
 
     known_targets = load_registry(idistill.settings.targets_dir, idistill.settings.data_roots)
     specs = load_mixes(idistill.settings.targets_dir, known_targets)
@@ -51,7 +52,7 @@ def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) 
     import polars as pl
 
     from idistill_core.errors import ConfigError
-    from idistill_core.mixes import mix_selection
+    from idistill_core.project.mixes import mix_selection
 
     spec, registry = mix_spec_for(idistill, context.partition_key)
     scored, methods = {}, {}

@@ -11,39 +11,23 @@ import numpy as np
 
 from idistill_assets import plots
 from idistill_assets.resources import DEVICE_POOL, IdistillResource
-from idistill_core import artifacts
-from idistill_core.hashing import config_fingerprint, file_hash, ids_hash, stable_hash
+from idistill_assets.upstream import (
+    embedded_pool,
+    fill_rds_features,
+    gradient_model,
+    load_landmarks,
+    propagation_path,
+    rds_target_names,
+    source_counts,
+    tokenized_pool,
+    warmup_dir,
+    write_embedded_pool,
+)
+from idistill_core.store import artifacts
+from idistill_core.store.hashing import config_fingerprint, file_hash, ids_hash, stable_hash
 
 PREFIX = "idistill"
 SHARED = "shared"
-
-
-def source_counts(frame) -> dict[str, int]:
-    """Samples per ``source`` (a parquet path or a polars frame), most frequent first (polars ``value_counts``)."""
-    import polars as pl
-
-    column = (pl.scan_parquet(frame) if not isinstance(frame, pl.DataFrame) else frame.lazy()).select("source")
-    counts = column.collect()["source"].value_counts(sort=True)
-    return dict(zip(counts["source"].to_list(), counts["count"].to_list()))
-
-
-def pool_path(res: IdistillResource):
-    """The pool parquet of the latest materialization (a versioned folder, see resources.py)."""
-    return res.current("pool") / "pool.parquet"
-
-
-def load_pool_rows(res: IdistillResource):
-    from idistill_core.data import load_rows
-
-    return load_rows(str(pool_path(res)), fmt="chat")
-
-
-def tokenized_pool(res: IdistillResource, tokenizer):
-    """The pool tokenized with the recipe's max length (``TokenizeResult``)."""
-    from idistill_core.data import tokenize_rows
-
-    recipe = res.settings.recipe
-    return tokenize_rows(load_pool_rows(res), tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)
 
 
 @dg.asset(
@@ -54,9 +38,9 @@ def tokenized_pool(res: IdistillResource, tokenizer):
 )
 def pool(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """The training pool, normalised to the chat schema (sample_id, source, messages) as parquet."""
-    from idistill_core import validate
-    from idistill_core.builtin import write_builtin, write_gsm8k
-    from idistill_core.data import load_rows
+    from idistill_core.data.builtin import write_builtin, write_gsm8k
+    from idistill_core.data.rows import load_rows
+    from idistill_core.project import validate
 
     s = idistill.settings
     # every folder the shared assets write, probed before any work (nothing is created by the probe)
@@ -127,7 +111,7 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
     `idistill_assets.ray_job`); the local body below then finds them committed and reports as usual.
     """
     from idistill_assets.ray_job import run_on_backend
-    from idistill_core.pipeline import embed_pool
+    from idistill_core.pipeline.embeddings import embed_pool
 
     s = idistill.settings
     loaded = idistill.load_model(attn_implementation="eager")
@@ -169,31 +153,6 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
     )
 
 
-def embedded_pool_path(res: IdistillResource):
-    return res.artifact_dir("embeddings") / "pool_ids.parquet"
-
-
-def write_embedded_pool(res: IdistillResource, pool_ids: list[str], lance_version: int, table: str) -> None:
-    """Record which pool the embeddings materialization covered and the Lance version it left the table at."""
-    import pyarrow as pa
-
-    meta = {b"lance_version": str(lance_version).encode(), b"table": table.encode()}
-    artifacts.write_parquet(embedded_pool_path(res), pa.table({"sample_id": pa.array(pool_ids, pa.string())}).replace_schema_metadata(meta))
-
-
-def embedded_pool(res: IdistillResource):
-    """(pool ids as an Arrow array, the store pinned at the Lance version the embeddings materialization recorded).
-
-    Downstream assets score exactly this pool and read its vectors at that version (time travel), so neither rows
-    of other pools sharing the table nor a concurrent append can reach them.
-    """
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(embedded_pool_path(res))
-    version = int(table.schema.metadata[b"lance_version"])
-    return table.column("sample_id").combine_chunks(), res.store().at_version(version)
-
-
 def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:
     """Row count = usable pool, ids match, dimension and dtype as declared, every value finite."""
     import pyarrow as pa
@@ -221,11 +180,6 @@ def _check_embeddings(store, pool_ids: list[str]) -> dg.AssetCheckResult:
     )
 
 
-def warmup_dir(res: IdistillResource):
-    """The latest warm-up version's folder (state.json, model/, preconditioner)."""
-    return res.current("warmup")
-
-
 @dg.asset(
     key=[PREFIX, "warmup"], deps=[pool, base_model], group_name=SHARED, kinds={"pytorch"}, code_version="warmup-v1",
     pool=DEVICE_POOL,
@@ -234,8 +188,8 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
     """A warmed-up copy of the model and its Adam preconditioner (paper §1.6); skipped when optimizer is 'gd'."""
     import copy
 
-    from idistill_core.pipeline import warmup_preconditioner
-    from idistill_core.train import save_checkpoint
+    from idistill_core.pipeline.gradients import warmup_preconditioner
+    from idistill_core.training.finetune import save_checkpoint
 
     s = idistill.settings
     out = idistill.staging("warmup")
@@ -249,7 +203,7 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
     tokenized = tokenized_pool(idistill, loaded.tokenizer)
     model = copy.deepcopy(loaded.model)
     start = time.perf_counter()
-    pre = warmup_preconditioner(model, loaded.tokenizer, tokenized.examples, s.recipe)
+    pre = warmup_preconditioner(model, loaded.tokenizer, tokenized.examples, s.recipe.warmup, s.recipe.gradients.param_subset)
     seconds = time.perf_counter() - start
     save_checkpoint(model, loaded.tokenizer, out / "model")
     arrays = {f"a::{k}": v.detach().float().numpy() for k, v in pre.a.items()}
@@ -262,29 +216,6 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
         data_version=dg.DataVersion(version),
         metadata={"dagster/uri": str(final), "enabled": True, "steps": s.recipe.warmup.steps, "seconds": round(seconds, 2), "lr": pre.lr},
     )
-
-
-def gradient_model(res: IdistillResource):
-    """(model, tokenizer, preconditioner or None): the warmed model when warm-up is enabled."""
-    from idistill_core.models import load_model
-    from idistill_core.warmup import AdamPreconditioner
-
-    state = artifacts.read_json(warmup_dir(res) / "state.json")
-    loaded = res.load_model()
-    if not state.get("enabled"):
-        return loaded.model, loaded.tokenizer, None
-    warmed = load_model(str(warmup_dir(res) / "model"))
-    arrays, meta = artifacts.load_arrays(warmup_dir(res) / "preconditioner.safetensors")
-    import torch
-
-    a = {k[3:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("a::")}
-    b = {k[3:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("b::")}
-    return warmed.model, loaded.tokenizer, AdamPreconditioner(a=a, b=b, lr=meta["lr"], step=meta.get("step"))
-
-
-def landmarks_path(res: IdistillResource):
-    """The landmark gradients of the latest materialization (a versioned folder)."""
-    return res.current("landmarks") / "landmarks.safetensors"
 
 
 @dg.asset(
@@ -301,7 +232,8 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     import shutil
 
     from idistill_assets.ray_job import run_on_backend
-    from idistill_core.pipeline import choose_landmarks, compute_gradients_resumable
+    from idistill_core.pipeline.gradients import compute_gradients_resumable
+    from idistill_core.pipeline.landmarks import choose_landmarks
 
     s = idistill.settings
     model, tokenizer, pre = gradient_model(idistill)
@@ -369,15 +301,6 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     )
 
 
-def load_landmarks(res: IdistillResource):
-    arrays, meta = artifacts.load_arrays(landmarks_path(res))
-    return meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"]
-
-
-def propagation_path(res: IdistillResource):
-    return res.artifact_dir("propagation") / "coefficients.json"
-
-
 @dg.asset(
     key=[PREFIX, "propagation"],
     deps=[embeddings, landmarks],
@@ -391,7 +314,7 @@ def propagation(context: dg.AssetExecutionContext, idistill: IdistillResource) -
     committed chunk by chunk and resumed after a kill); a target's propagation is then one product C · V.
     With ``propagate`` fields set to ``auto`` the kernel, bandwidth and ridge are chosen by cross-validation over
     the landmarks' own gradients (still target-independent); the metadata reports the choice and the CV grid."""
-    from idistill_core.pipeline import landmark_gradients_for_propagation, shared_coefficients
+    from idistill_core.pipeline.propagation import landmark_gradients_for_propagation, shared_coefficients
 
     s = idistill.settings
     pool_ids, store = embedded_pool(idistill)
@@ -434,54 +357,7 @@ def propagation(context: dg.AssetExecutionContext, idistill: IdistillResource) -
     )
 
 
-def load_propagation(res: IdistillResource):
-    """The shared coefficient table, opened at the Lance version the propagation materialization recorded."""
-    from idistill_core.propagate import CoefficientTable
-
-    state = artifacts.read_json(propagation_path(res))
-    return CoefficientTable.open(state["uri"], state["table"], state["version"])
-
-
 # -- RDS+ pool features (baseline `rds`) -------------------------------------------------------------------
-def rds_target_names(res: IdistillResource) -> list[str]:
-    """Registered targets whose YAML says ``method: rds`` (a target file that does not validate is left to its
-    own partition to report)."""
-    from idistill_core.errors import ConfigError
-    from idistill_core.targets import load_target_spec
-
-    folder = res.settings.targets_dir
-    names = []
-    for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")) if folder.is_dir() else []:
-        try:
-            spec = load_target_spec(path, res.settings.data_roots)
-        except ConfigError:
-            continue
-        if spec.method == "rds":
-            names.append(spec.name)
-    return names
-
-
-def rds_store(res: IdistillResource):
-    """The RDS+ feature table of the base model at the profile's max length (``pipeline.open_rds_store``)."""
-    from idistill_core.pipeline import open_rds_store
-
-    loaded = res.load_model()
-    return open_rds_store(
-        res.settings.lancedb_uri, loaded.fingerprint, res.settings.recipe.max_length, loaded.model.config.hidden_size
-    )
-
-
-def fill_rds_features(res: IdistillResource, examples, on_commit=None):
-    """Compute the RDS+ features of the pool samples the table lacks (none once `rds_features` ran for this pool)."""
-    from idistill_core.pipeline import embed_rds_pool
-
-    loaded = res.load_model()
-    store = rds_store(res)
-    report = embed_rds_pool(
-        loaded.model, loaded.tokenizer, examples, store, res.settings.recipe.batch_size,
-        commit_every=res.settings.commit_every, on_commit=on_commit,
-    )
-    return store, report
 
 
 @dg.asset(

@@ -12,22 +12,24 @@ from idistill_assets.defs.shared import (
     PREFIX,
     base_model,
     embeddings,
-    fill_rds_features,
-    gradient_model,
     landmarks,
-    load_landmarks,
-    load_propagation,
     pool,
-    pool_path,
     propagation,
     rds_features,
-    source_counts,
-    tokenized_pool,
     warmup,
 )
 from idistill_assets.partitions import targets
 from idistill_assets.resources import DEVICE_POOL, IdistillResource
-from idistill_core import artifacts
+from idistill_assets.upstream import (
+    fill_rds_features,
+    gradient_model,
+    load_landmarks,
+    load_propagation,
+    pool_path,
+    source_counts,
+    tokenized_pool,
+)
+from idistill_core.store import artifacts
 
 TARGET = "target"
 SUBSET_COLUMNS = {
@@ -41,7 +43,7 @@ SUBSET_COLUMNS = {
 
 
 def target_spec_for(res: IdistillResource, name: str):
-    from idistill_core.targets import load_target_spec
+    from idistill_core.project.targets import load_target_spec
 
     return load_target_spec(res.settings.targets_dir / f"{name}.yaml", res.settings.data_roots)
 
@@ -52,7 +54,7 @@ def target_dir(res: IdistillResource, name: str, asset: str):
 
 
 def target_rows(spec, which: str = "dev"):
-    from idistill_core.data import load_rows
+    from idistill_core.data.rows import load_rows
 
     return load_rows(str(spec.dev if which == "dev" else spec.test), fmt=spec.format, format_option="format:")
 
@@ -60,7 +62,7 @@ def target_rows(spec, which: str = "dev"):
 @dg.observable_source_asset(key=[PREFIX, "target_spec"], partitions_def=targets, group_name=TARGET)
 def target_spec(context, idistill: IdistillResource):
     """Each target's YAML spec and dev/test files; its data version changes when any of them changes."""
-    from idistill_core.targets import load_registry
+    from idistill_core.project.targets import load_registry
 
     specs = load_registry(idistill.settings.targets_dir, idistill.settings.data_roots)
     known = set(context.instance.get_dynamic_partitions(targets.name))
@@ -84,8 +86,8 @@ def _partitioned(name: str, deps: list, kinds: set[str], version: str, **kwargs)
 )
 def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """Projected, unit-normalised gradients of the target's dev samples (never preconditioned, paper §3.4)."""
-    from idistill_core.data import tokenize_rows
-    from idistill_core.pipeline import compute_gradients
+    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.pipeline.gradients import compute_gradients
 
     spec = target_spec_for(idistill, context.partition_key)
     model, tokenizer, _ = gradient_model(idistill)
@@ -122,7 +124,7 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
     """Exact influence of each landmark (and held-out sample) on the target: P_L = G_L G_Tᵀ (paper §4.3)."""
     import torch
 
-    from idistill_core.pipeline import landmark_values
+    from idistill_core.steps.influence import landmark_values
 
     spec = target_spec_for(idistill, context.partition_key)
     lm_ids, lm_grads, ho_ids, ho_grads = load_landmarks(idistill)
@@ -130,7 +132,7 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
     t = torch.from_numpy(arrays["targets"])
     lm, ho = torch.from_numpy(lm_grads), torch.from_numpy(ho_grads)
     if idistill.settings.recipe.center:
-        from idistill_core.influence import center_gradients
+        from idistill_core.steps.influence import center_gradients
 
         mean = lm.mean(dim=0)  # ID only knows its landmarks' gradients
         lm, ho, t = center_gradients(lm, mean), center_gradients(ho, mean), center_gradients(t, mean)
@@ -139,8 +141,8 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
     out = {"landmarks": values, "holdout": holdout}
     extra = {}
     if spec.order == "second":
-        from idistill_core.data import tokenize_rows
-        from idistill_core.pipeline import second_order_terms_for
+        from idistill_core.data.rows import tokenize_rows
+        from idistill_core.pipeline.second_order import second_order_terms_for
 
         model, tokenizer, pre = gradient_model(idistill)
         recipe = idistill.settings.recipe
@@ -251,9 +253,12 @@ def _score_target(res: IdistillResource, spec) -> dict:
 
     import torch
 
-    from idistill_core.data import tokenize_rows
-    from idistill_core.pipeline import baseline_outcome, exact_outcome, landmark_outcome
-    from idistill_core.targets import selection_cap
+    from idistill_core import methods
+    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.methods.base import SelectionContext
+    from idistill_core.methods.exact import exact_outcome
+    from idistill_core.methods.id import landmark_outcome
+    from idistill_core.project.targets import selection_cap
 
     cap = selection_cap(spec, res.settings.recipe.per_source_cap)
     recipe = dataclasses.replace(
@@ -291,11 +296,11 @@ def _score_target(res: IdistillResource, spec) -> dict:
                 "rds_features with the shared assets to do this once, up front)", spec.name, report.computed,
             )
         features = store.read(list(examples["sample_id"]))
-    outcome = baseline_outcome(
-        spec.method, base.model, base.tokenizer, examples, dev, spec.budget, recipe, source_of,
+    ctx = SelectionContext(
+        base.model, base.tokenizer, base.fingerprint, examples, dev, spec.budget, recipe, source_of=source_of,
         pool_features=features,
     )
-    return {"outcome": outcome}
+    return {"outcome": methods.get(spec.method).select(ctx).outcome}
 
 
 @_partitioned(
@@ -330,7 +335,7 @@ def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResourc
         problems.append("ids missing from the pool")
     counts = source_counts(subset)
     pool_counts = source_counts(pool_rows)
-    from idistill_core.targets import selection_cap
+    from idistill_core.project.targets import selection_cap
 
     cap = selection_cap(spec, idistill.settings.recipe.per_source_cap)
     if cap is not None and counts and max(counts.values()) > cap:

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from idistill_core.backends import BackendConfig, ModelSource, select_rows
-from idistill_core.batch import iter_batches
+from idistill_core.data.batch import iter_batches
 
 
 def embed_stream(
@@ -20,7 +20,7 @@ def embed_stream(
     config,
     progress: bool = False,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    from idistill_core.embed import embed_samples
+    from idistill_core.steps.embed import embed_samples
 
     batches = iter_batches(select_rows(examples, ids), config.batch_size, pad_id)
     yield from embed_samples(model, batches, config, progress=progress)
@@ -36,7 +36,7 @@ def gradient_stream(
     config,
     preconditioner=None,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    from idistill_core.gradients import iter_gradients
+    from idistill_core.steps.gradients import iter_gradients
 
     batches = iter_batches(select_rows(examples, ids), config.batch_size, pad_id)
     for sample_ids, grads in iter_gradients(model, batches, config, preconditioner):

@@ -59,7 +59,7 @@ class _Worker:
     ):
         import torch
 
-        from idistill_core.models import load_model
+        from idistill_core.models.loading import load_model
 
         loaded = load_model(source.spec, attn_implementation=attn, cache_dir=source.cache_dir)
         if loaded.fingerprint != source.fingerprint:
@@ -75,7 +75,7 @@ class _Worker:
         self.preconditioner = preconditioner
 
     def __call__(self, block) -> dict[str, np.ndarray]:
-        from idistill_core.batch import iter_batches
+        from idistill_core.data.batch import iter_batches
 
         examples = [
             {"sample_id": s, "input_ids": i, "labels": lab}
@@ -91,13 +91,13 @@ class _Worker:
         ids: list[str] = []
         rows: list[np.ndarray] = []
         if self.kind == "embed":
-            from idistill_core.embed import embed_samples
+            from idistill_core.steps.embed import embed_samples
 
             for sample_ids, vectors in embed_samples(self.model, batches, self.config):
                 ids += sample_ids
                 rows.append(vectors)
         else:
-            from idistill_core.gradients import iter_gradients
+            from idistill_core.steps.gradients import iter_gradients
 
             for sample_ids, grads in iter_gradients(self.model, batches, self.config, self.preconditioner):
                 ids += sample_ids

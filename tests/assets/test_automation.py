@@ -12,8 +12,8 @@ import yaml
 
 from idistill_assets.definitions import build_definitions
 from idistill_assets.defs.automation import code_versions, registry_tick
-from idistill_core.settings import load_settings
-from idistill_core.targets import load_registry
+from idistill_core.project.settings import load_settings
+from idistill_core.project.targets import load_registry
 
 from .conftest import write_profile, write_target
 

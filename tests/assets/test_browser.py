@@ -15,8 +15,8 @@ import pytest
 
 from idistill_assets.definitions import build_definitions
 from idistill_assets.defs.automation import registry_tick
-from idistill_core.settings import load_settings
-from idistill_core.targets import load_registry
+from idistill_core.project.settings import load_settings
+from idistill_core.project.targets import load_registry
 
 from .conftest import REPO, dagster_yaml, write_profile, write_target
 from .test_webserver import _free_port, _graphql, _wait_until_up

@@ -11,7 +11,7 @@ import yaml
 from idistill_assets.definitions import build_definitions
 from idistill_assets.resources import IdistillResource
 from idistill_core.errors import ConfigError
-from idistill_core.select import mix_budgets, select_mix
+from idistill_core.steps.select import mix_budgets, select_mix
 
 from .conftest import write_target
 from .test_pipeline import key, run_shared, run_target

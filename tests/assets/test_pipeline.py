@@ -6,7 +6,7 @@ import polars as pl
 
 from idistill_assets.definitions import build_definitions
 from idistill_assets.resources import IdistillResource, current_dir
-from idistill_core.settings import load_settings
+from idistill_core.project.settings import load_settings
 
 from .conftest import write_profile, write_target
 
@@ -150,7 +150,7 @@ def test_rematerializing_keeps_the_earlier_version_and_opt_out_targets_skip_visi
 def test_rds_pool_features_are_an_empty_marker_without_rds_targets_and_computed_once_for_all_of_them(
     project, instance, monkeypatch
 ):
-    from idistill_core import baselines
+    from idistill_core.methods import rds as baselines
 
     profile, targets_dir = project
     seen: list[str] = []

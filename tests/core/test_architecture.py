@@ -4,8 +4,13 @@ import pytest
 import torch
 import transformers
 
-from idistill_core.architecture import attention_inputs, decoder_parts, eager_attention, truncated_forward
 from idistill_core.errors import ModelError
+from idistill_core.models.architecture import (
+    attention_inputs,
+    decoder_parts,
+    eager_attention,
+    truncated_forward,
+)
 
 
 def _tiny(kind: str, layers: int = 3, attn: str = "eager"):

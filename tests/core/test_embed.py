@@ -5,11 +5,11 @@ import pytest
 import torch
 import transformers
 
-from idistill_core.architecture import truncated_forward
-from idistill_core.batch import collate
-from idistill_core.embed import EmbedConfig, JvpEmbedder, draw_tangents, embed_samples, jvp_parameters
+from idistill_core.data.batch import collate
 from idistill_core.errors import ConfigError, ModelError
-from idistill_core.projection import RademacherProjector
+from idistill_core.models.architecture import truncated_forward
+from idistill_core.steps.embed import EmbedConfig, JvpEmbedder, draw_tangents, embed_samples, jvp_parameters
+from idistill_core.steps.projection import RademacherProjector
 
 LENGTHS = [5, 9, 3, 7]
 

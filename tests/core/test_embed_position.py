@@ -3,8 +3,8 @@
 import torch
 from torch.func import functional_call
 
-from idistill_core.batch import TokenBatch
-from idistill_core.embed import EmbedConfig, JvpEmbedder, attention_inputs
+from idistill_core.data.batch import TokenBatch
+from idistill_core.steps.embed import EmbedConfig, JvpEmbedder, attention_inputs
 from tests.conftest import tiny_llama
 
 

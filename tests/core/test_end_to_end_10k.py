@@ -1,5 +1,5 @@
-"""The resumable 10k end-to-end benchmark (benchmarks/end_to_end_10k.py) at tiny sizes: a run killed after a
-few chunks and started again gives the figures of an uninterrupted run, and recomputes no chunk."""
+"""The resumable 10k end-to-end benchmark (benchmarks/studies/end_to_end_10k.py) at tiny sizes: a run killed
+after a few chunks and started again gives the figures of an uninterrupted run, and recomputes no chunk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.end_to_end_10k import STAGES, main
+from benchmarks.studies.end_to_end_10k import STAGES, main
 
 # 7 chunks: 1 target, 2 embedding, 2 landmark and 2 held-out gradient chunks
 TINY = ["--smoke", "--pool-size", "12", "--landmarks", "4", "--holdout", "4", "--targets", "arith",

@@ -1,4 +1,4 @@
-"""Behaviour of idistill_core.evaluate: answer parsing, SQuAD scoring, likelihood scoring, generation."""
+"""Behaviour of idistill_core.training.evaluate: answer parsing, SQuAD scoring, likelihood scoring, generation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import functools
 import pytest
 import torch
 
-from idistill_core.data import render_chat
+from idistill_core.data.rows import render_chat
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.evaluate import (
+from idistill_core.models.loading import load_model
+from idistill_core.training.evaluate import (
     EvalConfig,
     evaluate,
     extract_number,
@@ -20,7 +21,6 @@ from idistill_core.evaluate import (
     squad_f1,
     stop_token_ids,
 )
-from idistill_core.models import load_model
 
 
 @functools.cache
@@ -328,10 +328,10 @@ def test_lm_eval_harness_and_our_metric_give_the_same_exact_match(tmp_path):
     the right gold and the same four with a wrong gold, gets 0.5 from both."""
     import datasets
 
-    from idistill_core.data import tokenize_rows
-    from idistill_core.evaluate import evaluate_lm_eval
-    from idistill_core.models import load_model
-    from idistill_core.train import FinetuneConfig, finetune
+    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.training.evaluate import evaluate_lm_eval
+    from idistill_core.training.finetune import FinetuneConfig, finetune
 
     loaded = load_model("tiny-llama", seed=0)
     qa = [("Tom has 3 apples and buys 5 more. How many apples?", 8), ("Sara had 24 cookies and ate 9.", 15),

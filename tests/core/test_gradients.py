@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from idistill_core.batch import collate
+from idistill_core.data.batch import collate
 from idistill_core.errors import ConfigError, NumericalError
-from idistill_core.gradients import (
+from idistill_core.steps.gradients import (
     GradientConfig,
     collect_gradients,
     coordinate_masks,
@@ -16,7 +16,7 @@ from idistill_core.gradients import (
     iter_gradients,
     select_parameters,
 )
-from idistill_core.projection import CountSketchProjector, RademacherProjector, SRHTProjector
+from idistill_core.steps.projection import CountSketchProjector, RademacherProjector, SRHTProjector
 from tests.conftest import tiny_llama
 
 LENGTHS = [6, 9, 4, 7]

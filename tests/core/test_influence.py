@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from idistill_core import influence as inf
-from idistill_core.batch import collate
+from idistill_core.data.batch import collate
 from idistill_core.errors import ConfigError, DataError
+from idistill_core.steps import influence, qp, second_order
 from tests.conftest import tiny_llama
 
 VOCAB = 64
@@ -65,14 +65,14 @@ def _params(problem: Problem) -> list[torch.nn.Parameter]:
 
 def _target_loss(problem: Problem) -> float:
     with torch.no_grad():
-        return float(torch.cat([inf.sample_losses(problem.model, b) for b in problem.targets]).mean())
+        return float(torch.cat([second_order.sample_losses(problem.model, b) for b in problem.targets]).mean())
 
 
 def _actual_gd_change(problem: Problem, w: torch.Tensor, eta: float) -> float:
     """Take the real step θ' = θ − (η/|S|) Σ w_i ∇l_i on the selected parameters, measure, restore."""
     params = _params(problem)
     before = _target_loss(problem)
-    losses = torch.cat([inf.sample_losses(problem.model, b) for b in problem.landmarks])
+    losses = torch.cat([second_order.sample_losses(problem.model, b) for b in problem.landmarks])
     grads = torch.autograd.grad((w * losses).sum() / w.numel(), params)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -90,19 +90,19 @@ def test_first_order_is_gradient_dot_products():
     lg = torch.randn(5, 7, generator=gen, dtype=torch.float64)
     tg = torch.randn(3, 7, generator=gen, dtype=torch.float64)
     expected = torch.tensor([[float(lg[j] @ tg[i]) for i in range(3)] for j in range(5)], dtype=torch.float64)
-    torch.testing.assert_close(inf.first_order(lg, tg), expected)
-    torch.testing.assert_close(inf.aggregated_first_order(lg, tg), expected.mean(dim=1))
+    torch.testing.assert_close(influence.first_order(lg, tg), expected)
+    torch.testing.assert_close(influence.aggregated_first_order(lg, tg), expected.mean(dim=1))
     with pytest.raises(DataError, match="P=7"):
-        inf.first_order(lg, tg[:, :6])
+        influence.first_order(lg, tg[:, :6])
 
 
 def test_p_is_landmark_gradient_dot_mean_target_gradient(problem):
-    terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+    terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     params = _params(problem)
 
     # Independent: one autograd call per sample, no shared graph.
     def grad_of(batch, row):
-        loss = inf.sample_losses(problem.model, batch.select([row]))[0]
+        loss = second_order.sample_losses(problem.model, batch.select([row]))[0]
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
 
     g_t = torch.stack([grad_of(b, r) for b in problem.targets for r in range(len(b))]).mean(0)
@@ -112,14 +112,14 @@ def test_p_is_landmark_gradient_dot_mean_target_gradient(problem):
 
 
 def test_q_matches_finite_difference_hessian_products(problem):
-    terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+    terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     params = _params(problem)
     g_l = torch.cat(
-        [inf.per_sample_flat_gradients(problem.model, b, problem.names) for b in problem.landmarks]
+        [second_order.per_sample_flat_gradients(problem.model, b, problem.names) for b in problem.landmarks]
     )
 
     def target_grad() -> torch.Tensor:
-        loss = torch.cat([inf.sample_losses(problem.model, b) for b in problem.targets]).mean()
+        loss = torch.cat([second_order.sample_losses(problem.model, b) for b in problem.targets]).mean()
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
 
     # LlamaRMSNorm computes in float32 even for a float64 model, so gradients carry ~1e-7 relative
@@ -130,11 +130,11 @@ def test_q_matches_finite_difference_hessian_products(problem):
         grads = []
         for sign in (1, -1):
             with torch.no_grad():
-                for p, d in zip(params, inf._split_like(sign * eps * u, params)):
+                for p, d in zip(params, second_order._split_like(sign * eps * u, params)):
                     p += d
             grads.append(target_grad())
             with torch.no_grad():
-                for p, d in zip(params, inf._split_like(sign * eps * u, params)):
+                for p, d in zip(params, second_order._split_like(sign * eps * u, params)):
                     p -= d
         hu.append((grads[0] - grads[1]) / (2 * eps))
     q_fd = g_l @ torch.stack(hu).T / g_l.shape[0]
@@ -144,7 +144,7 @@ def test_q_matches_finite_difference_hessian_products(problem):
 
 
 def test_second_order_model_predicts_real_gd_step(problem):
-    terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+    terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     # Mostly on-task weights (sum 8 = |S|), so the step really lowers the target loss.
     w = torch.tensor([3.0, 2.0, 2.0, 0.0, 0.0, 0.5, 0.5, 0.0], dtype=torch.float64)
     # η large enough that first order is off by ~24%; the Taylor remainder is O(η³) for second order.
@@ -172,7 +172,7 @@ def _warm_adamw(problem: Problem, lr: float, wd: float, beta2: float, steps: int
     for step in range(steps):
         batch = problem.landmarks[step % 2]
         opt.zero_grad()
-        inf.sample_losses(problem.model, batch).mean().backward()
+        second_order.sample_losses(problem.model, batch).mean().backward()
         opt.step()
     opt.zero_grad()
     return opt
@@ -200,7 +200,7 @@ def _preconditioner(problem: Problem, opt: torch.optim.AdamW) -> _Precond:
 
 
 def _weighted_landmark_grads(problem: Problem, w: torch.Tensor) -> list[torch.Tensor]:
-    losses = torch.cat([inf.sample_losses(problem.model, b) for b in problem.landmarks])
+    losses = torch.cat([second_order.sample_losses(problem.model, b) for b in problem.landmarks])
     return list(torch.autograd.grad((w * losses).sum() / w.numel(), _params(problem)))
 
 
@@ -212,7 +212,7 @@ def test_second_order_model_predicts_frozen_v_adamw_step(problem):
     try:
         opt = _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.99, steps=8)
         pre = _preconditioner(problem, opt)
-        terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names, pre)
+        terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names, pre)
         before = _target_loss(problem)
         grads = _weighted_landmark_grads(problem, w)
         with torch.no_grad():
@@ -236,7 +236,7 @@ def test_second_order_model_predicts_real_adamw_step_within_frozen_v_error(probl
     try:
         opt = _warm_adamw(problem, lr=0.003, wd=0.1, beta2=0.9, steps=30)
         pre = _preconditioner(problem, opt)
-        terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names, pre)
+        terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names, pre)
         before = _target_loss(problem)
         opt.zero_grad()
         for p, g in zip(params, _weighted_landmark_grads(problem, w)):
@@ -251,7 +251,7 @@ def test_second_order_model_predicts_real_adamw_step_within_frozen_v_error(probl
 def test_simplex_projection_matches_kkt():
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(50, generator=gen, dtype=torch.float64)
-    w = inf.project_simplex(v, 7.0)
+    w = qp.project_simplex(v, 7.0)
     assert float(w.sum()) == pytest.approx(7.0)
     assert bool((w >= 0).all())
     # KKT: w = max(v − τ, 0) for one τ; v − w is constant on the support and ≥ τ-gap off it.
@@ -265,7 +265,7 @@ def test_first_order_weights_select_exactly_the_top_k():
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(40, generator=gen, dtype=torch.float64)
     for k in (1, 5, 17, 40):
-        w = inf.first_order_weights(p, k, total=40.0)
+        w = qp.first_order_weights(p, k, total=40.0)
         top = set(torch.topk(p, k).indices.tolist())
         assert set(w.nonzero().flatten().tolist()) == top
         assert float(w.sum()) == pytest.approx(40.0)
@@ -280,18 +280,18 @@ def test_first_order_weights_select_exactly_the_top_k():
 
 def test_first_order_weights_with_tie_at_cut_keep_all_tied():
     p = torch.tensor([3.0, 2.0, 2.0, 1.0], dtype=torch.float64)
-    w = inf.first_order_weights(p, 2)
+    w = qp.first_order_weights(p, 2)
     assert w.nonzero().flatten().tolist() == [0, 1, 2]
 
 
 def test_qp_without_q_agrees_with_closed_form():
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(30, generator=gen, dtype=torch.float64)
-    sol = inf.solve_qp(p, None, eta=0.0, k=6)
+    sol = qp.solve_qp(p, None, eta=0.0, k=6)
     assert sol.exact and sol.num_nonzero == 6
     assert set(sol.weights.nonzero().flatten().tolist()) == set(torch.topk(p, 6).indices.tolist())
     # Same λ ⇒ same minimiser as the projection of p/λ.
-    torch.testing.assert_close(sol.weights, inf.project_simplex(p / sol.lam, 30.0), atol=1e-8, rtol=0)
+    torch.testing.assert_close(sol.weights, qp.project_simplex(p / sol.lam, 30.0), atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("k", [3, 8, 20])
@@ -303,7 +303,7 @@ def test_qp_binary_search_gives_exactly_k_nonzeros(k):
     # weights over more than k samples even at λ = 0; see the solve_qp docstring).
     x = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     q = x @ x.T / n
-    sol = inf.solve_qp(p, q, eta=0.5, k=k, total=10.0)
+    sol = qp.solve_qp(p, q, eta=0.5, k=k, total=10.0)
     assert sol.exact and sol.num_nonzero == k == int((sol.weights > 0).sum())
     assert float(sol.weights.sum()) == pytest.approx(10.0)
     assert bool((sol.weights >= 0).all())
@@ -311,7 +311,7 @@ def test_qp_binary_search_gives_exactly_k_nonzeros(k):
     a = 0.5 * q + sol.lam * torch.eye(n, dtype=torch.float64)
     grad = a @ sol.weights - p
     torch.testing.assert_close(
-        inf.project_simplex(sol.weights - 0.1 * grad, 10.0), sol.weights, atol=1e-7, rtol=0
+        qp.project_simplex(sol.weights - 0.1 * grad, 10.0), sol.weights, atol=1e-7, rtol=0
     )
 
 
@@ -323,12 +323,12 @@ def test_qp_with_indefinite_q_stays_convex_and_returns_closest_count_at_least_k(
     q = (x + x.T) / 4
     floor = -0.5 * float(torch.linalg.eigvalsh(q).min())
     for k in (1, 10, 20):
-        sol = inf.solve_qp(p, q, eta=0.5, k=k)
+        sol = qp.solve_qp(p, q, eta=0.5, k=k)
         assert sol.lam_floor == pytest.approx(floor)
         assert sol.lam >= floor
         assert sol.num_nonzero >= k
         assert float(sol.weights.sum()) == pytest.approx(n)
-    assert inf.solve_qp(p, q, eta=0.5, k=20).exact
+    assert qp.solve_qp(p, q, eta=0.5, k=20).exact
 
 
 def test_qp_accepts_callable_q_and_matches_dense():
@@ -336,8 +336,8 @@ def test_qp_accepts_callable_q_and_matches_dense():
     p = torch.randn(15, generator=gen, dtype=torch.float64)
     x = torch.randn(15, 2, generator=gen, dtype=torch.float64)
     q = x @ x.T / 15
-    dense = inf.solve_qp(p, q, eta=1.0, k=4)
-    op = inf.solve_qp(p, lambda v: q @ v, eta=1.0, k=4)
+    dense = qp.solve_qp(p, q, eta=1.0, k=4)
+    op = qp.solve_qp(p, lambda v: q @ v, eta=1.0, k=4)
     assert op.num_nonzero == 4
     assert dense.num_nonzero == 4
     assert op.lam == pytest.approx(dense.lam)
@@ -345,10 +345,10 @@ def test_qp_accepts_callable_q_and_matches_dense():
 
 
 def test_qp_weights_beat_uniform_and_first_order_top_k_in_real_step(problem):
-    terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+    terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     eta, k = 0.3, 3
-    w_qp = inf.qp_weights(terms.p, terms.q, eta, k)
-    w_fo = inf.first_order_weights(terms.p, k)
+    w_qp = qp.qp_weights(terms.p, terms.q, eta, k)
+    w_fo = qp.first_order_weights(terms.p, k)
     w_uniform = torch.ones(8, dtype=torch.float64)
     assert int((w_qp > 0).sum()) == k
     real = {
@@ -363,11 +363,11 @@ def test_pool_quadratic_equals_dense_lift():
     gen = torch.Generator().manual_seed(6)
     n_land, n_pool = 5, 12
     x = torch.randn(n_land, n_land, generator=gen, dtype=torch.float64)
-    terms = inf.SecondOrderTerms(
+    terms = second_order.SecondOrderTerms(
         p=torch.randn(n_land, generator=gen, dtype=torch.float64), q=(x + x.T) / 2, lr=0.1, num_source=n_land
     )
     c = torch.randn(n_pool, n_land, generator=gen, dtype=torch.float64)
-    p_pool, quad = inf.pool_terms(c, terms)
+    p_pool, quad = qp.pool_terms(c, terms)
     dense = c @ (terms.q * n_land) @ c.T / n_pool
     v = torch.randn(n_pool, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(quad(v), dense @ v)
@@ -379,10 +379,10 @@ def test_pool_quadratic_equals_dense_lift():
 
 
 def test_second_order_terms_work_on_an_sdpa_model_and_restore_it(problem):
-    reference = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+    reference = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
     problem.model.set_attn_implementation("sdpa")
     try:
-        terms = inf.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
+        terms = second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, problem.names)
         assert problem.model.config._attn_implementation == "sdpa"
     finally:
         problem.model.set_attn_implementation("eager")
@@ -392,12 +392,12 @@ def test_second_order_terms_work_on_an_sdpa_model_and_restore_it(problem):
 
 def test_bad_inputs_raise_one_line_errors(problem):
     with pytest.raises(ConfigError, match="k must be in"):
-        inf.solve_qp(torch.ones(3), None, 0.0, k=4)
+        qp.solve_qp(torch.ones(3), None, 0.0, k=4)
     with pytest.raises(ConfigError, match="no parameter 'nope'"):
-        inf.second_order_terms(problem.model, problem.landmarks, problem.targets, ["nope"])
+        second_order.second_order_terms(problem.model, problem.landmarks, problem.targets, ["nope"])
     bad = collate([{"sample_id": "empty", "input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], 0)
     with pytest.raises(DataError, match="'empty'"):
-        inf.sample_losses(problem.model, bad)
+        second_order.sample_losses(problem.model, bad)
 
 
 # -- sketched second order ----------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ SKETCH_SUBSET = "(down|up)_proj"  # the problem's parameters, as a GradientConfi
 
 
 def _sketch_config(proj_dim):
-    from idistill_core.gradients import GradientConfig
+    from idistill_core.steps.gradients import GradientConfig
 
     return GradientConfig(param_subset=SKETCH_SUBSET, proj_dim=proj_dim, seed=3)
 
@@ -419,8 +419,8 @@ def _sketch_preconditioner(problem: Problem, optimizer: str):
 
 @pytest.mark.parametrize("optimizer", ["gd", "adamw"])
 def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(problem, optimizer):
-    from idistill_core.gradients import collect_gradients
-    from idistill_core.pipeline import landmark_values
+    from idistill_core.steps.gradients import collect_gradients
+    from idistill_core.steps.influence import landmark_values
 
     params = _params(problem)
     saved = [p.detach().clone() for p in params]
@@ -428,7 +428,7 @@ def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(
         pre = _sketch_preconditioner(problem, optimizer)
         config = _sketch_config(512)
         flags = {n: p.requires_grad for n, p in problem.model.named_parameters()}
-        terms = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=0.0)
+        terms = second_order.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=0.0)
         assert {n: p.requires_grad for n, p in problem.model.named_parameters()} == flags  # restored
         g_l = collect_gradients(problem.model, problem.landmarks, config, preconditioner=pre).grads
         g_t = collect_gradients(problem.model, problem.targets, config).grads
@@ -439,7 +439,7 @@ def test_sketched_second_order_at_eta_zero_is_first_order_and_selects_its_top_k(
     assert torch.allclose(terms.p, first, atol=64 * torch.finfo(torch.float32).eps, rtol=0)
     assert torch.equal(terms.p, terms.p_first)
     k = 3
-    weights = inf.qp_weights(terms.p, terms.q, 1e-9, k)
+    weights = qp.qp_weights(terms.p, terms.q, 1e-9, k)
     assert set(torch.topk(weights, k).indices.tolist()) == set(torch.topk(first, k).indices.tolist())
     assert int((weights > 0).sum()) == k
 
@@ -452,11 +452,11 @@ def test_a_hessian_from_some_targets_keeps_every_targets_gradient_term(problem, 
         pre = _sketch_preconditioner(problem, optimizer)
         config, eta = _sketch_config(512), 0.05
         subset = [problem.targets[0].select([1, 3])]
-        mixed = inf.sketched_second_order_terms(
+        mixed = second_order.sketched_second_order_terms(
             problem.model, problem.landmarks, problem.targets, config, pre, lr=eta, hessian_batches=subset
         )
-        every = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=eta)
-        only = inf.sketched_second_order_terms(problem.model, problem.landmarks, subset, config, pre, lr=eta)
+        every = second_order.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, config, pre, lr=eta)
+        only = second_order.sketched_second_order_terms(problem.model, problem.landmarks, subset, config, pre, lr=eta)
     finally:
         _restore(params, saved)
     # the gradient term (p at η = 0) is every target's; the curvature is the subset's alone
@@ -475,7 +475,7 @@ def _exact_normalised_q(problem: Problem) -> torch.Tensor:
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
 
     def per_sample(batches):
-        return [flat_grad(loss) for b in batches for loss in inf.sample_losses(problem.model, b)]
+        return [flat_grad(loss) for b in batches for loss in second_order.sample_losses(problem.model, b)]
 
     norms = [g.norm() for g in per_sample(problem.targets)]
     units = torch.stack([g / g.norm() for g in per_sample(problem.landmarks)])
@@ -500,13 +500,13 @@ def _exact_normalised_q(problem: Problem) -> torch.Tensor:
 
 def test_sketched_q_is_exact_without_projection_and_its_error_shrinks_with_the_sketch(problem):
     exact = _exact_normalised_q(problem)
-    unsketched = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, _sketch_config(None))
+    unsketched = second_order.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, _sketch_config(None))
     # central differences of a gradient: measured error 4e-4 of max|Q| at eps=1e-4 (larger at 1e-5: rounding);
     # an autograd reference agrees to 1e-11. 2e-3 of max|Q| sits above the difference error, below the entries.
     assert torch.allclose(unsketched.q, exact, atol=2e-3 * float(exact.abs().max()), rtol=0)
     errors = {}
     for proj_dim in (256, 4096):
-        q = inf.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, _sketch_config(proj_dim)).q
+        q = second_order.sketched_second_order_terms(problem.model, problem.landmarks, problem.targets, _sketch_config(proj_dim)).q
         errors[proj_dim] = float((q - unsketched.q).norm() / unsketched.q.norm())
     print(f"sketched Q relative Frobenius error vs unsketched (d=8192): {errors}")
     assert errors[4096] < errors[256]

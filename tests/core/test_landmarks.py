@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idistill_core import landmarks
 from idistill_core.errors import ConfigError
-from idistill_core.landmarks import LandmarkConfig
-from idistill_core.pipeline import SelectionRecipe, choose_landmarks, landmark_outcome
-from idistill_core.select import mix_budgets, round_robin, select_mix
-from idistill_core.store import EmbeddingStore, StoreIdentity
+from idistill_core.methods.id import landmark_outcome
+from idistill_core.pipeline.landmarks import choose_landmarks
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.steps import landmarks
+from idistill_core.steps.landmarks import LandmarkConfig
+from idistill_core.steps.select import mix_budgets, round_robin, select_mix
+from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
 IDS = [f"s-{i:03d}" for i in range(60)]
 
@@ -89,7 +91,7 @@ def test_unknown_strategy_and_missing_embeddings_are_refused():
 
 
 def test_less_is_its_own_method_not_exact_under_another_name():
-    from idistill_core.less import LessConfig
+    from idistill_core.methods.less import LessConfig
 
     recipe = SelectionRecipe(method="less")
     assert recipe.method == "less" and recipe.less == LessConfig()
@@ -105,7 +107,7 @@ def test_landmarks_and_holdout_keep_their_exact_scores_in_the_final_ranking(tmp_
     lm_ids, ho_ids = ids[:8], ids[8:12]
     rng = np.random.default_rng(0)
     lm_vals, ho_vals = rng.normal(size=(8, 1)), rng.normal(size=(4, 1))
-    from idistill_core.pipeline import shared_coefficients
+    from idistill_core.pipeline.propagation import shared_coefficients
 
     coefficients, _ = shared_coefficients(store, ids, lm_ids, SelectionRecipe().propagate)
     outcome, _, _ = landmark_outcome(coefficients, lm_ids, lm_vals, ho_ids, ho_vals, 5, SelectionRecipe())
@@ -115,7 +117,7 @@ def test_landmarks_and_holdout_keep_their_exact_scores_in_the_final_ranking(tmp_
     for sample_id, value in exact.items():
         assert abs(score[sample_id] - value) <= tol
     # the ridge does not interpolate: the propagated landmark values differ from the exact ones
-    from idistill_core.pipeline import propagate_scores
+    from idistill_core.pipeline.propagation import propagate_scores
 
     pids, propagated, _ = propagate_scores(store, ids, lm_ids, lm_vals, SelectionRecipe().propagate)
     prop = dict(zip(pids, propagated[:, 0], strict=True))

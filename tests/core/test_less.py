@@ -1,4 +1,4 @@
-"""LESS (idistill_core.less): the Adam feature against a hand computation from the real AdamW state, the
+"""LESS (idistill_core.methods.less): the Adam feature against a hand computation from the real AdamW state, the
 checkpoint-weighted sub-task max against small hand-made tensors, a base-frozen warm-up, and `method: less`
 end to end through run_selection."""
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idistill_core import baselines
-from idistill_core.batch import iter_batches
-from idistill_core.less import LessConfig, adam_features, lora_warmup
-from idistill_core.pipeline import SelectionRecipe, run_selection
-from idistill_core.projection import RademacherProjector
+from idistill_core.data.batch import iter_batches
+from idistill_core.methods.less import LessConfig, adam_features, less_scores, lora_warmup
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.pipeline.run import run_selection
+from idistill_core.steps.projection import RademacherProjector
 from tests.conftest import TINY_MAX_LENGTH
 
 CFG = LessConfig(warmup_fraction=0.1, epochs=2, lora_rank=2, lr=1e-3, batch_size=3, proj_dim=64, seed=3)
@@ -85,7 +85,7 @@ def test_checkpoint_weighted_subtask_max_matches_a_hand_computation():
     targets = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)  # (C, T, P)
     groups = ["b", "a", "b", "b"]
     w = [0.7, 0.2]
-    ids, got = baselines.less_scores([(["p0", "p1"], pool[:2]), (["p2"], pool[2:])], targets, groups, w)
+    ids, got = less_scores([(["p0", "p1"], pool[:2]), (["p2"], pool[2:])], targets, groups, w)
     expected = []
     for i in range(3):
         total = [sum(w[c] * F.cosine_similarity(pool[i, c], targets[c, t], dim=0).item() for c in range(2)) for t in range(4)]

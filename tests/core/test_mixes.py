@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from idistill_core.errors import ConfigError
-from idistill_core.mixes import load_mix_spec, load_mixes, mix_selection
-from idistill_core.select import mix_budgets, select_mix
+from idistill_core.project.mixes import load_mix_spec, load_mixes, mix_selection
+from idistill_core.steps.select import mix_budgets, select_mix
 
 KNOWN = ("arith", "reading", "mcq")
 

@@ -9,10 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from idistill_core import models
 from idistill_core.errors import ModelError
-from idistill_core.hashing import file_hash
-from idistill_core.models import (
+from idistill_core.models import loading as models
+from idistill_core.models.loading import (
     DEFAULT_MODEL,
     _cached_dir_fingerprint,
     check_supported,
@@ -21,7 +20,8 @@ from idistill_core.models import (
     load_model,
     model_fingerprint,
 )
-from idistill_core.tokenizer import IM_END, IM_START, PAD
+from idistill_core.models.tokenizer import IM_END, IM_START, PAD
+from idistill_core.store.hashing import file_hash
 
 TINY = ["tiny-llama", "tiny-qwen2"]
 

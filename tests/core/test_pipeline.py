@@ -7,21 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from idistill_core.embed import EmbedConfig
 from idistill_core.errors import ConfigError
-from idistill_core.gradients import GradientConfig
-from idistill_core.pipeline import (
-    SelectionRecipe,
-    choose_landmarks,
-    compute_gradients,
-    embed_pool,
-    landmark_values,
-    open_store,
-    propagate_scores,
-    run_selection,
-    select_samples,
-    spearman,
-)
+from idistill_core.pipeline.embeddings import embed_pool, open_store
+from idistill_core.pipeline.gradients import compute_gradients
+from idistill_core.pipeline.landmarks import choose_landmarks
+from idistill_core.pipeline.propagation import propagate_scores, spearman
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.pipeline.run import run_selection
+from idistill_core.pipeline.selection import select_samples
+from idistill_core.steps.embed import EmbedConfig
+from idistill_core.steps.gradients import GradientConfig
+from idistill_core.steps.influence import landmark_values
 from tests.conftest import TINY_MAX_LENGTH
 
 RECIPE = SelectionRecipe(
@@ -127,8 +123,9 @@ def test_exact_gradients_of_the_pipeline_match_plain_autograd(tiny, data):
 
 
 def test_second_order_uses_a_seeded_sample_of_hessian_targets_and_every_target_for_the_gradient(tiny, data):
-    from idistill_core.influence import sketched_second_order_terms
-    from idistill_core.pipeline import batches_for, second_order_terms_for
+    from idistill_core.data.batch import batches_for
+    from idistill_core.pipeline.second_order import second_order_terms_for
+    from idistill_core.steps.second_order import sketched_second_order_terms
 
     pool, dev = data  # 6 dev samples
     model, tokenizer = tiny.model, tiny.tokenizer

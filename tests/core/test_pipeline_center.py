@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from idistill_core.errors import ConfigError
-from idistill_core.pipeline import SelectionRecipe, choose_landmarks, compute_gradients, run_selection
-from idistill_core.propagate import PropagateConfig
+from idistill_core.pipeline.gradients import compute_gradients
+from idistill_core.pipeline.landmarks import choose_landmarks
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.pipeline.run import run_selection
+from idistill_core.steps.propagate import PropagateConfig
 from tests.core.test_pipeline import RECIPE
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from idistill_core import influence as inf
-from idistill_core.propagate import KernelRidge, PropagateConfig
+from idistill_core.steps import qp as inf
+from idistill_core.steps.propagate import KernelRidge, PropagateConfig
+from idistill_core.steps.second_order import SecondOrderTerms
 
 
 class FakeTable:
@@ -49,7 +50,7 @@ def _problem(n: int, num_l: int, seed: int = 0):
     c64 = KernelRidge.fit(emb[:num_l], PropagateConfig()).coefficients(emb)
     c64 = c64.float().double()  # the table stores float32: both paths see the same numbers
     x = torch.randn(num_l, 3, generator=gen, dtype=torch.float64)
-    terms = inf.SecondOrderTerms(
+    terms = SecondOrderTerms(
         p=torch.randn(num_l, generator=gen, dtype=torch.float64), q=x @ x.T / num_l, lr=0.5, num_source=num_l
     )
     dense = c64 @ (terms.q * terms.num_source) @ c64.T / n  # Q_pool = (|S|/N) C Q_L Cᵀ, formed in float64

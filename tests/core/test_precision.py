@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from idistill_core import precision
 from idistill_core.errors import ConfigError
-from idistill_core.precision import PrecisionResolver, finetune_precision
+from idistill_core.models import precision
+from idistill_core.models.precision import PrecisionResolver, finetune_precision
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_finetune_precision_maps_the_decision():
 
 
 def test_recipe_resolution_makes_fingerprints_concrete(native_cpu, monkeypatch):
-    from idistill_core.pipeline import SelectionRecipe, resolve_recipe
+    from idistill_core.pipeline.recipe import SelectionRecipe, resolve_recipe
     from tests.conftest import tiny_llama
 
     _fake_probe(monkeypatch, 10.0, 3.0)

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from idistill_core.errors import ConfigError
-from idistill_core.projection import (
+from idistill_core.steps.projection import (
     CountSketchProjector,
     RademacherProjector,
     SRHTProjector,

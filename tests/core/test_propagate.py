@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.propagate import KernelRidge, PropagateConfig, median_bandwidth
+from idistill_core.steps.propagate import KernelRidge, PropagateConfig, median_bandwidth
 
 
 def _data(n_land=40, n_pool=300, d=6, t=3, seed=0):
@@ -92,7 +92,7 @@ def test_config_and_input_errors_are_one_liners():
 
 # -- shared coefficients --------------------------------------------------------------------------------------
 def _coefficient_store(tmp_path, n=300, extra=50, dim=8):
-    from idistill_core.store import EmbeddingStore, StoreIdentity
+    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
     rng = np.random.default_rng(0)
     store = EmbeddingStore.open(tmp_path, "emb", StoreIdentity("m", "r", dim))
@@ -103,7 +103,7 @@ def _coefficient_store(tmp_path, n=300, extra=50, dim=8):
 
 
 def test_shared_coefficients_times_values_equal_the_fitted_ridge_on_exactly_the_pool(tmp_path):
-    from idistill_core.propagate import build_coefficients
+    from idistill_core.pipeline.propagation import build_coefficients
 
     store, pool = _coefficient_store(tmp_path)
     landmarks = pool[::10]
@@ -122,7 +122,7 @@ def test_shared_coefficients_times_values_equal_the_fitted_ridge_on_exactly_the_
 
 
 def test_coefficient_build_resumes_from_the_last_committed_chunk(tmp_path):
-    from idistill_core.propagate import build_coefficients
+    from idistill_core.pipeline.propagation import build_coefficients
 
     store, pool = _coefficient_store(tmp_path, n=200, extra=0)
     landmarks = pool[:20]

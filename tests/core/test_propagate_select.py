@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.kernel_select import select_kernel
-from idistill_core.propagate import KernelRidge, PropagateConfig
+from idistill_core.steps.kernel_select import select_kernel
+from idistill_core.steps.propagate import KernelRidge, PropagateConfig
 
 AUTO = PropagateConfig(kernel="auto", ridge="auto", bandwidth_scale="auto", cv_directions=0)
 
@@ -118,8 +118,8 @@ def test_auto_config_errors_are_one_liners():
 
 
 def test_auto_coefficient_table_uses_the_chosen_values_and_names_them_in_its_spec(tmp_path):
-    from idistill_core.propagate import build_coefficients
-    from idistill_core.store import EmbeddingStore, StoreIdentity
+    from idistill_core.pipeline.propagation import build_coefficients
+    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
     rng = np.random.default_rng(0)
     store = EmbeddingStore.open(tmp_path, "emb", StoreIdentity("m", "r", 4))
@@ -144,7 +144,7 @@ def test_auto_coefficient_table_uses_the_chosen_values_and_names_them_in_its_spe
 
 # -- gradient centring -----------------------------------------------------------------------------------------
 def test_centring_removes_the_landmark_mean_and_renormalises():
-    from idistill_core.influence import center_gradients
+    from idistill_core.steps.influence import center_gradients
 
     rng = np.random.default_rng(3)
     shared = rng.normal(size=32)

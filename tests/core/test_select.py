@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.select import round_robin, select_from_weights, select_top_k
+from idistill_core.steps.select import round_robin, select_from_weights, select_top_k
 
 
 def _reference_round_robin(scores: np.ndarray, k: int, seed: int) -> tuple[list[int], list[float]]:

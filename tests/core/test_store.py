@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from idistill_core.errors import NumericalError, StoreError
-from idistill_core.store import EmbeddingStore, StoreIdentity
+from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
 IDENTITY = StoreIdentity(model_fingerprint="m1", recipe="r1", dim=6)
 
@@ -131,7 +131,7 @@ def test_a_create_that_lost_the_race_opens_the_winners_table_with_its_rows(tmp_p
     # rows before B's create ran. Replayed deterministically by hiding the table from B's listing.
     winner = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
     winner.insert_missing(["a", "b", "c"], _vectors(3))
-    from idistill_core import store as store_module
+    from idistill_core.store import lance as store_module
 
     class StaleListing:
         def __init__(self, db):

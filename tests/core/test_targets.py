@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from idistill_core.errors import ConfigError
-from idistill_core.targets import load_target_spec
+from idistill_core.project.targets import load_target_spec
 
 
 def _write(tmp_path, **fields):
@@ -57,7 +57,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 def test_lm_eval_field_names_a_known_harness_task(tmp_path):
     from idistill_core.errors import ConfigError
-    from idistill_core.targets import load_target_spec
+    from idistill_core.project.targets import load_target_spec
 
     (tmp_path / "d.jsonl").write_text("")
     base = "name: t\nmetric: em-number\ndev: d.jsonl\ntest: d.jsonl\nbudget: 4\n"
@@ -72,7 +72,7 @@ def test_lm_eval_field_names_a_known_harness_task(tmp_path):
 
 
 def test_per_source_cap_is_optional_and_an_unset_cap_keeps_the_spec_version(tmp_path):
-    from idistill_core.targets import selection_cap
+    from idistill_core.project.targets import selection_cap
 
     plain = load_target_spec(_write(tmp_path), [tmp_path])
     assert plain.per_source_cap is None and selection_cap(plain, 7) == 7  # the profile's cap applies

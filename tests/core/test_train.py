@@ -1,4 +1,4 @@
-"""Behaviour of idistill_core.train: the loss and update it computes, checkpoints, cache reuse, validation."""
+"""Behaviour of idistill_core.training.finetune: the loss and update it computes, checkpoints, cache reuse, validation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import transformers
 
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.tokenizer import build_tiny_tokenizer
-from idistill_core.train import ADAPTER_DIR, FinetuneConfig, finetune, save_checkpoint
+from idistill_core.models.tokenizer import build_tiny_tokenizer
+from idistill_core.training.finetune import ADAPTER_DIR, FinetuneConfig, finetune, save_checkpoint
 from tests.conftest import tiny_llama as shared_tiny_llama
 
 VOCAB = 64
@@ -80,10 +80,10 @@ def test_one_step_matches_plain_autograd_adamw_step():
 
 def test_trl_path_reaches_the_same_loss_curve_as_the_old_loop():
     """Same seed and recipe, full-batch steps (so data order cannot differ) with accumulation and warm-up:
-    the TRL trainer and the hand-written loop (frozen in benchmarks/legacy_finetune_loop.py) log the same
+    the TRL trainer and the hand-written loop (frozen in benchmarks/studies/legacy_finetune_loop.py) log the same
     per-step loss. Tolerance 1e-5 relative: float32 parts of the float64 model give ~1e-7 per step, and
     AdamW's normalisation lets that grow over 8 steps; a wrong normalisation, schedule or clip is >1e-3."""
-    from benchmarks import legacy_finetune_loop as legacy
+    from benchmarks.studies import legacy_finetune_loop as legacy
 
     examples = make_examples(8)
     recipe = {
@@ -354,8 +354,8 @@ def test_loss_positions_are_those_of_our_tokenisation_and_of_trls_own_assistant_
     import datasets
     import trl
 
-    from idistill_core.data import tokenize_rows
-    from idistill_core.train import _read_examples, sft_dataset
+    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.training.finetune import _read_examples, sft_dataset
 
     rows = [
         {
@@ -417,9 +417,9 @@ def test_bad_examples_are_rejected_naming_the_sample():
 
 def test_finetuned_tiny_llama_learns_its_answers_and_reloads_with_its_tokenizer(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from idistill_core.data import tokenize_rows
-    from idistill_core.evaluate import EvalConfig, evaluate
-    from idistill_core.models import load_model
+    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.training.evaluate import EvalConfig, evaluate
 
     loaded = load_model("tiny-llama", seed=0)
     questions = [

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from idistill_core.batch import collate
+from idistill_core.data.batch import collate
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.gradients import select_parameters
-from idistill_core.warmup import WarmupConfig, adam_preconditioner, warmup
+from idistill_core.steps.gradients import select_parameters
+from idistill_core.steps.warmup import WarmupConfig, adam_preconditioner, warmup
 from tests.conftest import tiny_llama
 
 

@@ -30,7 +30,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def pool_dir(tmp_path_factory):
-    from idistill_core.builtin import write_builtin
+    from idistill_core.data.builtin import write_builtin
 
     folder = tmp_path_factory.mktemp("ray-pool")
     write_builtin(folder, pool_size=120, seed=0, dev_size=6, test_size=4)
@@ -40,7 +40,7 @@ def pool_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(pool_dir, tmp_path_factory):
     """The local backend's vectors for the tiny pool: ``{sample_id: (D,) float32}`` (read back from LanceDB)."""
-    from idistill_core.pipeline import embed_pool
+    from idistill_core.pipeline.embeddings import embed_pool
     from tests.ray.driver import COMMIT_EVERY, EMBED, open_table, tiny_pool
 
     loaded, examples = tiny_pool(pool_dir)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from idistill_core.backends import BackendConfig, ModelSource
-from idistill_core.embed import EmbedConfig
+from idistill_core.steps.embed import EmbedConfig
 
 EMBED = EmbedConfig(num_blocks=2, num_tangents=2, proj_dim=64, batch_size=8)
 COMMIT_EVERY = 8
@@ -22,15 +22,16 @@ MAX_LENGTH = 192
 
 def tiny_pool(folder: Path):
     """(LoadedModel, tokenized examples) of the 120-sample built-in pool written to ``folder``."""
-    from idistill_core.data import load_rows, tokenize_rows
-    from idistill_core.models import load_model
+    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.models.loading import load_model
 
     loaded = load_model("tiny-llama", attn_implementation="eager")
     return loaded, tokenize_rows(load_rows(str(folder / "pool.jsonl")), loaded.tokenizer, MAX_LENGTH).examples
 
 
 def open_table(store: Path, loaded):
-    from idistill_core.pipeline import SelectionRecipe, open_store
+    from idistill_core.pipeline.embeddings import open_store
+    from idistill_core.pipeline.recipe import SelectionRecipe
 
     recipe = SelectionRecipe(max_length=MAX_LENGTH, embed=EMBED)
     return open_store(store, "embeddings", loaded.fingerprint, recipe, loaded.model.config.hidden_size)
@@ -43,7 +44,7 @@ def ray_backend(address: str | None, actors: int) -> BackendConfig:
 
 
 def main(argv: list[str]) -> int:
-    from idistill_core.pipeline import embed_pool
+    from idistill_core.pipeline.embeddings import embed_pool
 
     pool_dir, store_dir, address, actors = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
     loaded, examples = tiny_pool(pool_dir)

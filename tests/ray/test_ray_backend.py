@@ -81,7 +81,7 @@ def _materialize(profile: Path):
 def test_dagster_assets_on_ray_give_the_local_backends_vectors_ids_gradients_and_data_versions(
     ray_cluster, tmp_path
 ):
-    from idistill_assets.defs.shared import load_landmarks
+    from idistill_assets.upstream import load_landmarks
 
     backend = {"name": "ray", "ray_address": ray_cluster, "num_actors": 2, "samples_per_task": 16}
     local, local_events, local_checks = _materialize(_profile(tmp_path, "local", None))
@@ -121,7 +121,7 @@ def test_an_actor_killed_mid_job_is_restarted_and_every_id_ends_in_the_table_exa
     ray_cluster, pool_dir, reference, tmp_path
 ):
     from idistill_core.backends import ModelSource
-    from idistill_core.pipeline import embed_pool
+    from idistill_core.pipeline.embeddings import embed_pool
 
     loaded, examples = tiny_pool(pool_dir)
     store = open_table(tmp_path / "store", loaded)
@@ -161,7 +161,7 @@ def test_a_killed_job_rerun_computes_only_the_ids_missing_after_its_last_commit(
     ray_cluster, pool_dir, reference, tmp_path
 ):
     from idistill_core.backends import ModelSource
-    from idistill_core.pipeline import embed_pool
+    from idistill_core.pipeline.embeddings import embed_pool
 
     job = driver(pool_dir, tmp_path / "store", ray_cluster)
     commits = 0

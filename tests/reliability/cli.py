@@ -34,7 +34,7 @@ MICRO = {
 
 def micro_data(folder: Path) -> dict[str, Path]:
     """A 16-sample built-in pool, a 2-sample arith dev set and the micro profile."""
-    from idistill_core.builtin import write_builtin
+    from idistill_core.data.builtin import write_builtin
 
     write_builtin(folder, pool_size=POOL, seed=0, dev_size=2, test_size=2)
     profile = folder / "micro.yaml"

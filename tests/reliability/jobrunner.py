@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def instrument(progress: Path | None, slow: float) -> None:
-    from idistill_core import artifacts
-    from idistill_core.store import EmbeddingStore
+    from idistill_core.store import artifacts
+    from idistill_core.store.lance import EmbeddingStore
 
     def log(line: str) -> None:
         if progress is not None:

@@ -21,7 +21,7 @@ def poisoned(tmp_path_factory):
     """(data with a poisoned LAST pool sample, path of the saved tiny Llama with a NaN '~' embedding)."""
     import torch
 
-    from idistill_core.models import load_model
+    from idistill_core.models.loading import load_model
 
     folder = tmp_path_factory.mktemp("poisoned")
     data = micro_data(folder / "data")
@@ -65,11 +65,11 @@ def test_nan_in_a_later_sample_rolls_the_store_back_and_says_so(poisoned, tmp_pa
 
 
 def test_failed_resumable_gradients_remove_only_their_own_shards(poisoned, tmp_path):
-    from idistill_core import artifacts
-    from idistill_core.data import load_rows, tokenize_rows
-    from idistill_core.gradients import GradientConfig
-    from idistill_core.models import load_model
-    from idistill_core.pipeline import compute_gradients_resumable
+    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.pipeline.gradients import compute_gradients_resumable
+    from idistill_core.steps.gradients import GradientConfig
+    from idistill_core.store import artifacts
 
     data, model = poisoned
     loaded = load_model(str(model))

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from idistill_core.builtin import write_builtin
 from idistill_core.cli import main
+from idistill_core.data.builtin import write_builtin
 from idistill_core.errors import NumericalError
-from idistill_core.settings import load_settings
-from idistill_core.store import EmbeddingStore, StoreIdentity
+from idistill_core.project.settings import load_settings
+from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
 from .conftest import (
     REPO,
@@ -72,7 +72,7 @@ def models(tmp_path_factory):
     import torch
     import transformers
 
-    from idistill_core.models import load_model
+    from idistill_core.models.loading import load_model
 
     folder = tmp_path_factory.mktemp("models")
     tiny = load_model("tiny-llama")
@@ -188,8 +188,8 @@ def test_overlong_sample_is_refused_by_config_naming_it(data, tmp_path, capsys, 
 def test_overlong_sample_is_truncated_and_counted_by_default_and_a_table_of_another_model_is_refused(
     data, tmp_path, capsys
 ):
-    from idistill_core.data import load_rows, tokenize_rows
-    from idistill_core.models import load_model
+    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.models.loading import load_model
 
     tokenizer = load_model("tiny-llama").tokenizer
     lengths = tokenize_rows(load_rows(str(data / "pool.jsonl")), tokenizer, 10**6).examples["input_ids"]

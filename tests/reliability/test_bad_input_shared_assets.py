@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from idistill_assets.resources import current_dir
-from idistill_core.settings import load_settings
+from idistill_core.project.settings import load_settings
 from tests.assets.conftest import write_target
 
 from .conftest import (

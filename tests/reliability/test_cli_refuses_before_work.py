@@ -164,8 +164,8 @@ def test_a_disk_too_small_for_the_run_is_refused_with_the_estimate(tmp_path, mon
     """The free-disk check, in process (a full disk cannot be made on demand): the estimate is named."""
     import shutil
 
-    from idistill_core import validate
     from idistill_core.cli import main
+    from idistill_core.project import validate
 
     data = micro_data(tmp_path / "data")
     real = shutil.disk_usage
@@ -186,7 +186,7 @@ def test_check_output_folder_probes_every_folder_of_an_existing_table(tmp_path, 
     """A LanceDB table whose _versions folder cannot be written is refused, naming the store."""
     import tempfile
 
-    from idistill_core import validate
+    from idistill_core.project import validate
 
     versions = tmp_path / "store" / "embeddings.lance" / "_versions"
     versions.mkdir(parents=True)

@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 
 from idistill_assets.resources import current_dir
-from idistill_core.settings import load_settings
-from idistill_core.store import EmbeddingStore, StoreIdentity
+from idistill_core.project.settings import load_settings
+from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 from tests.assets.conftest import dagster_yaml
 
 from .conftest import REPO, run_assets, spawn, tiny_project
@@ -28,7 +28,7 @@ WRITER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import numpy as np
-    from idistill_core.store import EmbeddingStore, StoreIdentity
+    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
     uri, folder, lo, hi, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     for r in range(rounds):

@@ -8,10 +8,13 @@ import numpy as np
 import polars as pl
 
 from idistill_assets.resources import current_dir
-from idistill_core.embed import EmbedConfig
-from idistill_core.gradients import GradientConfig
-from idistill_core.pipeline import SelectionRecipe, choose_landmarks, run_selection, spearman
-from idistill_core.settings import load_settings
+from idistill_core.pipeline.landmarks import choose_landmarks
+from idistill_core.pipeline.propagation import spearman
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.pipeline.run import run_selection
+from idistill_core.project.settings import load_settings
+from idistill_core.steps.embed import EmbedConfig
+from idistill_core.steps.gradients import GradientConfig
 from tests.conftest import TINY_MAX_LENGTH
 
 from .conftest import run_assets, tiny_project

@@ -86,7 +86,7 @@ def test_main_job_stopped_by_sigterm_exits_143_with_one_line_and_keeps_committed
     import subprocess
     import sys
 
-    from idistill_core.settings import load_settings
+    from idistill_core.project.settings import load_settings
 
     from .cli import env
     from .conftest import REPO, tiny_project

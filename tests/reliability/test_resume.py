@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from idistill_assets.resources import current_dir
-from idistill_core import artifacts
-from idistill_core.settings import load_settings
+from idistill_core.project.settings import load_settings
+from idistill_core.store import artifacts
 
 from .conftest import COMMIT_EVERY, spawn, tiny_project
 

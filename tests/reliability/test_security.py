@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from idistill_core import models
 from idistill_core.errors import ConfigError, ModelError
-from idistill_core.models import load_model
-from idistill_core.settings import load_settings
-from idistill_core.targets import load_target_spec
+from idistill_core.models import loading as models
+from idistill_core.models.loading import load_model
+from idistill_core.project.settings import load_settings
+from idistill_core.project.targets import load_target_spec
 
 from .conftest import REPO
 
