@@ -91,7 +91,7 @@ def machine_info() -> dict[str, Any]:
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "forced_kernels": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
     }
-    from idistill_core.precision import cpu_bf16_capability
+    from idistill_core.models.precision import cpu_bf16_capability
 
     info["cpu_bf16"] = cpu_bf16_capability()[1]
     try:
@@ -243,8 +243,8 @@ def load_bench_model(spec: str, device: str = "cpu", seed: int = 0):
     if spec == "random-llama-1b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from idistill_core.models import model_fingerprint
-        from idistill_core.tokenizer import build_tiny_tokenizer
+        from idistill_core.models.loading import model_fingerprint
+        from idistill_core.models.tokenizer import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         config = LlamaConfig(
@@ -263,25 +263,49 @@ def load_bench_model(spec: str, device: str = "cpu", seed: int = 0):
         model.eval()
         model = model.to(device)
         return model, tokenizer, model_fingerprint(model)
-    from idistill_core.models import load_model
+    from idistill_core.models.loading import load_model
 
     loaded = load_model(spec, seed=seed)
     return loaded.model.to(device), loaded.tokenizer, loaded.fingerprint
 
 
-def builtin_data(work_dir: str | Path, pool_size: int, seed: int = 0) -> Path:
-    """The built-in pool and targets written once per work dir and size; returns the folder."""
-    from idistill_core.builtin import write_builtin
+def builtin_data(work_dir: str | Path, pool_size: int, seed: int = 0, gsm8k: bool = False) -> Path:
+    """The built-in pool and targets written once per work dir and size; returns the folder.
+
+    With ``gsm8k`` the real GSM8K target (16 dev and 16 test problems from the model cache) is added once too.
+    """
+    from idistill_core.data.builtin import write_builtin
 
     out = Path(work_dir) / f"builtin_{pool_size}_{seed}"
     if not (out / "builtin.json").exists():
         write_builtin(out, pool_size=pool_size, seed=seed)
+    if gsm8k and not (out / "targets" / "gsm8k" / "dev.jsonl").exists():
+        from idistill_core.data.builtin import write_gsm8k
+        from idistill_core.models.loading import default_cache_dir
+
+        write_gsm8k(out, default_cache_dir(), dev_size=16, test_size=16)
     return out
+
+
+def bench_recipe(max_length: int, seed: int, embed: dict, gradients: dict, propagate: dict):
+    """The :class:`SelectionRecipe` of a benchmark's parameters (config dicts as in ``profiles.py``)."""
+    from idistill_core.pipeline.recipe import SelectionRecipe
+    from idistill_core.steps.embed import EmbedConfig
+    from idistill_core.steps.gradients import GradientConfig
+    from idistill_core.steps.propagate import PropagateConfig
+
+    return SelectionRecipe(
+        max_length=max_length,
+        seed=seed,
+        embed=EmbedConfig(**embed),
+        gradients=GradientConfig(**gradients),
+        propagate=PropagateConfig(**propagate),
+    )
 
 
 def tokenized(path: Path, tokenizer, max_length: int, limit: int | None = None):
     """Tokenized examples (``datasets.Dataset``) of a jsonl file in our row schema."""
-    from idistill_core.data import load_rows, tokenize_rows
+    from idistill_core.data.rows import load_rows, tokenize_rows
 
     return tokenize_rows(load_rows(path, limit=limit), tokenizer, max_length).examples
 

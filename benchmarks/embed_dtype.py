@@ -38,9 +38,9 @@ def measure(
 ) -> dict[str, Any]:
     """Child side: per dtype, embedding seconds per sample and held-out ρ with shared landmark gradients."""
     from benchmarks import workload
-    from idistill_core.embed import embed_samples
-    from idistill_core.pipeline import batches_for
-    from idistill_core.propagate import KernelRidge
+    from idistill_core.data.batch import batches_for
+    from idistill_core.steps.embed import embed_samples
+    from idistill_core.steps.propagate import KernelRidge
 
     work = workload.load(
         model,

@@ -55,7 +55,8 @@ def measure(
     The sizes reached are returned and written to the JSON.
     """
     from benchmarks import workload
-    from idistill_core.pipeline import propagate_scores, select_samples
+    from idistill_core.pipeline.propagation import propagate_scores
+    from idistill_core.pipeline.selection import select_samples
 
     began = time.perf_counter()
     requested = (num_landmarks, num_holdout)
@@ -139,8 +140,8 @@ def gradient_breakdown(work, ids: list[str], device: str) -> dict[str, float]:
     import torch
 
     from benchmarks.common import synchronize
-    from idistill_core.gradients import _per_sample, _Reducer
-    from idistill_core.pipeline import batches_for
+    from idistill_core.data.batch import batches_for
+    from idistill_core.steps.gradients import _per_sample, _Reducer
 
     reducer = _Reducer(work.model, work.recipe.gradients, None)
     backward, reduce_one, grads = [], [], []

@@ -40,9 +40,14 @@ def measure(
     import torch
 
     from benchmarks.common import load_bench_model
-    from idistill_core.architecture import TruncatedStack, attention_inputs, decoder_parts, eager_attention
-    from idistill_core.batch import TokenBatch
-    from idistill_core.embed import EmbedConfig, JvpEmbedder
+    from idistill_core.data.batch import TokenBatch
+    from idistill_core.models.architecture import (
+        TruncatedStack,
+        attention_inputs,
+        decoder_parts,
+        eager_attention,
+    )
+    from idistill_core.steps.embed import EmbedConfig, JvpEmbedder
 
     net, _, _ = load_bench_model(model, device, seed)
     parts = decoder_parts(net)

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "budget_fraction": 0.1,
     # PropagateConfig fields of the KRR (as in a profile's recipe.propagate): {} = today's fixed rbf / median σ /
     # ridge 1e-2; {"kernel": "auto", "ridge": "auto", "bandwidth_scale": "auto"} = chosen by CV over the
-    # landmarks' own gradients, as the pipeline does (idistill_core.kernel_select)
+    # landmarks' own gradients, as the pipeline does (idistill_core.steps.kernel_select)
     "propagate": {},
 }
 
@@ -50,19 +50,15 @@ DEFAULTS: dict[str, Any] = {
 def build_cache(params: dict[str, Any], work_dir: Path, chunk: int = 8) -> Path:
     """Exact gradients of all pool samples + targets and pool embeddings, cached in ``work_dir/cache.pt``."""
     from benchmarks.common import builtin_data, load_bench_model, tokenized
-    from idistill_core.builtin import write_gsm8k
-    from idistill_core.embed import EmbedConfig, embed_samples
-    from idistill_core.gradients import GradientConfig, iter_gradients
-    from idistill_core.models import default_cache_dir
-    from idistill_core.pipeline import batches_for
+    from idistill_core.data.batch import batches_for
+    from idistill_core.steps.embed import EmbedConfig, embed_samples
+    from idistill_core.steps.gradients import GradientConfig, iter_gradients
 
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "cache.pt"
     cache: dict[str, Any] = torch.load(path) if path.exists() else {"grads": {}, "emb": {}, "targets": {}}
     model, tokenizer, fingerprint = load_bench_model(params["model"], "cpu", 0)
-    data = builtin_data(work_dir, params["pool_size"], 0)
-    if "gsm8k" in params["targets"] and not (data / "targets" / "gsm8k" / "dev.jsonl").exists():
-        write_gsm8k(data, default_cache_dir(), dev_size=16, test_size=16)
+    data = builtin_data(work_dir, params["pool_size"], 0, gsm8k="gsm8k" in params["targets"])
     pool = tokenized(data / "pool.jsonl", tokenizer, params["max_length"])
     cache["sources"] = {s: s.rsplit("-", 1)[0] for s in pool["sample_id"]}  # ids are <source>-000123
     cache["fingerprint"] = fingerprint
@@ -127,9 +123,9 @@ def _scores(pool_grads: np.ndarray, target_grads: np.ndarray, mean: np.ndarray |
 
 
 def _evaluate(ids, sources, emb, grads, targets, params, strategy, count, seed, centred, holdout, budget):
-    from idistill_core import landmarks
-    from idistill_core.pipeline import keep_exact, spearman
-    from idistill_core.propagate import KernelRidge, PropagateConfig
+    from idistill_core.pipeline.propagation import keep_exact, spearman
+    from idistill_core.steps import landmarks
+    from idistill_core.steps.propagate import KernelRidge, PropagateConfig
 
     position = {s: i for i, s in enumerate(ids)}
     cand = [s for s in ids if s not in set(holdout)]
@@ -153,7 +149,7 @@ def _evaluate(ids, sources, emb, grads, targets, params, strategy, count, seed, 
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in params.get("propagate", {}).items()}
             )
             if config.needs_selection:  # the pipeline's choice: CV on the gradients the values come from
-                from idistill_core.kernel_select import select_kernel
+                from idistill_core.steps.kernel_select import select_kernel
 
                 lm_grads = grads[rows] if mean is None else _unit(grads[rows] - mean)
                 config = select_kernel(emb[rows], lm_grads, config).config

@@ -42,7 +42,7 @@ def measure(
     not fit the time left at the median measured gradient rate.
     """
     from benchmarks import workload
-    from idistill_core.pipeline import propagate_scores
+    from idistill_core.pipeline.propagation import propagate_scores
 
     began = time.perf_counter()
     work = workload.load(

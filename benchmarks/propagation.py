@@ -46,7 +46,7 @@ def measure(
     """Child side: fit and predict times of ``KernelRidge`` on synthetic embeddings."""
     import numpy as np
 
-    from idistill_core.propagate import KernelRidge, PropagateConfig
+    from idistill_core.steps.propagate import KernelRidge, PropagateConfig
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     rng = np.random.default_rng(seed)
@@ -102,7 +102,7 @@ def float32_what_if(ridge_model, values, scores64, chunks) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from idistill_core.pipeline import spearman
+    from idistill_core.pipeline.propagation import spearman
 
     alpha = torch.cholesky_solve(torch.as_tensor(values, dtype=torch.float64), ridge_model._chol).float()
     landmarks = ridge_model.landmarks.float()

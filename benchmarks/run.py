@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -19,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, git_commit, machine_info, utc_now
+from benchmarks.common import RESULTS_DIR, git_commit, machine_info, utc_now, write_json_atomic
 from benchmarks.profiles import EXTRA, ORDER, PROFILES
 
 
@@ -63,7 +62,7 @@ def run_suite(profile: str, only: list[str] | None, results_dir: Path, work_dir:
             shutil.rmtree(work, ignore_errors=True)
     suite["seconds"] = round(time.perf_counter() - start, 1)
     suite["finished_utc"] = utc_now()
-    (results_dir / "suite.json").write_text(json.dumps(suite, indent=2, default=str) + "\n")
+    write_json_atomic(results_dir / "suite.json", suite)
     print(
         f"\nsuite ({profile}) finished in {suite['seconds']:.0f} s: "
         + ", ".join(f"{n} {s['status']}" for n, s in suite["benchmarks"].items())
@@ -72,9 +71,11 @@ def run_suite(profile: str, only: list[str] | None, results_dir: Path, work_dir:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="idistill benchmark suite (issue 7)")
+    parser = argparse.ArgumentParser(description="idistill benchmark suite")
     parser.add_argument("--profile", default="full", choices=sorted(PROFILES))
-    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"any of: {', '.join(ORDER)}")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME", help=f"any of: {', '.join(ORDER + EXTRA)}"
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep embeddings/gradient caches here")
     parser.add_argument(

@@ -40,7 +40,7 @@ def _ids(n: int) -> list[str]:
 
 
 def _store(work: Path):
-    from idistill_core.store import EmbeddingStore, StoreIdentity
+    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
     return EmbeddingStore.open(work / "lancedb", "embeddings", StoreIdentity("synthetic", "scale-bench", DIM))
 
@@ -51,8 +51,8 @@ def _landmarks(n: int, num_landmarks: int, seed: int) -> list[str]:
 
 
 def child_build(n: int, work: Path, num_landmarks: int, seed: int) -> dict[str, Any]:
-    from idistill_core.pipeline import shared_coefficients
-    from idistill_core.propagate import PropagateConfig
+    from idistill_core.pipeline.propagation import shared_coefficients
+    from idistill_core.steps.propagate import PropagateConfig
 
     store = _store(work)
     ids = _ids(n)
@@ -91,8 +91,9 @@ def child_build(n: int, work: Path, num_landmarks: int, seed: int) -> dict[str, 
 def child_target(n: int, work: Path, table: str, version: int, num_landmarks: int, seed: int, targets: int):
     import torch
 
-    from idistill_core.pipeline import landmark_values, select_samples
-    from idistill_core.propagate import CoefficientTable
+    from idistill_core.pipeline.propagation import CoefficientTable
+    from idistill_core.pipeline.selection import select_samples
+    from idistill_core.steps.influence import landmark_values
 
     store = _store(work)
     ids = _ids(n)

@@ -34,30 +34,17 @@ def measure(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Child side: stage times for one pool size (peak RSS is added by the parent from wait4)."""
-    from benchmarks.common import load_bench_model, tokenized
-    from idistill_core.embed import EmbedConfig
-    from idistill_core.gradients import GradientConfig
-    from idistill_core.pipeline import (
-        SelectionRecipe,
-        choose_landmarks,
-        compute_gradients,
-        embed_pool,
-        landmark_values,
-        open_store,
-        propagate_scores,
-        select_samples,
-    )
-    from idistill_core.propagate import PropagateConfig
+    from benchmarks.common import bench_recipe, load_bench_model, tokenized
+    from idistill_core.pipeline.embeddings import embed_pool, open_store
+    from idistill_core.pipeline.gradients import compute_gradients
+    from idistill_core.pipeline.landmarks import choose_landmarks
+    from idistill_core.pipeline.propagation import propagate_scores
+    from idistill_core.pipeline.selection import select_samples
+    from idistill_core.steps.influence import landmark_values
 
     watch = Stopwatch(device)
     net, tokenizer, fingerprint = load_bench_model(model, device, seed)
-    recipe = SelectionRecipe(
-        max_length=max_length,
-        seed=seed,
-        embed=EmbedConfig(**embed),
-        gradients=GradientConfig(**gradients),
-        propagate=PropagateConfig(**propagate),
-    )
+    recipe = bench_recipe(max_length, seed, embed, gradients, propagate)
     data = Path(data_dir)
     with watch("tokenize"):
         pool = tokenized(data / "pool.jsonl", tokenizer, max_length, limit=pool_size)

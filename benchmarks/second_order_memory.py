@@ -46,9 +46,9 @@ DEFAULTS: dict[str, Any] = {
 def child_terms(params: dict[str, Any], work_dir: str) -> dict[str, Any]:
     """The landmark terms p (L,), Q (L, L) on the real model; returns them with per-landmark seconds."""
     from benchmarks.common import builtin_data, load_bench_model, tokenized
-    from idistill_core.gradients import GradientConfig
-    from idistill_core.influence import sketched_second_order_terms
-    from idistill_core.pipeline import batches_for
+    from idistill_core.data.batch import batches_for
+    from idistill_core.steps.gradients import GradientConfig
+    from idistill_core.steps.second_order import sketched_second_order_terms
 
     model, tokenizer, _ = load_bench_model(params["model"], "cpu", params["seed"])
     model.eval()
@@ -96,8 +96,9 @@ def child_terms(params: dict[str, Any], work_dir: str) -> dict[str, Any]:
 
 def child_qp(p: list[float], q: list[list[float]], lr: float, num_source: int, n: int, qp: dict, seed: int):
     """``qp_outcome`` on ``N`` synthetic float32 coefficient rows (non-negative, summing to ~1 like KRR rows)."""
-    from idistill_core.influence import PoolQPConfig
-    from idistill_core.pipeline import SelectionRecipe, qp_outcome
+    from idistill_core.pipeline.recipe import SelectionRecipe
+    from idistill_core.pipeline.second_order import qp_outcome
+    from idistill_core.steps.qp import PoolQPConfig
 
     num_l = len(p)
     rng = np.random.default_rng(seed)

@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import builtin_data, load_bench_model, tokenized
-from idistill_core.embed import EmbedConfig, embed_samples
-from idistill_core.gradients import GradientConfig, iter_gradients
-from idistill_core.hashing import config_fingerprint
-from idistill_core.pipeline import SelectionRecipe, batches_for, open_store, spearman
-from idistill_core.propagate import PropagateConfig
+from benchmarks.common import bench_recipe, builtin_data, load_bench_model, tokenized
+from idistill_core.data.batch import batches_for
+from idistill_core.pipeline.embeddings import open_store
+from idistill_core.pipeline.propagation import spearman
+from idistill_core.pipeline.recipe import SelectionRecipe
+from idistill_core.steps.embed import embed_samples
+from idistill_core.steps.gradients import iter_gradients
+from idistill_core.store.hashing import config_fingerprint
 
 
 @dataclass
@@ -66,13 +68,7 @@ def load(
         t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, max_length, limit=target_examples)
         for t in targets
     }
-    recipe = SelectionRecipe(
-        max_length=max_length,
-        seed=seed,
-        embed=EmbedConfig(**embed),
-        gradients=GradientConfig(**gradients),
-        propagate=PropagateConfig(**propagate),
-    )
+    recipe = bench_recipe(max_length, seed, embed, gradients, propagate)
     return Workload(net, tokenizer, fingerprint, pool, targets_tok, recipe, Path(work_dir), device, pool_size)
 
 
@@ -199,7 +195,7 @@ def target_gradients(work: Workload, read_cache: bool = True) -> tuple[dict[str,
 
 def influence(grads: torch.Tensor, targets: dict[str, torch.Tensor]) -> np.ndarray:
     """``(n, T_targets)`` first-order influence G ḡ_t, one column per target (the pipeline's 'mean')."""
-    from idistill_core.pipeline import landmark_values
+    from idistill_core.steps.influence import landmark_values
 
     return np.concatenate([landmark_values(grads, tg, "mean") for tg in targets.values()], axis=1)
 

@@ -26,7 +26,7 @@ exact-gradient seconds per sample (over the landmark and held-out chunks) + targ
 ``spearman_vs_exact_10k`` = mean over targets of Spearman ρ(propagated, exact first-order score) on the H
 held-out samples.
 
-Run: ``nice -n 10 python -m benchmarks.end_to_end_10k --work-dir /work/e2e10k`` (``--status`` shows progress).
+Run: ``nice -n 10 python -m benchmarks.studies.end_to_end_10k --work-dir /work/e2e10k`` (``--status`` shows progress).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import utc_now, write_json_atomic
 
 NAME = "end_to_end_10k"
 STAGES = ["target_gradients", "embeddings", "landmark_gradients", "holdout_gradients", "propagation_selection"]
@@ -110,9 +112,7 @@ class Progress:
         return entry
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=float) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)
 
 
 class Runner:
@@ -138,7 +138,7 @@ class Runner:
                 "wall_s": round(wall, 4),
                 "cpu_s": round(cpu, 4),
                 "load_average": [round(x, 2) for x in os.getloadavg()],
-                "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "utc": utc_now(),
                 "session": len(self.progress.data["sessions"]) - 1,
             }
         )
@@ -174,8 +174,8 @@ class Runner:
 # the run
 # ---------------------------------------------------------------------------------------------------------
 def _recipe(params: dict[str, Any], model):
-    from idistill_core.pipeline import resolve_recipe
-    from idistill_core.settings import load_settings
+    from idistill_core.pipeline.recipe import resolve_recipe
+    from idistill_core.project.settings import load_settings
 
     base = load_settings(params["profile"]).recipe
     recipe = dataclasses.replace(
@@ -195,7 +195,7 @@ def _gradients_in_chunks(runner, stage, model, tokenizer, examples, ids, config,
     Each step asks for the prefix up to the next chunk: the shards already written are loaded, only the new
     chunk is computed (the chunking of a prefix equals the first chunks of the whole list).
     """
-    from idistill_core.pipeline import compute_gradients_resumable
+    from idistill_core.pipeline.gradients import compute_gradients_resumable
 
     runner.progress.stage(stage, len(ids))
     step = max(config.batch_size, chunk - chunk % config.batch_size)
@@ -225,9 +225,11 @@ def _gradients_in_chunks(runner, stage, model, tokenizer, examples, ids, config,
 def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_chunks: int | None) -> dict | None:
     """Run (or continue) every stage; returns the figures once complete (None when stopped early)."""
     from benchmarks.common import builtin_data, git_commit, load_bench_model, machine_info, tokenized
-    from idistill_core.batch import length_order
-    from idistill_core.hashing import config_fingerprint
-    from idistill_core.pipeline import choose_landmarks, embed_pool, landmark_values, open_store
+    from idistill_core.data.batch import length_order
+    from idistill_core.pipeline.embeddings import embed_pool, open_store
+    from idistill_core.pipeline.landmarks import choose_landmarks
+    from idistill_core.steps.influence import landmark_values
+    from idistill_core.store.hashing import config_fingerprint
 
     work_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(work_dir, params)
@@ -235,18 +237,13 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
     began = time.perf_counter()
     model, tokenizer, fingerprint = load_bench_model(params["model"], "cpu", 0)
     recipe, precision = _recipe(params, model)
-    data = builtin_data(work_dir, params["pool_size"], recipe.seed)
-    if "gsm8k" in params["targets"] and not (data / "targets" / "gsm8k" / "dev.jsonl").exists():
-        from idistill_core.builtin import write_gsm8k
-        from idistill_core.models import default_cache_dir
-
-        write_gsm8k(data, default_cache_dir(), dev_size=16, test_size=16)
+    data = builtin_data(work_dir, params["pool_size"], recipe.seed, gsm8k="gsm8k" in params["targets"])
     pool = tokenized(data / "pool.jsonl", tokenizer, recipe.max_length)
     targets = {
         t: tokenized(data / "targets" / t / "dev.jsonl", tokenizer, recipe.max_length, limit=params["target_examples"])
         for t in params["targets"]
     }
-    session = {"pid": os.getpid(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    session = {"pid": os.getpid(), "started_utc": utc_now(),
                "setup_s": round(time.perf_counter() - began, 2), "precision": precision,
                "git_commit": git_commit()}  # the code this session runs (HEAD may move before the run ends)
     progress.data["sessions"].append(session)
@@ -261,7 +258,7 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
         for index, (name, examples) in enumerate(targets.items()):
             ids = list(examples["sample_id"])
             shard_dir = grad_dir / "targets" / name
-            from idistill_core.pipeline import compute_gradients_resumable
+            from idistill_core.pipeline.gradients import compute_gradients_resumable
 
             def work(examples=examples, ids=ids, shard_dir=shard_dir):
                 return compute_gradients_resumable(
@@ -319,7 +316,8 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
         return None
 
     # 5. propagation and selection (seconds; always recomputed, recorded once)
-    from idistill_core.pipeline import propagate_scores, select_samples
+    from idistill_core.pipeline.propagation import propagate_scores
+    from idistill_core.pipeline.selection import select_samples
 
     lm_values = np.concatenate([landmark_values(g_landmarks, tg, "mean") for tg in target_grads.values()], axis=1)
     ho_exact = np.concatenate([landmark_values(g_holdout, tg, "mean") for tg in target_grads.values()], axis=1)
@@ -335,7 +333,7 @@ def run(params: dict[str, Any], work_dir: Path, results_dir: Path | None, max_ch
         entry["chunks"] = [{"index": 0, "samples": len(pool_ids), "wall_s": round(t2 - t0, 4),
                             "propagation_s": round(t1 - t0, 4), "selection_s": round(t2 - t1, 4),
                             "cpu_s": round(time.process_time() - c0, 4), "load_average": [round(x, 2) for x in os.getloadavg()],
-                            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "utc": utc_now(),
                             "session": len(progress.data["sessions"]) - 1}]
         entry["complete"] = True
         progress.save()
@@ -455,7 +453,7 @@ def status(work_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end_10k", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.end_to_end_10k", description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="default: benchmarks/results at the published sizes, else <work-dir>/results")

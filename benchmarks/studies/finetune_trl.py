@@ -1,9 +1,9 @@
 """One fine-tune with the default profile's recipe on the default model: TRL path vs the old loop, same run.
 
-    nice python -m benchmarks.finetune_trl [--steps 16] [--out benchmarks/results/finetune_trl.json]
+    nice python -m benchmarks.studies.finetune_trl [--steps 16] [--out benchmarks/results/finetune_trl.json]
 
 Both start from the same base weights and the same 8*steps pool rows (tokenized as the pipeline does);
-reported: seconds per run, the ratio, both loss curves, machine (CPU model, amx/avx512_bf16 flags, load).
+reported: seconds per run, the ratio, both loss curves, machine (``benchmarks.common.machine_info``), load.
 """
 
 from __future__ import annotations
@@ -12,37 +12,20 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-
-def _cpu() -> dict:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), ""
-    )
-    flags = next((line for line in text.splitlines() if line.startswith("Flags")), "")
-    return {
-        "model": model,
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
+from benchmarks.common import machine_info, write_json_atomic
 
 
 def main() -> None:
-    from benchmarks import legacy_finetune_loop as legacy
-    from idistill_core import train
-    from idistill_core.builtin import write_builtin
-    from idistill_core.data import load_rows, tokenize_rows
-    from idistill_core.models import load_model
-    from idistill_core.settings import load_settings
+    from benchmarks.studies import legacy_finetune_loop as legacy
+    from idistill_core.data.builtin import write_builtin
+    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.project.settings import load_settings
+    from idistill_core.training import finetune as train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=None)
@@ -99,11 +82,11 @@ def main() -> None:
             abs(a - b) / abs(b) for a, b in zip(results["trl_0"]["losses"], results["old_loop_0"]["losses"])
         ),
         "runs": results,
-        "cpu": _cpu(),
+        "machine": machine_info(),
         "nice": os.nice(0),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_json_atomic(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
 

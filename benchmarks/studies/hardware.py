@@ -1,6 +1,6 @@
 """Benchmark: hardware-aware precision, the gradient sketch and length bucketing (issue 10), in one run.
 
-``python -m benchmarks.hardware [--pool 300] [--landmarks 64] [--holdout 24]`` measures, on the default model
+``python -m benchmarks.studies.hardware [--pool 300] [--landmarks 64] [--holdout 24]`` measures, on the default model
 and the built-in pool (max_length 192, the main job's), and writes ``results/hardware.json``:
 
 1. the ``auto`` precision decision (capability, probe timings) on this machine;
@@ -40,8 +40,8 @@ MAX_LENGTH = 192
 
 
 def _embed_seconds(model, pool, tokenizer, ids, config, bucket=True):
-    from idistill_core.embed import embed_samples
-    from idistill_core.pipeline import batch_padding, batches_for
+    from idistill_core.data.batch import batch_padding, batches_for
+    from idistill_core.steps.embed import embed_samples
 
     start = time.perf_counter()
     out = {}
@@ -57,8 +57,8 @@ def _forced_part() -> dict[str, Any]:
     import torch
 
     from benchmarks.common import load_bench_model
-    from idistill_core.embed import EmbedConfig
-    from idistill_core.precision import PrecisionResolver
+    from idistill_core.models.precision import PrecisionResolver
+    from idistill_core.steps.embed import EmbedConfig
 
     net, tokenizer, _ = load_bench_model(MODEL, "cpu", 0)
     decision = PrecisionResolver().resolve_for_model("auto", net)
@@ -86,7 +86,7 @@ def _forced_part() -> dict[str, Any]:
 def _run_forced(work: Path, extra_env: dict[str, str]) -> dict[str, Any]:
     env = {**os.environ, **extra_env, "IDISTILL_BENCH_WORK": str(work)}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hardware", "--part", "forced"],
+        [sys.executable, "-m", "benchmarks.studies.hardware", "--part", "forced"],
         env=env, capture_output=True, text=True, timeout=900, check=False,
     )
     if proc.returncode != 0:
@@ -101,11 +101,14 @@ def measure(
     import torch
 
     from benchmarks.common import load_bench_model
-    from idistill_core import gradients as G
-    from idistill_core.embed import EmbedConfig
-    from idistill_core.pipeline import batches_for, choose_landmarks, landmark_values, spearman
-    from idistill_core.precision import PrecisionResolver
-    from idistill_core.propagate import KernelRidge, PropagateConfig
+    from idistill_core.data.batch import batches_for
+    from idistill_core.models.precision import PrecisionResolver
+    from idistill_core.pipeline.landmarks import choose_landmarks
+    from idistill_core.pipeline.propagation import spearman
+    from idistill_core.steps import gradients as G
+    from idistill_core.steps.embed import EmbedConfig
+    from idistill_core.steps.influence import landmark_values
+    from idistill_core.steps.propagate import KernelRidge, PropagateConfig
 
     figures: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@ sample for the gradient term. Here, on the default model with the main job's gra
   the reference's Q moved its selection away from first order's (elsewhere the Hessian decides nothing);
 - the relative Frobenius distance of ``Q`` to the reference's.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.hessian_targets            # writes benchmarks/results/hessian_targets.json
+    OMP_NUM_THREADS=1 python -m benchmarks.studies.hessian_targets            # writes benchmarks/results/hessian_targets.json
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ SMOKE: dict[str, Any] = {
 def child_terms(params: dict[str, Any], work_dir: str, hessian_targets: int | None, seed: int) -> dict[str, Any]:
     """``p`` and ``Q`` through the pipeline's own path, with the Hessian of ``hessian_targets`` dev samples."""
     from benchmarks.common import builtin_data, load_bench_model, tokenized
-    from idistill_core.gradients import GradientConfig
-    from idistill_core.pipeline import SelectionRecipe, choose_landmarks, second_order_terms_for
+    from idistill_core.pipeline.landmarks import choose_landmarks
+    from idistill_core.pipeline.recipe import SelectionRecipe
+    from idistill_core.pipeline.second_order import second_order_terms_for
+    from idistill_core.steps.gradients import GradientConfig
 
     model, tokenizer, _ = load_bench_model(params["model"], "cpu", params["seed"])
     model.eval()
@@ -75,7 +77,7 @@ def compare(reference: dict[str, Any], run: dict[str, Any], etas: list[float], k
     """Top-k overlap of the landmark QP's support with the reference's at each η, and Q's relative distance."""
     import torch
 
-    from idistill_core.influence import qp_weights
+    from idistill_core.steps.qp import qp_weights
 
     def support(terms, eta):
         weights = qp_weights(torch.tensor(terms["p"]), torch.tensor(terms["q"]), eta, k)
@@ -101,7 +103,7 @@ def measure(params: dict[str, Any], work_dir: Path) -> dict[str, Any]:
 
     def terms(h, seed):
         print(f"[{NAME}] terms with hessian_targets={h}, seed={seed}", file=sys.stderr, flush=True)
-        return run_child(NAME, "child_terms", {"params": params, "work_dir": str(work_dir), "hessian_targets": h,
+        return run_child(f"studies.{NAME}", "child_terms", {"params": params, "work_dir": str(work_dir), "hessian_targets": h,
                                               "seed": seed})
 
     reference = terms(None, params["seed"])

@@ -1,6 +1,6 @@
-"""Frozen copy of the hand-written fine-tuning loop (main:idistill_core/train.py before issue 16).
+"""Frozen copy of the hand-written fine-tuning loop (main:idistill_core/training/finetune.py before issue 16).
 
-Kept ONLY as the reference that tests/core/test_train.py and benchmarks/finetune_trl.py compare the TRL path
+Kept ONLY as the reference that tests/core/test_train.py and benchmarks/studies/finetune_trl.py compare the TRL path
 against (same seed and recipe -> same loss curve). Not part of the library; do not import it from idistill_core.
 """
 
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from idistill_core.batch import IGNORE_INDEX, collate
+from idistill_core.data.batch import IGNORE_INDEX, collate
 from idistill_core.errors import ConfigError, DataError, NumericalError, StoreError
-from idistill_core.hashing import config_fingerprint
-from idistill_core.models import model_fingerprint
+from idistill_core.store.hashing import config_fingerprint
+from idistill_core.models.loading import model_fingerprint
 
 logger = logging.getLogger("idistill")
 

@@ -1,6 +1,6 @@
 """Ray's overhead on one machine: the same embeddings on the local backend and on a local Ray cluster.
 
-    python -m benchmarks.ray_overhead [--model smollm2-135m-instruct] [--pool 192] [--out benchmarks/results]
+    python -m benchmarks.studies.ray_overhead [--model smollm2-135m-instruct] [--pool 192] [--out benchmarks/results]
 
 Embeds the first ``--pool`` samples of the built-in pool (default profile recipe: k=4 blocks, m=2 tangents,
 D=1024, bfloat16, max length 192) into fresh LanceDB tables with ``pipeline.embed_pool``:
@@ -27,7 +27,7 @@ from benchmarks.common import builtin_data, machine_info, print_table, tokenized
 
 
 def _run(loaded, examples, recipe, backend, source, work: str, name: str) -> dict:
-    from idistill_core.pipeline import embed_pool, open_store
+    from idistill_core.pipeline.embeddings import embed_pool, open_store
 
     store = open_store(f"{work}/{name}", "emb", loaded.fingerprint, recipe, loaded.model.config.hidden_size)
     first: list[float] = []
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from idistill_core.backends import BackendConfig, ModelSource
-    from idistill_core.models import load_model
-    from idistill_core.settings import load_settings
+    from idistill_core.models.loading import load_model
+    from idistill_core.project.settings import load_settings
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

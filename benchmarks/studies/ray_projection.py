@@ -1,6 +1,6 @@
 """Projected wall time and cost of embeddings and landmark gradients for Tulu V2 (5.8M) on 8 GPUs.
 
-    python -m benchmarks.ray_projection [--tokens 700] [--mfu 0.3] [--gpu-tflops 989] [--usd-per-gpu-hour 2.5]
+    python -m benchmarks.studies.ray_projection [--tokens 700] [--mfu 0.3] [--gpu-tflops 989] [--usd-per-gpu-hour 2.5]
 
 A FLOP model anchored on ratios measured in this repo (no GPU was lent, so no GPU rate is measured):
 

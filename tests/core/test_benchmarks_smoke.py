@@ -158,11 +158,11 @@ def test_a_scale_rerun_replaces_its_own_figures_and_keeps_the_merged_ones(tmp_pa
 
 
 def test_hessian_targets_benchmark_compares_each_sampled_hessian_with_all_dev_samples(tmp_path):
-    from benchmarks.hessian_targets import compare
+    from benchmarks.studies.hessian_targets import compare
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hessian_targets", "--smoke", "--work-dir", str(tmp_path),
+        [sys.executable, "-m", "benchmarks.studies.hessian_targets", "--smoke", "--work-dir", str(tmp_path),
          "--results-dir", str(tmp_path / "results")],
         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=540,
     )
