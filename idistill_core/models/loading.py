@@ -90,7 +90,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get("IDISTILL_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / ".idistill" / "cache"
+    return Path(__file__).resolve().parents[2] / ".idistill" / "cache"
 
 
 # ---------------------------------------------------------------------------------------------------------

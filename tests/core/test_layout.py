@@ -18,3 +18,12 @@ def test_core_sources_never_mention_dagster_imports():
     for path in Path(idistill_core.__file__).parent.glob("*.py"):
         text = path.read_text()
         assert "import dagster" not in text and "from dagster" not in text, path
+
+
+def test_relative_profile_paths_resolve_against_the_repository_root():
+    from pathlib import Path
+
+    from idistill_core.project.settings import REPO_ROOT
+
+    assert REPO_ROOT == Path(__file__).resolve().parents[2]
+    assert (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "workspace.yaml").is_file()
