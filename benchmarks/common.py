@@ -305,7 +305,8 @@ def bench_recipe(max_length: int, seed: int, embed: dict, gradients: dict, propa
 
 def tokenized(path: Path, tokenizer, max_length: int, limit: int | None = None):
     """Tokenized examples (``datasets.Dataset``) of a jsonl file in our row schema."""
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
 
     return tokenize_rows(load_rows(path, limit=limit), tokenizer, max_length).examples
 

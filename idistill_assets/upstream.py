@@ -28,7 +28,7 @@ def load_pool_rows(res: IdistillResource):
 
 def tokenized_pool(res: IdistillResource, tokenizer):
     """The pool tokenized with the recipe's max length (``TokenizeResult``)."""
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
 
     recipe = res.settings.recipe
     return tokenize_rows(load_pool_rows(res), tokenizer, recipe.max_length, on_overflow=recipe.on_overflow)

@@ -73,7 +73,8 @@ def _backend(args):
 
 def _select(args) -> int:
     from idistill_core.backends import ModelSource
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
     from idistill_core.models.loading import load_model
     from idistill_core.pipeline.run import run_selection
     from idistill_core.project import validate
@@ -171,7 +172,8 @@ def _read_selection(path: str) -> dict:
 
 
 def _finetune(args) -> int:
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
     from idistill_core.models.loading import load_model
     from idistill_core.project import validate
     from idistill_core.training.finetune import FinetuneConfig, finetune

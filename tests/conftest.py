@@ -18,7 +18,8 @@ def tiny():
 def data(tmp_path_factory, tiny):
     """(pool, arith dev) tokenized examples of a 120-sample built-in pool."""
     from idistill_core.data.builtin import write_builtin
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
 
     folder = tmp_path_factory.mktemp("builtin")
     write_builtin(folder, pool_size=120, seed=0, dev_size=6, test_size=4)

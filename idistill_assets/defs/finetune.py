@@ -30,7 +30,7 @@ def checkpoint_path(res: IdistillResource, target: str, asset: str) -> str:
 
 def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -> dg.MaterializeResult:
     """Fine-tune a fresh copy of the base model on pool rows ``ids``; checkpoint path = target + data version."""
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
     from idistill_core.training.finetune import finetune
 
     s = res.settings

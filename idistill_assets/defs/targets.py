@@ -86,7 +86,7 @@ def _partitioned(name: str, deps: list, kinds: set[str], version: str, **kwargs)
 )
 def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
     """Projected, unit-normalised gradients of the target's dev samples (never preconditioned, paper §3.4)."""
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
     from idistill_core.pipeline.gradients import compute_gradients
 
     spec = target_spec_for(idistill, context.partition_key)
@@ -141,7 +141,7 @@ def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillReso
     out = {"landmarks": values, "holdout": holdout}
     extra = {}
     if spec.order == "second":
-        from idistill_core.data.rows import tokenize_rows
+        from idistill_core.data.chat import tokenize_rows
         from idistill_core.pipeline.second_order import second_order_terms_for
 
         model, tokenizer, pre = gradient_model(idistill)
@@ -254,7 +254,7 @@ def _score_target(res: IdistillResource, spec) -> dict:
     import torch
 
     from idistill_core import methods
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
     from idistill_core.methods.base import SelectionContext
     from idistill_core.methods.exact import exact_outcome
     from idistill_core.methods.id import landmark_outcome

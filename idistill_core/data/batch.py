@@ -121,9 +121,11 @@ def padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
 # batches of a tokenized ``datasets.Dataset`` (columns sample_id, input_ids, labels)
 # ---------------------------------------------------------------------------------------------------------
 def pad_id(tokenizer) -> int:
-    """The tokenizer's pad id, or its end-of-sequence id when it has none (padding is masked either way)."""
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
+    """The tokenizer's pad id, else its end-of-sequence id, else 0 (padding is masked either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def rows_for(examples, ids: Sequence[str] | None) -> list[int]:

@@ -12,6 +12,10 @@
 
 Safety: weights are only read from safetensors or GGUF (never ``torch.load``/pickle) and remote code is never
 trusted. See ``../shared/research/feasibility.md`` §1 for the GGUF gotchas handled here.
+
+Why one module of ~500 lines: every spec kind ends in the same `_finish` (supported-class check, eval mode,
+fingerprint), and the GGUF conversion is only reached through the default-model fetch; split, each half would
+import the other's private helpers.
 """
 
 from __future__ import annotations

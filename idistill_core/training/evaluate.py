@@ -16,6 +16,10 @@ Metrics (scores are fractions in [0, 1], except ``nll`` in nats per token):
 
 Every metric also reports ``details["answer_nll"]`` (the ``nll`` score) unless ``EvalConfig.answer_nll``
 is off.
+
+Why one module of ~600 lines: the four metrics share the prompt rendering, the greedy decoder and the
+stop tokens, and the lm-evaluation-harness bridge must render prompts exactly as they do (same functions), so
+splitting would scatter one contract over files.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from idistill_core.data.rows import normalize_number, render_chat
+from idistill_core.data.batch import pad_id
+from idistill_core.data.chat import render_chat
+from idistill_core.data.formats import normalize_number
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.project.targets import LM_EVAL_TASKS
 from idistill_core.store.hashing import config_fingerprint
@@ -246,13 +252,6 @@ def stop_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) -> list
     return sorted(ids)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -274,7 +273,7 @@ def generate_greedy(
     from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer, model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     # An explicit config, so sampling settings shipped with the model (temperature, top_p) never apply.
     gen_config = GenerationConfig(
         max_new_tokens=config.max_new_tokens,
@@ -314,7 +313,7 @@ def continuation_logprobs(
     model: torch.nn.Module,
     pairs: Sequence[tuple[list[int], list[int]]],
     batch_size: int,
-    pad_id: int,
+    pad_token: int,
     max_length: int,
     progress: bool = False,
 ) -> list[torch.Tensor]:
@@ -338,7 +337,7 @@ def continuation_logprobs(
     for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress):
         chunk = order[start : start + batch_size]
         width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad_token, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
             ids = seqs[i][0] + seqs[i][1]
@@ -443,7 +442,7 @@ def _eval_mc(model, tokenizer, rows, prompt_ids, references, config, progress) -
             )
             owners.append(r)
     scores = continuation_logprobs(
-        model, pairs, config.batch_size, _pad_id(tokenizer), config.max_length, progress
+        model, pairs, config.batch_size, pad_id(tokenizer), config.max_length, progress
     )
     per_row: list[list[float]] = [[] for _ in rows]
     for r, logp in zip(owners, scores):
@@ -478,7 +477,7 @@ def _eval_nll(model, tokenizer, rows, prompt_ids, references, config, progress) 
             raise DataError(f"target row '{row['sample_id']}' has an empty assistant reference")
         pairs.append((prompt, ids))
     logps = continuation_logprobs(
-        model, pairs, config.batch_size, _pad_id(tokenizer), config.max_length, progress
+        model, pairs, config.batch_size, pad_id(tokenizer), config.max_length, progress
     )
     predictions = []
     total = 0.0

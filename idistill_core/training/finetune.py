@@ -17,6 +17,10 @@ What stays here, and why no library does it:
   and a killed run never leaves a half-written directory (``Trainer`` saves to a fixed ``output_dir``).
 
 A step is one optimizer update over ``grad_accum`` micro-batches of ``batch_size`` examples (per device).
+
+Why one module of ~700 lines: the TRL mapping, the weighted loss and the cached atomic checkpoint are one
+contract (a checkpoint's key is the recipe + data + base model the trainer saw); most of the length is
+docstrings of that contract.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-from idistill_core.data.batch import IGNORE_INDEX
+from idistill_core.data.batch import IGNORE_INDEX, pad_id
 from idistill_core.errors import ConfigError, DataError, NumericalError, StoreError
 from idistill_core.models.loading import model_fingerprint
 from idistill_core.store.hashing import config_fingerprint
@@ -448,7 +452,7 @@ def _build_trainer(model, tokenizer, rows, sample_weights, config, scratch, prog
     processing = copy.deepcopy(tokenizer)
     if processing.pad_token is None:
         processing.pad_token = processing.eos_token
-    inner = DataCollatorForLanguageModeling(pad_token_id=_pad_token_id(processing))
+    inner = DataCollatorForLanguageModeling(pad_token_id=pad_id(processing))
 
     def collate(features: list[dict]) -> dict:
         batch = inner([{k: v for k, v in f.items() if k != "weight"} for f in features])
@@ -640,13 +644,6 @@ def _resolve_weights(
     if not any(resolved.values()):
         raise DataError("FinetuneConfig.use_weights is set but every sample weight is 0")
     return resolved
-
-
-def _pad_token_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _cache_key(config: FinetuneConfig, rows: list[dict], weights: dict[str, float] | None, base: str) -> str:

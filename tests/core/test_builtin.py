@@ -11,12 +11,12 @@ import pytest
 
 from idistill_core.data.builtin import (
     BUILTIN_TARGETS,
-    GENERATORS,
     POOL_WEIGHTS,
     allocate_counts,
     write_builtin,
     write_gsm8k,
 )
+from idistill_core.data.builtin_tasks import GENERATORS
 from idistill_core.data.rows import load_rows
 from idistill_core.errors import ConfigError, DataError
 
@@ -171,7 +171,7 @@ def test_mcq_letter_points_at_the_correct_choice(built):
 
 
 def test_held_out_targets_use_people_never_seen_in_the_pool(built):
-    from idistill_core.data.builtin import HELDOUT_NAMES, HELDOUT_TOWNS
+    from idistill_core.data.builtin_tasks import HELDOUT_NAMES, HELDOUT_TOWNS
 
     pool_text = built.pool_path.read_text(encoding="utf-8")
     assert not [name for name in (*HELDOUT_NAMES, *HELDOUT_TOWNS) if re.search(rf"\b{name}\b", pool_text)]

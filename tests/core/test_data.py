@@ -13,14 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from idistill_core.data.batch import IGNORE_INDEX, iter_batches
-from idistill_core.data.rows import (
-    encode_conversation,
-    load_rows,
-    normalize_number,
-    prompt_messages,
-    render_chat,
-    tokenize_rows,
-)
+from idistill_core.data.chat import encode_conversation, prompt_messages, render_chat, tokenize_rows
+from idistill_core.data.formats import normalize_number
+from idistill_core.data.rows import load_rows
 from idistill_core.errors import DataError
 
 RAW = Path(__file__).resolve().parents[1] / "fixtures" / "raw"

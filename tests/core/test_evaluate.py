@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from idistill_core.data.rows import render_chat
+from idistill_core.data.chat import render_chat
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.models.loading import load_model
 from idistill_core.training.evaluate import (
@@ -328,7 +328,7 @@ def test_lm_eval_harness_and_our_metric_give_the_same_exact_match(tmp_path):
     the right gold and the same four with a wrong gold, gets 0.5 from both."""
     import datasets
 
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
     from idistill_core.models.loading import load_model
     from idistill_core.training.evaluate import evaluate_lm_eval
     from idistill_core.training.finetune import FinetuneConfig, finetune

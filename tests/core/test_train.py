@@ -354,7 +354,7 @@ def test_loss_positions_are_those_of_our_tokenisation_and_of_trls_own_assistant_
     import datasets
     import trl
 
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
     from idistill_core.training.finetune import _read_examples, sft_dataset
 
     rows = [
@@ -417,7 +417,7 @@ def test_bad_examples_are_rejected_naming_the_sample():
 
 def test_finetuned_tiny_llama_learns_its_answers_and_reloads_with_its_tokenizer(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from idistill_core.data.rows import tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
     from idistill_core.models.loading import load_model
     from idistill_core.training.evaluate import EvalConfig, evaluate
 

@@ -22,7 +22,8 @@ MAX_LENGTH = 192
 
 def tiny_pool(folder: Path):
     """(LoadedModel, tokenized examples) of the 120-sample built-in pool written to ``folder``."""
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
     from idistill_core.models.loading import load_model
 
     loaded = load_model("tiny-llama", attn_implementation="eager")

@@ -65,7 +65,8 @@ def test_nan_in_a_later_sample_rolls_the_store_back_and_says_so(poisoned, tmp_pa
 
 
 def test_failed_resumable_gradients_remove_only_their_own_shards(poisoned, tmp_path):
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
     from idistill_core.models.loading import load_model
     from idistill_core.pipeline.gradients import compute_gradients_resumable
     from idistill_core.steps.gradients import GradientConfig

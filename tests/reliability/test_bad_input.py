@@ -188,7 +188,8 @@ def test_overlong_sample_is_refused_by_config_naming_it(data, tmp_path, capsys, 
 def test_overlong_sample_is_truncated_and_counted_by_default_and_a_table_of_another_model_is_refused(
     data, tmp_path, capsys
 ):
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
     from idistill_core.models.loading import load_model
 
     tokenizer = load_model("tiny-llama").tokenizer
