@@ -22,7 +22,8 @@ from benchmarks.common import machine_info, write_json_atomic
 def main() -> None:
     from benchmarks.studies import legacy_finetune_loop as legacy
     from idistill_core.data.builtin import write_builtin
-    from idistill_core.data.rows import load_rows, tokenize_rows
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
     from idistill_core.models.loading import load_model
     from idistill_core.project.settings import load_settings
     from idistill_core.training import finetune as train
