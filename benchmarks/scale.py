@@ -3,8 +3,13 @@ dimension, the shared propagation coefficients and a new target's selection, at 
 
 Per size, two fresh child processes (so each peak RSS, ``ru_maxrss``, is that phase's own):
 
-- ``build``: ingest N vectors (MB-sized commits), the missing-id check (anti-join) for N + 1000 ids, a read of
-  10k random ids, and the coefficient table ``C (N, L)`` at L = 1024 (chunked, resumable).
+- ``build``: ingest N vectors through the pipeline's own writer (``pipeline.embeddings._fill_store``, what
+  ``embed_pool`` runs for the local and the Ray backend: batches of 8, a commit every 256 rows), so the table is
+  the one production leaves; reads of 100, 1,000 and 10,000 random ids, a chunked pass over 40,960 pool ids in
+  order (the coefficient build's pattern) and the missing-id check (anti-join) for N + 1000 ids, timed side by
+  side (5 repeats, alternating) on the table as committed (the Lance version before the writer's closing
+  ``optimize()``, read by time travel) and as the writer leaves it; then the coefficient table ``C (N, L)`` at
+  L = 1024 (chunked, resumable) on the optimised table.
 - ``target``: three new targets, each: landmark values ``V = G_L ḡ_T`` from stored landmark and target
   sketches, ``C · V`` streamed from the coefficient table, top-k with simplex weights. No target gradients
   (they cost the same at any N). Also a second 10k-id read with the table already built.
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +35,14 @@ import numpy as np
 
 DIM = 1024
 """The default embedding dimension (EmbedConfig default proj_dim)."""
+COMMIT_EVERY = 256
+"""``embed_pool``'s default ``commit_every``."""
+READ_REPEATS = 5
+"""Repeats of every read per table state, alternating the state read first."""
+READ_SIZES = (100, 1000, 10_000)
+"""Random id sets read side by side (besides a chunked pass over 40,960 pool ids and the missing-id check)."""
+BATCH = 8
+"""The default ``EmbedConfig.batch_size``: what each backend batch hands the writer."""
 
 
 def _rss_gib() -> float:
@@ -51,6 +65,7 @@ def _landmarks(n: int, num_landmarks: int, seed: int) -> list[str]:
 
 
 def child_build(n: int, work: Path, num_landmarks: int, seed: int) -> dict[str, Any]:
+    from idistill_core.pipeline.embeddings import _fill_store
     from idistill_core.pipeline.propagation import shared_coefficients
     from idistill_core.steps.propagate import PropagateConfig
 
@@ -58,25 +73,76 @@ def child_build(n: int, work: Path, num_landmarks: int, seed: int) -> dict[str, 
     ids = _ids(n)
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(64, DIM)).astype(np.float32)  # clustered, as real embeddings are
-    out: dict[str, Any] = {"n": n}
+    out: dict[str, Any] = {"n": n, "commit_every": COMMIT_EVERY, "batch_size": BATCH}
+
+    def stream():  # what a backend yields: (ids, vectors) per batch of the embedding config's size
+        for first in range(0, n, COMMIT_EVERY):
+            rows = min(COMMIT_EVERY, n - first)
+            vectors = centers[rng.integers(0, 64, rows)] + 0.5 * rng.normal(size=(rows, DIM)).astype(np.float32)
+            for b in range(0, rows, BATCH):
+                yield ids[first + b : first + min(b + BATCH, rows)], vectors[b : b + BATCH]
+
+    closing = store.optimize
+
+    def held_back() -> dict:  # the writer's closing optimize, held back: it is called (and timed) below
+        layout = store.layout()
+        return {"seconds": 0.0, "before": layout, "after": layout}
+
+    store.optimize = held_back
     start = time.perf_counter()
-    step = 50_000
-    for first in range(0, n, step):
-        rows = min(step, n - first)
-        vectors = centers[rng.integers(0, 64, rows)] + 0.5 * rng.normal(size=(rows, DIM)).astype(np.float32)
-        store.insert_missing(ids[first : first + rows], vectors, optimize_after_rows=10**12)
-    store.optimize()
+    _fill_store(store, stream(), n, n, 0.0, start, COMMIT_EVERY, None, "embeddings")
     out["ingest_seconds"] = time.perf_counter() - start
+    del store.optimize
     out["rows"] = store.count()
+    committed = store.version
+    out["layout_as_committed"] = store.layout()
     start = time.perf_counter()
-    missing = store.missing_ids(ids + [f"new-{i}" for i in range(1000)])
-    out["missing_check_seconds"] = time.perf_counter() - start
-    assert len(missing) == 1000
-    wanted = [ids[i] for i in rng.choice(n, size=10_000, replace=False)]
+    out["optimize"] = closing()
+    out["optimize_seconds"] = time.perf_counter() - start
+    out["layout_optimized"] = store.layout()
+    # Both states side by side: the version as committed stays readable (time travel; optimize prunes only versions
+    # older than 7 days), so each repeat reads the same 10k random ids from both, alternating which goes first.
+    states = {"as_committed": store.at_version(committed), "optimized": store.at_version(store.version)}
+    reads = {f"read_{size}_random": size for size in READ_SIZES} | {"pool_chunks_40960": None, "missing_check": None}
+    timings: dict[str, dict[str, list[float]]] = {state: {r: [] for r in reads} for state in states}
+    probe_ids = ids + [f"new-{i}" for i in range(1000)]
+    for repeat in range(READ_REPEATS):
+        wanted = {r: [ids[i] for i in rng.choice(n, size=size, replace=False)] for r, size in reads.items() if size}
+        first = rng.integers(0, n - 40_960)
+        for state in list(states) if repeat % 2 == 0 else list(states)[::-1]:
+            view = states[state]
+            for r in reads:
+                start = time.perf_counter()
+                if r == "missing_check":
+                    assert len(view.missing_ids(probe_ids)) == 1000
+                elif r == "pool_chunks_40960":  # how the coefficient build reads the pool: 4,096 ids per chunk
+                    for _ in view.iter_chunks(4096, sample_ids=ids[first : first + 40_960]):
+                        pass
+                else:
+                    assert view.read(wanted[r]).shape == (len(wanted[r]), DIM)
+                timings[state][r].append(time.perf_counter() - start)
+    out["reads"] = {
+        r: {
+            **{f"{state}_s": round(statistics.median(timings[state][r]), 4) for state in states},
+            "as_committed_over_optimized_per_repeat": [
+                round(a / b, 2) for a, b in zip(timings["as_committed"][r], timings["optimized"][r], strict=True)
+            ],
+        }
+        for r in reads
+    }
+    for record in out["reads"].values():  # paired: the median of the per-repeat ratios (load hits a pair alike)
+        record["as_committed_over_optimized"] = statistics.median(record["as_committed_over_optimized_per_repeat"])
+    out["read_10k_ids_seconds_as_committed"] = out["reads"]["read_10000_random"]["as_committed_s"]
+    out["read_10k_ids_seconds_optimized"] = out["reads"]["read_10000_random"]["optimized_s"]
+    out["missing_check_seconds"] = out["reads"]["missing_check"]["optimized_s"]
+    out["read_10k_ids_seconds_cold"] = timings["optimized"]["read_10000_random"][0]
+    # a later pass appending 256 rows to the full table: what its closing optimize costs (bounded fragments)
+    extra = [f"late-{i}" for i in range(COMMIT_EVERY)]
     start = time.perf_counter()
-    block = store.read(wanted)
-    out["read_10k_ids_seconds_cold"] = time.perf_counter() - start
-    assert block.shape == (10_000, DIM)
+    _fill_store(store, iter([(extra, rng.normal(size=(len(extra), DIM)).astype(np.float32))]), n + len(extra),
+                len(extra), 0.0, start, COMMIT_EVERY, None, "embeddings")
+    out["append_256_with_optimize_seconds"] = time.perf_counter() - start
+    out["layout_after_append"] = store.layout()
     landmarks = _landmarks(n, num_landmarks, seed)
     start = time.perf_counter()
     _table, report = shared_coefficients(store, ids, landmarks, PropagateConfig())
@@ -173,10 +239,16 @@ def figures_from(per_size: dict[str, Any]) -> dict[str, float]:
         if record is None:
             continue
         figures[f"peak_rss_gib_{key}"] = round(record["target"]["peak_rss_gib"], 3)
+        build = record["build"]
+        if "reads" in build:
+            for read, record in build["reads"].items():
+                figures[f"{read}_as_committed_over_optimized_{key}"] = record["as_committed_over_optimized"]
+            figures[f"optimize_seconds_{key}"] = round(build["optimize_seconds"], 1)
+            figures[f"fragments_as_committed_{key}"] = build["layout_as_committed"]["fragments"]
         if key == "1m":
             figures["new_target_seconds_1m"] = round(max(record["target"]["new_target_seconds"]), 2)
-            figures["coefficients_seconds_1m"] = round(record["build"]["coefficients_seconds"], 1)
-            figures["read_10k_ids_seconds_1m"] = round(record["build"]["read_10k_ids_seconds_cold"], 3)
+            figures["coefficients_seconds_1m"] = round(build["coefficients_seconds"], 1)
+            figures["read_10k_ids_seconds_1m"] = round(build["read_10k_ids_seconds_cold"], 3)
     return figures
 
 
@@ -193,7 +265,10 @@ def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: 
     previous = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
     own = {f"peak_rss_gib_{k}" for k in ("100k", "1m")} | {
         "new_target_seconds_1m", "coefficients_seconds_1m", "read_10k_ids_seconds_1m"
-    }
+    } | {f"{f}_{k}" for f in ("optimize_seconds", "fragments_as_committed") for k in ("100k", "1m")} | {
+        f"{r}_as_committed_over_optimized_{k}" for r in [*(f"read_{s}_random" for s in READ_SIZES),
+                                                         "pool_chunks_40960", "missing_check"]
+        for k in ("100k", "1m")}
     figures_all = {**{k: v for k, v in previous.items() if k not in own}, **figures}
     record = {
         "benchmark": "scale",

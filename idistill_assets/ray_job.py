@@ -15,8 +15,13 @@ Two launchers, one driver (this module's ``main``), chosen by the profile's ``ba
   ``PipesRayJobClient`` submits ``python -m idistill_assets.ray_job`` as a Ray job; the driver runs inside the
   cluster (``ray.init('auto')``) and its logs are tailed back into Dagster.
 - otherwise: Dagster's ``PipesSubprocessClient`` runs the same command here; the driver joins ``ray_address``
-  (or starts a private local cluster when that is None). This is what the tests run: the cluster's job server
-  needs ``ray[default]``, which this project does not install.
+  (or starts a private local cluster when that is None).
+
+Both run in the tests: ``tests/ray/test_ray_backend.py`` the subprocess launcher on a local cluster,
+``tests/ray/test_job_submission.py`` job submission to a local head with its job server (``ray[default]``).
+Progress lines (done / total, time left) go through Pipes into the run log (``idistill_assets.progress``).
+The workers read the tokenized pool rows themselves, by window, from a Lance table the driver writes once to
+``backend.pool_uri`` (default here: the LanceDB folder), so token ids never travel through Ray's object store.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class _PipesLogHandler(logging.Handler):
 
 
 def _embeddings(pipes, res, backend) -> dict:
+    from idistill_assets.progress import eta_logger
     from idistill_assets.upstream import tokenized_pool
     from idistill_core.backends import ModelSource
     from idistill_core.pipeline.embeddings import embed_pool
@@ -80,10 +86,7 @@ def _embeddings(pipes, res, backend) -> dict:
     tokenized = tokenized_pool(res, loaded.tokenizer)
     store = res.store()
 
-    def on_commit(done: int, total: int) -> None:
-        pipes.log.info(
-            f"embeddings on Ray: committed {done} / {total} new samples (lance version {store.version})"
-        )
+    on_commit = eta_logger(pipes.log, "embeddings on Ray: committed", "new samples")
 
     report = embed_pool(
         loaded.model,
@@ -105,6 +108,7 @@ def _embeddings(pipes, res, backend) -> dict:
 
 
 def _landmarks(pipes, res, backend, ids: list[str], shard_dir: str) -> dict:
+    from idistill_assets.progress import eta_logger
     from idistill_assets.upstream import gradient_model, tokenized_pool, warmup_dir
     from idistill_core.backends import ModelSource
     from idistill_core.models.loading import load_model
@@ -121,8 +125,7 @@ def _landmarks(pipes, res, backend, ids: list[str], shard_dir: str) -> dict:
     tokenized = tokenized_pool(res, tokenizer)
     start = time.perf_counter()
 
-    def on_chunk(number: int, total: int) -> None:
-        pipes.log.info(f"landmark gradients on Ray: wrote shard {number} / {total}")
+    on_chunk = eta_logger(pipes.log, "landmark gradients on Ray: wrote shard", "")
 
     compute_gradients_resumable(
         model,
@@ -154,6 +157,10 @@ def main() -> int:
         address = pipes.extras.get("ray_address")
         if address:
             backend = dataclasses.replace(backend, ray_address=address)
+        if backend.pool_uri is None:
+            # the workers read their pool windows from the LanceDB folder (shared storage or an object store on a
+            # cluster), not from token ids shipped through Ray's object store
+            backend = dataclasses.replace(backend, pool_uri=str(res.settings.lancedb_uri))
         handler = _PipesLogHandler(pipes)
         logging.getLogger("idistill").addHandler(handler)
         logging.getLogger("idistill").setLevel(logging.INFO)

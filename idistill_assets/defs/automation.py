@@ -197,25 +197,67 @@ refresh_job = dg.define_asset_job(
 )
 
 
-def registry_versions(res: IdistillResource) -> dict[str, str]:
+REGISTRY_CHECK = "registry_valid"
+"""The check on `target_spec` / `mix_spec` that fails, with each invalid file's one-line error, while a registry
+file cannot be read; the registry sensors report it (a sensor never crashes on a bad file)."""
+_INVALID = "!invalid"
+"""Cursor key of the invalid files' errors (no partition key can start with '!')."""
+
+
+def _versions(specs: dict, errors: dict[str, str]) -> dict[str, str]:
+    """Each spec's version; a spec whose dev/test file cannot be hashed (a folder, unreadable) joins ``errors``."""
+    versions = {}
+    for name, spec in specs.items():
+        try:
+            versions[name] = spec.version()
+        except OSError as error:
+            errors[name] = f"{spec.source_file}: cannot read a file it names ({error.strerror or error}: {error.filename})."
+    return versions
+
+
+def registry_versions(res: IdistillResource, errors: dict[str, str] | None = None) -> dict[str, str]:
+    """Version of every valid target spec; with ``errors``, invalid files are recorded there (file stem -> one
+    line) instead of raising."""
     from idistill_core.project.targets import load_registry
 
-    specs = load_registry(res.settings.targets_dir, res.settings.data_roots)
-    return {name: spec.version() for name, spec in specs.items()}
+    specs = load_registry(res.settings.targets_dir, res.settings.data_roots, errors)
+    return _versions(specs, errors if errors is not None else {})
+
+
+def registry_check(errors: dict[str, str], spec_key: str = "target_spec", what: str = "target"):
+    """The `registry_valid` check's evaluation: passed, or failed with each invalid file's line."""
+    lines = [errors[name] for name in sorted(errors)]
+    return dg.AssetCheckEvaluation(
+        asset_key=key(spec_key),
+        check_name=REGISTRY_CHECK,
+        passed=not errors,
+        description=lines[0] if lines else f"every {what} file is valid",
+        metadata={"invalid_files": len(lines), "errors": "\n".join(lines) or "none"},
+    )
 
 
 def registry_tick(
     current: dict[str, str], known_partitions: set[str], cursor: str | None,
     partitions_def: dg.DynamicPartitionsDefinition = targets, spec_key: str = "target_spec", what: str = "target",
+    errors: dict[str, str] | None = None,
 ):
     """One tick of the registry: partitions to add/remove and an observation per new or edited spec. No runs:
-    declarative automation decides what the new data versions require."""
+    declarative automation decides what the new data versions require.
+
+    ``errors`` (file stem -> one-line error) are the files that cannot be read: they get no new partition, an
+    existing partition is kept (and its last valid version) until the file is fixed or deleted, and the
+    `registry_valid` check is reported failed with their lines whenever the set of errors changes (passed again
+    once it is empty)."""
+    errors = dict(errors or {})
     previous = json.loads(cursor) if cursor else {}
+    previous_errors = previous.pop(_INVALID, {})
     added = sorted(set(current) - known_partitions)
-    removed = sorted(known_partitions - set(current))
+    removed = sorted(known_partitions - set(current) - set(errors))
     observed = sorted(k for k in current if previous.get(k) != current[k])
-    if not (added or removed or observed):
-        return dg.SkipReason(f"{what} registry unchanged ({len(current)} {what}s)")
+    check_changed = errors != previous_errors
+    if not (added or removed or observed or check_changed):
+        invalid = f"; {len(errors)} invalid: {errors[min(errors)]}" if errors else ""
+        return dg.SkipReason(f"{what} registry unchanged ({len(current)} {what}s{invalid})")
     requests = []
     if added:
         requests.append(partitions_def.build_add_request(added))
@@ -227,33 +269,53 @@ def registry_tick(
         )
         for name in observed
     ]
+    if check_changed:
+        observations.append(registry_check(errors, spec_key, what))
     return dg.SensorResult(
         dynamic_partitions_requests=requests,
         asset_events=observations,
-        cursor=json.dumps(current, sort_keys=True),
+        cursor=json.dumps({**current, **({_INVALID: errors} if errors else {})}, sort_keys=True),
     )
 
 
 @dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING)
 def target_registry_sensor(context: dg.SensorEvaluationContext, idistill: IdistillResource):
-    """Syncs targets/*.yaml to the `targets` partitions and observes each new or edited spec; launches nothing."""
+    """Syncs targets/*.yaml to the `targets` partitions and observes each new or edited spec; launches nothing.
+    A file that cannot be read fails the `registry_valid` check with its line; the sensor itself never fails."""
+    from idistill_core.errors import IdistillError
+
     known = set(context.instance.get_dynamic_partitions(targets.name))
-    return registry_tick(registry_versions(idistill), known, context.cursor)
+    errors: dict[str, str] = {}
+    try:
+        versions = registry_versions(idistill, errors)
+    except IdistillError as error:  # the profile itself is invalid: nothing to sync until it is fixed
+        return dg.SkipReason(f"target registry not read: {error}")
+    return registry_tick(versions, known, context.cursor, errors=errors)
 
 
-def mix_versions(res: IdistillResource) -> dict[str, str]:
+def mix_versions(res: IdistillResource, errors: dict[str, str] | None = None) -> dict[str, str]:
+    """Version of every valid mix spec; with ``errors``, invalid mix files are recorded there instead of raising
+    (an invalid target file only makes the target unknown to the mixes: its own check reports it)."""
     from idistill_core.project.mixes import load_mixes
     from idistill_core.project.targets import load_registry
 
-    known = load_registry(res.settings.targets_dir, res.settings.data_roots)
-    return {name: spec.version() for name, spec in load_mixes(res.settings.targets_dir, known).items()}
+    known = load_registry(res.settings.targets_dir, res.settings.data_roots, {} if errors is not None else None)
+    return _versions(load_mixes(res.settings.targets_dir, known, errors), errors if errors is not None else {})
 
 
 @dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING)
 def mix_registry_sensor(context: dg.SensorEvaluationContext, idistill: IdistillResource):
-    """Syncs targets/mixes/*.yaml to the `mixes` partitions and observes each new or edited mix; launches nothing."""
+    """Syncs targets/mixes/*.yaml to the `mixes` partitions and observes each new or edited mix; launches nothing.
+    A file that cannot be read fails the `registry_valid` check of `mix_spec` with its line; never a crash."""
+    from idistill_core.errors import IdistillError
+
     known = set(context.instance.get_dynamic_partitions(mixes.name))
-    return registry_tick(mix_versions(idistill), known, context.cursor, mixes, "mix_spec", "mix")
+    errors: dict[str, str] = {}
+    try:
+        versions = mix_versions(idistill, errors)
+    except IdistillError as error:
+        return dg.SkipReason(f"mix registry not read: {error}")
+    return registry_tick(versions, known, context.cursor, mixes, "mix_spec", "mix", errors=errors)
 
 
 def stale_or_missing(instance: dg.DagsterInstance, asset_graph) -> dict[str | None, list[dg.AssetKey]]:
@@ -337,9 +399,37 @@ def prune_artifact_versions(context: dg.OpExecutionContext, idistill: IdistillRe
     )
 
 
-@dg.job(description="Weekly maintenance: LanceDB compaction + old-version cleanup, artefact retention.")
+def collect_coefficient_garbage(res: IdistillResource, older_than=None) -> dict:
+    """Drop the propagation coefficient tables other than the current one (the propagation's recorded table) that
+    nothing wrote to for ``older_than`` (default 7 days: a target run that opened one may still read it), and prune
+    the current table's old versions (issue 24: tables are keyed by content, so a stale one is never read again)."""
+    from idistill_assets.upstream import propagation_path
+    from idistill_core.pipeline.propagation import CoefficientTable
+    from idistill_core.store import artifacts
+
+    uri, keep = str(res.settings.lancedb_uri), []
+    if propagation_path(res).exists():
+        state = artifacts.read_json(propagation_path(res))
+        uri, keep = state["uri"], [state["table"]]
+    elif not res.settings.lancedb_uri.exists():
+        return {"dropped": [], "kept": [], "versions_pruned": 0, "bytes_freed": 0}
+    return CoefficientTable.collect_garbage(uri, keep, older_than)
+
+
+@dg.op(pool=WRITER_POOL)
+def collect_coefficient_tables(context: dg.OpExecutionContext, idistill: IdistillResource) -> None:
+    """Drop stale propagation coefficient tables and prune the current one's old versions (writers' pool)."""
+    result = collect_coefficient_garbage(idistill)
+    context.log.info("coefficient tables: %s", result)
+
+
+@dg.job(
+    description="Weekly maintenance: LanceDB compaction + old-version cleanup, stale coefficient tables dropped, "
+    "artefact retention."
+)
 def lancedb_maintenance_job():
     optimize_embeddings()
+    collect_coefficient_tables()
     prune_artifact_versions()
 
 

@@ -14,6 +14,7 @@ the two backends compute the same floats up to kernel and thread-count effects.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ class BackendConfig:
     of retry after an actor dies."""
     max_restarts: int = 3
     """Times Ray restarts a dead actor (and retries its task) before the job fails."""
+    pool_uri: str | None = None
+    """Where the driver writes the tokenized rows to compute (one Lance table per job, dropped after it) for the
+    workers to read their own window of: a folder every node sees, or an object-store URI (``s3://bucket/path``,
+    credentials and endpoint from the usual ``AWS_*`` variables on every node). None: a temporary folder on the
+    driver's machine, which only a cluster on that machine can read."""
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
@@ -65,6 +71,12 @@ class BackendConfig:
             raise ConfigError(f"backend.samples_per_task must be >= 1; got {self.samples_per_task}.")
         if self.max_restarts < 0:
             raise ConfigError(f"backend.max_restarts must be >= 0; got {self.max_restarts}.")
+        if self.object_store_mb is not None and self.object_store_mb < 1:
+            raise ConfigError(f"backend.object_store_mb must be >= 1 or null; got {self.object_store_mb}.")
+        for name in ("cpus_per_actor", "gpus_per_actor"):
+            value = getattr(self, name)
+            if value is not None and math.isnan(value):  # NaN passes every comparison above
+                raise ConfigError(f"backend.{name} must be a number; got {value}.")
 
 
 LOCAL = BackendConfig()

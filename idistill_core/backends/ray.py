@@ -7,6 +7,11 @@ restarts a killed actor and retries its task (``max_restarts``); results stream 
 the one writer: it commits them in chunks to LanceDB (insert-if-missing keyed by ``sample_id``), so a killed job
 resumes from its last commit and a duplicate row from a retried task can never reach the table.
 
+The token ids never travel through the object store: the driver writes the rows to compute once, in task order,
+to a Lance table at ``backend.pool_uri`` (a shared folder or an object-store URI; a temporary folder for a local
+cluster) and a task is only ``(table, first row, rows)``; each actor reads its own window (issue 24: at 5.8M
+samples the old tasks put ~32 GB of token ids into the object store). The table is dropped when the job ends.
+
 Why not ``lance_ray.write_lance`` (workers writing Lance fragments, one commit): it appends, with no key, so a
 retried task or a second job on the same table would add a second row for an id; and a single commit at the end
 would lose a killed job's work. The store's keyed insert-if-missing, committed every ``commit_every`` rows by
@@ -22,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -74,19 +82,32 @@ class _Worker:
         self.pad_id = pad_id
         self.preconditioner = preconditioner
 
+    def _window(self, uri: str, table: str, offset: int, count: int):
+        """Rows ``offset .. offset+count`` of the job's pool table, read by this actor (its own I/O)."""
+        import lancedb
+
+        key = (uri, table)
+        if getattr(self, "_table_key", None) != key:
+            self._dataset = lancedb.connect(uri).open_table(table).to_lance()
+            self._table_key = key
+        return self._dataset.to_table(columns=list(_COLUMNS), offset=offset, limit=count)
+
     def __call__(self, block) -> dict[str, np.ndarray]:
         from idistill_core.data.batch import iter_batches
 
-        examples = [
-            {"sample_id": s, "input_ids": i, "labels": lab}
-            for ids, inputs, labels in zip(
-                block.column("sample_ids").to_pylist(),
-                block.column("input_ids").to_pylist(),
-                block.column("labels").to_pylist(),
-                strict=True,
-            )
-            for s, i, lab in zip(ids, inputs, labels, strict=True)
-        ]
+        examples = []
+        for uri, table, offset, count in zip(
+            block.column("uri").to_pylist(), block.column("table").to_pylist(),
+            block.column("offset").to_pylist(), block.column("count").to_pylist(), strict=True,
+        ):
+            rows = self._window(uri, table, offset, count)
+            examples += [
+                {"sample_id": s, "input_ids": i, "labels": lab}
+                for s, i, lab in zip(
+                    rows.column("sample_id").to_pylist(), rows.column("input_ids").to_pylist(),
+                    rows.column("labels").to_pylist(), strict=True,
+                )
+            ]
         batches = iter_batches(examples, self.config.batch_size, self.pad_id)
         ids: list[str] = []
         rows: list[np.ndarray] = []
@@ -105,25 +126,50 @@ class _Worker:
         return {"sample_id": np.asarray(ids, dtype=object), "value": np.concatenate(rows).astype(np.float32)}
 
 
-def _tasks(examples, ids: Sequence[str], samples_per_task: int, batch_size: int):
-    """One single-row Arrow table per task (so one block per task: the unit Ray schedules and retries)."""
+_COLUMNS = {"sample_id": "string", "input_ids": "list<int32>", "labels": "list<int32>"}
+
+
+@contextlib.contextmanager
+def pool_table(examples, ids: Sequence[str], pool_uri: str | None, rows_per_write: int = 4096):
+    """The tokenized rows of ``ids`` (in that order) written once to a Lance table for the workers:
+    ``(uri, table name)``; dropped (and a temporary folder removed) on exit."""
+    import lancedb
+    import pyarrow as pa
+
+    folder = None
+    if pool_uri is None:
+        folder = tempfile.mkdtemp(prefix="idistill-ray-pool-")
+    uri = pool_uri or folder
+    schema = pa.schema([("sample_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    rows = select_rows(examples, ids).with_format("arrow")
+
+    def batches():
+        for start in range(0, len(ids), rows_per_write):
+            part = rows[start : start + rows_per_write]
+            yield pa.RecordBatch.from_arrays([part.column(c).combine_chunks().cast(schema.field(c).type) for c in _COLUMNS], schema=schema)
+
+    name = f"ray_pool_{uuid.uuid4().hex[:12]}"
+    db = lancedb.connect(uri)
+    try:
+        db.create_table(name, data=pa.RecordBatchReader.from_batches(schema, batches()), schema=schema)
+        yield uri, name
+    finally:
+        with contextlib.suppress(Exception):
+            db.drop_table(name)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tasks(uri: str, table: str, num_ids: int, samples_per_task: int, batch_size: int):
+    """One single-row Arrow table per task (one block per task: the unit Ray schedules and retries), naming only
+    its window of the pool table: ``(uri, table, offset, count)``."""
     import pyarrow as pa
 
     step = -(-samples_per_task // batch_size) * batch_size
-    rows = select_rows(examples, ids)
-    tables = []
-    for start in range(0, len(ids), step):
-        part = rows.select(range(start, min(start + step, len(ids))))
-        tables.append(
-            pa.table(
-                {
-                    "sample_ids": pa.array([list(part["sample_id"])], pa.list_(pa.string())),
-                    "input_ids": pa.array([list(part["input_ids"])], pa.list_(pa.list_(pa.int32()))),
-                    "labels": pa.array([list(part["labels"])], pa.list_(pa.list_(pa.int32()))),
-                }
-            )
-        )
-    return tables
+    return [
+        pa.table({"uri": [uri], "table": [table], "offset": [start], "count": [min(step, num_ids - start)]})
+        for start in range(0, num_ids, step)
+    ]
 
 
 def _stream(
@@ -142,11 +188,11 @@ def _stream(
     import ray
     import ray.data
 
-    with connected(backend):
+    with connected(backend), pool_table(examples, ids, backend.pool_uri) as (uri, table):
         gpus = backend.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        tasks = _tasks(examples, ids, backend.samples_per_task, config.batch_size)
+        tasks = _tasks(uri, table, len(ids), backend.samples_per_task, config.batch_size)
         logger.info(
             "ray: %d samples in %d tasks over %d actor(s) (%g CPU, %g GPU each) on %s",
             len(ids),

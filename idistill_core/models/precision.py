@@ -6,9 +6,17 @@ time) and 6x wrong on an AVX2-only CPU where bf16 is emulated. ``auto`` decides 
 1. capability: CUDA with native bf16 (``torch.cuda.is_bf16_supported(including_emulation=False)``); a CPU whose
    ``/proc/cpuinfo`` flags have ``amx_bf16`` or ``avx512_bf16`` AND whose ATen kernels run at an AVX512 level
    (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` lowers it). Anything else: float32.
-2. a measured probe (a few ms): the model's own MLP matmuls, ``(T, H) @ (H, I)`` and ``(T, I) @ (I, H)``, timed
-   in float32 and bfloat16 (best of a few repeats). bfloat16 is chosen only when it takes at most
-   ``PROBE_MARGIN`` of the float32 time, so the decision does not flip with timing noise between processes.
+2. a measured probe (milliseconds; seconds at 7B shapes) of the workload that will run, timed in float32 and bfloat16 (best of a few
+   interleaved repeats). bfloat16 is chosen only when it takes at most ``PROBE_MARGIN`` of the float32 time, so
+   the decision does not flip with timing noise between processes. Two workloads:
+
+   - ``forward`` (JVP embeddings, evaluation, fine-tuning): the model's own MLP matmuls, ``(T, H) @ (H, I)`` and
+     ``(T, I) @ (I, H)``, with both operands already in the dtype.
+   - ``gradients`` (per-sample gradients, batch 1): forward and backward of one gated MLP block of the model's
+     shapes with float32 weights under bfloat16 autocast (as ``steps.gradients`` runs it) vs plain float32: the
+     weight casts autocast pays on every call, the input-gradient GEMMs and the ``down_proj`` weight gradient
+     are all in it. At batch 1 the casts can outweigh the faster GEMMs (bf16 autocast gradients measured 2.7x
+     SLOWER on an AMX Xeon, 1.9x faster on a Zen 5 EPYC), which the forward probe cannot see.
 
 Explicit ``float32`` / ``bfloat16`` (or ``fp32`` / ``bf16-autocast`` for fine-tuning) are returned as they are.
 
@@ -47,9 +55,12 @@ PROBE_REPEATS = 3
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+WORKLOADS = ("forward", "gradients")
+
+
 @dataclass(frozen=True)
 class PrecisionDecision:
-    """What a requested precision resolved to, and why (one per device and model shape)."""
+    """What a requested precision resolved to, and why (one per device, model shape and workload)."""
 
     dtype: str
     """``float32`` or ``bfloat16`` (``float64`` passes through when asked for explicitly)."""
@@ -60,6 +71,8 @@ class PrecisionDecision:
     """What the device offers for bf16, e.g. ``cpu AVX512 amx_bf16,avx512_bf16`` or ``cuda sm_90 bf16``."""
     fp32_ms: float | None = None
     bf16_ms: float | None = None
+    workload: str = "forward"
+    """The probe that decided (``forward`` or ``gradients``); see the module docstring."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -74,7 +87,7 @@ class PrecisionDecision:
         """One line for logs, metadata and the CLI summary."""
         probe = ""
         if self.fp32_ms is not None and self.bf16_ms is not None:
-            probe = f"; probe fp32 {self.fp32_ms:.2f} ms, bf16 {self.bf16_ms:.2f} ms"
+            probe = f"; {self.workload} probe fp32 {self.fp32_ms:.2f} ms, bf16 {self.bf16_ms:.2f} ms"
         return f"{self.dtype} ({self.requested}: {self.reason}; {self.capability}{probe})"
 
     def as_metadata(self) -> dict:
@@ -144,37 +157,70 @@ def probe_ms(
     intermediate: int,
     tokens: int = PROBE_TOKENS,
     repeats: int = PROBE_REPEATS,
+    workload: str = "forward",
 ) -> tuple[float, float]:
-    """Best-of-``repeats`` milliseconds of the MLP matmul pair in float32 and in bfloat16 on ``device``.
+    """Best-of-``repeats`` milliseconds of ``workload`` (see the module docstring) in float32 and in bfloat16 on
+    ``device``.
 
     The two dtypes are timed interleaved (fp32, bf16, fp32, ...), so a burst of load hits both alike.
     """
+    if workload not in WORKLOADS:
+        raise ConfigError(f"precision probe workload must be one of {', '.join(WORKLOADS)}; got {workload!r}")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=gen).to(device)
-    up = torch.randn(hidden, intermediate, generator=gen).to(device)
-    down = torch.randn(intermediate, hidden, generator=gen).to(device)
-    pairs = {}
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # the kernel's per-core speed decides the ratio; see _time_ms
     try:
-        return _probe(device, x, up, down, repeats, pairs)
+        if workload == "forward":
+            up = torch.randn(hidden, intermediate, generator=gen).to(device)
+            down = torch.randn(intermediate, hidden, generator=gen).to(device)
+            with torch.no_grad():
+                pairs = {dtype: _forward_call(x, up, down, dtype) for dtype in (torch.float32, torch.bfloat16)}
+        else:
+            # nn.Linear layout, (out, in): gate and up (I, H), down (H, I)
+            gate, up = (torch.randn(intermediate, hidden, generator=gen).to(device) for _ in range(2))
+            down = torch.randn(hidden, intermediate, generator=gen).to(device)
+            pairs = {dtype: _gradient_call(x, gate, up, down, dtype) for dtype in (torch.float32, torch.bfloat16)}
+        return _probe(device, pairs, repeats)
     finally:
         torch.set_num_threads(threads)
 
 
-def _probe(device: torch.device, x, up, down, repeats: int, pairs: dict) -> tuple[float, float]:
-    with torch.no_grad():
-        for dtype in (torch.float32, torch.bfloat16):
-            a, b, c = x.to(dtype), up.to(dtype), down.to(dtype)
-            pairs[dtype] = lambda a=a, b=b, c=c: (a @ b) @ c
-            pairs[dtype]()  # warm-up: the first call selects / JIT-compiles the kernel (10x a steady call)
-        best = {dtype: float("inf") for dtype in pairs}
-        for _ in range(repeats):
-            for dtype, pair in pairs.items():
-                if dtype == torch.bfloat16 and float("inf") > best[dtype] > 5 * best[torch.float32]:
-                    continue  # emulated bf16 (10-100x slower): one timing already decides
-                best[dtype] = min(best[dtype], _time_ms(pair, device))
+def _forward_call(x, up, down, dtype):
+    a, b, c = x.to(dtype), up.to(dtype), down.to(dtype)
+    return lambda: (a @ b) @ c
+
+
+def _gradient_call(x, gate, up, down, dtype):
+    """One per-sample gradient pass through a gated MLP block, as ``steps.gradients`` runs it: float32 weights
+    in ``nn.Linear`` layout (``gate``, ``up``: ``(I, H)``; ``down``: ``(H, I)``), only ``down_proj`` requires grad,
+    the input's gradient flows on (to the layers below), bfloat16 as autocast (``dtype``) or none."""
+    import torch.nn.functional as F
+
+    w_down = down.detach().requires_grad_(True)
+    h = x.detach().requires_grad_(True)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+    autocast = dtype == torch.bfloat16
+
+    def call():
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), w_down)
+            loss = (y.float() * probe).sum()
+        return torch.autograd.grad(loss, (h, w_down))
+
+    return call
+
+
+def _probe(device: torch.device, pairs: dict, repeats: int) -> tuple[float, float]:
+    for pair in pairs.values():
+        pair()  # warm-up: the first call selects / JIT-compiles the kernel (10x a steady call)
+    best = {dtype: float("inf") for dtype in pairs}
+    for _ in range(repeats):
+        for dtype, pair in pairs.items():
+            if dtype == torch.bfloat16 and float("inf") > best[dtype] > 5 * best[torch.float32]:
+                continue  # emulated bf16 (10-100x slower): one timing already decides
+            best[dtype] = min(best[dtype], _time_ms(pair, device))
     return best[torch.float32], best[torch.bfloat16]
 
 
@@ -192,26 +238,37 @@ class PrecisionResolver:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def resolve(
-        self, requested: str, device: torch.device | str = "cpu", shapes: tuple[int, int] = (576, 1536)
+        self,
+        requested: str,
+        device: torch.device | str = "cpu",
+        shapes: tuple[int, int] = (576, 1536),
+        workload: str = "forward",
     ) -> PrecisionDecision:
-        """The dtype for ``requested`` (``auto``, ``float32``, ``bfloat16``; ``float64`` passes through)."""
+        """The dtype for ``requested`` (``auto``, ``float32``, ``bfloat16``; ``float64`` passes through) when
+        running ``workload`` (``forward``: embeddings, evaluation, fine-tuning; ``gradients``: per-sample
+        gradients under autocast)."""
         device = torch.device(device)
         if requested not in REQUESTS and requested != "float64":
             raise ConfigError(f"precision must be one of {', '.join(REQUESTS)}; got {requested!r}")
-        key = (str(device), tuple(shapes))
+        if workload not in WORKLOADS:
+            raise ConfigError(f"precision workload must be one of {', '.join(WORKLOADS)}; got {workload!r}")
+        key = (str(device), tuple(shapes), workload)
         if requested != "auto":
             return PrecisionDecision(
-                requested, requested, "explicit", str(device), self._capability(device)[1]
+                requested, requested, "explicit", str(device), self._capability(device)[1], workload=workload
             )
         if key not in self._cache:
-            self._cache[key] = self._decide(device, shapes)
-            logger.info("precision auto on %s: %s", device, self._cache[key].summary())
+            self._cache[key] = self._decide(device, shapes, workload)
+            logger.info("precision auto on %s for %s: %s", device, workload, self._cache[key].summary())
         return self._cache[key]
 
-    def resolve_for_model(self, requested: str, model: torch.nn.Module) -> PrecisionDecision:
+    def resolve_for_model(
+        self, requested: str, model: torch.nn.Module, workload: str = "forward"
+    ) -> PrecisionDecision:
         """:meth:`resolve` on the device and MLP shapes of ``model``."""
         device = next(model.parameters()).device
-        return self.resolve(requested, device, model_shapes(model) if requested == "auto" else (0, 0))
+        shapes = model_shapes(model) if requested == "auto" else (0, 0)
+        return self.resolve(requested, device, shapes, workload)
 
     @staticmethod
     def _capability(device: torch.device) -> tuple[bool, str]:
@@ -221,20 +278,20 @@ class PrecisionResolver:
             return _cuda_capability(device)
         return False, f"{device.type} (bf16 not probed)"
 
-    def _decide(self, device: torch.device, shapes: tuple[int, int]) -> PrecisionDecision:
+    def _decide(self, device: torch.device, shapes: tuple[int, int], workload: str) -> PrecisionDecision:
         native, capability = self._capability(device)
         if not native:
-            return PrecisionDecision("float32", "auto", "no native bfloat16", str(device), capability)
+            return PrecisionDecision("float32", "auto", "no native bfloat16", str(device), capability, workload=workload)
         if shapes[0] * shapes[1] < MIN_MLP_SIZE:
             reason = f"model too small for bfloat16 to pay (MLP {shapes[0]}x{shapes[1]})"
-            return PrecisionDecision("float32", "auto", reason, str(device), capability)
-        fp32, bf16 = probe_ms(device, *shapes, tokens=self.tokens, repeats=self.repeats)
+            return PrecisionDecision("float32", "auto", reason, str(device), capability, workload=workload)
+        fp32, bf16 = probe_ms(device, *shapes, tokens=self.tokens, repeats=self.repeats, workload=workload)
         fp32, bf16 = round(fp32, 3), round(bf16, 3)
         if bf16 <= self.margin * fp32:
             reason = f"native bfloat16, measured {bf16 / fp32:.2f}x the float32 time"
-            return PrecisionDecision("bfloat16", "auto", reason, str(device), capability, fp32, bf16)
+            return PrecisionDecision("bfloat16", "auto", reason, str(device), capability, fp32, bf16, workload)
         reason = f"native bfloat16 but measured {bf16 / fp32:.2f}x the float32 time (needs <= {self.margin})"
-        return PrecisionDecision("float32", "auto", reason, str(device), capability, fp32, bf16)
+        return PrecisionDecision("float32", "auto", reason, str(device), capability, fp32, bf16, workload)
 
 
 def finetune_precision(requested: str, decision: PrecisionDecision | None) -> str:

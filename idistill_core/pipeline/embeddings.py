@@ -1,7 +1,9 @@
 """Step 1 over the store: JVP embeddings (and RDS+ features) of every pool sample into LanceDB, resumably.
 
 Only missing ids are computed; commits every ``commit_every`` rows keep a killed run's work, and a failed run
-rolls its rows back (:func:`_fill_store`). The backend (local or Ray) computes, this process writes.
+rolls its rows back (:func:`_fill_store`). The backend (local or Ray) computes, this process writes, and a pass
+that inserted rows ends with ``EmbeddingStore.optimize`` (compaction + key index), so the table a pass leaves is
+the one reads are fast on: 100 commits of 256 rows otherwise stay 100 fragments with an index over 256 rows.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class EmbedReport:
     """Samples embedded by this call (on whichever backend); a re-run after a kill computes only the missing."""
     padding_fraction: float = 0.0
     """Share of padded positions in the batches this call computed (length-bucketed)."""
+    optimize: dict | None = None
+    """What the closing ``EmbeddingStore.optimize`` did (fragments and unindexed rows before and after, seconds);
+    None when the call inserted nothing."""
+
 
 def open_store(
     uri: str | Path, table: str, model_fingerprint: str, recipe: SelectionRecipe, hidden_size: int
@@ -51,6 +57,7 @@ def open_store(
     dim = recipe.embed.output_dim(hidden_size)
     identity = StoreIdentity(model_fingerprint=model_fingerprint, recipe=recipe.embed_fingerprint(model_fingerprint), dim=dim)
     return EmbeddingStore.open(uri, table, identity)
+
 
 def embed_pool(
     model,
@@ -86,6 +93,7 @@ def embed_pool(
         stream = backends.embed_stream(backend, model, source, examples, missing, pad_id(tokenizer), config, progress)
     return _fill_store(store, stream, len(all_ids), len(missing), padding, start, commit_every, on_commit, "embeddings")
 
+
 def _fill_store(
     store: EmbeddingStore,
     stream: Iterable[tuple[list[str], np.ndarray]],
@@ -102,7 +110,8 @@ def _fill_store(
 
     An interrupt (BaseException) keeps the committed rows to resume from; an error rolls the table back to its
     version at the start, unless another writer committed in between (then this run's rows are kept); the
-    re-raised error says which.
+    re-raised error says which. A pass that inserted rows is closed by one ``store.optimize()`` (its report in
+    ``EmbedReport.optimize``), whichever backend computed them: Ray's results come back through this loop too.
     """
     inserted = computed = 0
     pending_ids: list[str] = []
@@ -147,6 +156,14 @@ def _fill_store(
         if isinstance(error, IdistillError):
             raise type(error)(f"{error}; {outcome}") from None
         raise
+    optimized = None
+    if inserted:
+        optimized = store.optimize()
+        logger.info(
+            "%s: optimized '%s' in %.1f s: %d -> %d fragments, %d -> %d unindexed rows", what, store.name,
+            optimized["seconds"], optimized["before"]["fragments"], optimized["after"]["fragments"],
+            optimized["before"]["unindexed_rows"], optimized["after"]["unindexed_rows"],
+        )
     return EmbedReport(
         inserted=inserted,
         already_present=pool_size - total,
@@ -155,14 +172,18 @@ def _fill_store(
         row_count=store.count(),
         computed=computed,
         padding_fraction=padding,
+        optimize=optimized,
     )
+
 
 RDS_FEATURES_RECIPE = "rds-plus-v1"
 """Revision of the RDS+ pooling (``methods.rds.rds_embeddings``); part of the feature table's identity."""
 
+
 def rds_table_name(model_fingerprint: str, max_length: int) -> str:
     """One RDS+ feature table per model and max length (a profile change opens a new table, never a refusal)."""
     return f"rds_features_{model_fingerprint[:12]}_len{max_length}"
+
 
 def open_rds_store(uri: str | Path, model_fingerprint: str, max_length: int, hidden_size: int) -> EmbeddingStore:
     """The RDS+ pool-feature table of this model and max length: unit-norm final hidden states, float32
@@ -172,6 +193,7 @@ def open_rds_store(uri: str | Path, model_fingerprint: str, max_length: int, hid
         dtype="float32",
     )
     return EmbeddingStore.open(uri, rds_table_name(model_fingerprint, max_length), identity)
+
 
 def embed_rds_pool(
     model,

@@ -40,6 +40,7 @@ def compute_gradients(
         return got
     return GradientSet(wanted, in_order(wanted, got.sample_ids, got.grads))  # batches were length-bucketed
 
+
 def compute_gradients_resumable(
     model,
     tokenizer,
@@ -110,6 +111,7 @@ def compute_gradients_resumable(
         raise
     grads = torch.from_numpy(np.concatenate([done[n] for n in range(len(chunks))])) if chunks else torch.zeros((0, 0))
     return GradientSet(sample_ids=ids, grads=grads)
+
 
 def warmup_preconditioner(
     model, tokenizer, examples, config: WarmupConfig, param_subset: str, progress: bool = False

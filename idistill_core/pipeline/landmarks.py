@@ -31,6 +31,7 @@ def choose_landmarks(
 
     return landmarks.choose(sample_ids, num_landmarks, num_holdout, seed, config, embeddings)
 
+
 def adaptive_round(
     store: EmbeddingStore,
     pool_ids: Sequence[str],

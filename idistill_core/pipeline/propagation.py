@@ -26,33 +26,39 @@ logger = logging.getLogger("idistill")
 
 COEFFICIENT_DTYPES = ("float32", "float16")
 
+
 @dataclass(frozen=True)
 class CoefficientSpec:
-    """Everything the coefficient rows depend on; its fingerprint names the Lance table.
+    """Everything a coefficient row depends on besides its own sample's vector; its fingerprint names the Lance
+    table, whose rows are keyed by ``sample_id``.
 
-    The coefficients do not depend on the target, so one table serves every target of a pool.
+    A row ``C_i = k(x_i, X_L)(K_LL + λI)⁻¹`` depends on the sample's vector (fixed by its id within the embeddings
+    table and its identity: model fingerprint, embed recipe, dim, dtype), on the landmarks' vectors and on the
+    propagate config; not on the embeddings table's Lance version (another pool's append, a compaction) nor on
+    the rest of the pool (issue 24). So a table is reused across those, and a grown pool adds only its new rows.
+    The coefficients do not depend on the target either: one table serves every target.
     """
 
     embeddings_table: str
-    embeddings_version: int
-    pool_hash: str
+    embeddings_identity: str
+    """``StoreIdentity.to_json()`` of the embeddings: model fingerprint, embed recipe, dim, dtype."""
     landmark_ids: tuple[str, ...]
+    landmark_vectors: str
+    """Hash of the landmarks' stored vectors (what the ridge is fitted on)."""
     propagate: str
     """``PropagateConfig.fingerprint()``."""
     dtype: str = "float32"
-    chunk_rows: int = 16384
 
     def __post_init__(self) -> None:
         if self.dtype not in COEFFICIENT_DTYPES:
             raise ConfigError(f"coefficient dtype must be one of {COEFFICIENT_DTYPES}; got {self.dtype!r}")
-        if self.chunk_rows < 1:
-            raise ConfigError(f"coefficient chunk_rows must be >= 1; got {self.chunk_rows}")
 
     def fingerprint(self) -> str:
         return config_fingerprint(self, 16)
 
     def table_name(self) -> str:
         return f"coefficients_{self.fingerprint()}"
+
 
 @dataclass
 class CoefficientReport:
@@ -68,6 +74,12 @@ class CoefficientReport:
     """The config the rows were computed with (``auto`` fields replaced by the chosen values)."""
     selection: object | None = None
     """The ``kernel_select.KernelSelection`` when the config had ``auto`` fields, else None."""
+    rows_computed: int = 0
+    """Kernel rows this build computed (the pool's ids the table had no row for)."""
+    rows_reused: int = 0
+    """Pool rows already in the table."""
+    rows_removed: int = 0
+    """Rows deleted because their id left the pool."""
 
     def summary(self) -> str:
         """One line: the kernel, bandwidth and ridge used (with the CV result when they were chosen)."""
@@ -79,10 +91,12 @@ class CoefficientReport:
         band = f" bandwidth={c.bandwidth_scale:g}×median (σ={self.sigma:.4g})" if c.kernel == "rbf" else ""
         return f"kernel={c.kernel}{band} ridge={c.ridge:g} (fixed)"
 
+
 class CoefficientTable:
     """An ``N × L`` Lance table ``(sample_id, chunk, c)`` of KRR coefficients, keyed by ``sample_id``.
 
-    Built by :func:`build_coefficients` for exactly one pool, so streaming the whole table streams that pool.
+    :func:`build_coefficients` leaves it holding exactly one pool (at the version it returns), so streaming the
+    whole table streams that pool; rows are added for new ids and deleted for ids that left (issue 24).
     :meth:`propagate` is a new target's whole propagation: ``C · V`` for landmark values ``V (L, T)``, streamed
     in batches (memory ``O(batch · L + N · T)``), no kernel and no refit.
     """
@@ -100,14 +114,18 @@ class CoefficientTable:
         import lancedb
 
         from idistill_core.errors import StoreError
+        from idistill_core.store.lance import damaged_table
 
         db = lancedb.connect(str(uri))
         if name not in db.list_tables().tables:
             raise StoreError(f"no propagation coefficients table '{name}' in {uri}; materialize the propagation.")
-        dataset = db.open_table(name).to_lance()
-        if version is not None:
-            dataset = dataset.checkout_version(int(version))
-        meta = json.loads(dataset.schema.metadata[b"idistill"])
+        with damaged_table(name, uri):
+            dataset = db.open_table(name).to_lance()
+            if version is not None:
+                dataset = dataset.checkout_version(int(version))
+            meta = json.loads(dataset.schema.metadata[b"idistill"])
+            # a scan of the key column: a truncated data file fails here, not in the middle of a target's run
+            dataset.to_table(columns=["chunk"])
         return cls(dataset, name, list(meta["landmark_ids"]))
 
     @property
@@ -159,12 +177,99 @@ class CoefficientTable:
             parts.append((chunk.astype(np.float64) @ vals).astype(np.float32))
         return ids, np.concatenate(parts) if parts else np.zeros((0, vals.shape[1]), np.float32)
 
+    # -- writing and retention (build_coefficients, the maintenance job) ----------------------------------------
+    @staticmethod
+    def arrow_schema(landmark_ids: Sequence[str], dtype: str, meta: dict):
+        """The table's schema: ``sample_id`` (declared key), ``chunk`` (commit number), ``c`` (L values)."""
+        import json
+
+        import pyarrow as pa
+
+        value_type = pa.float32() if dtype == "float32" else pa.float16()
+        return pa.schema(
+            [
+                pa.field(
+                    "sample_id", pa.string(), nullable=False,
+                    metadata={b"lance-schema:unenforced-primary-key:position": b"1"},
+                ),
+                pa.field("chunk", pa.int32()),
+                pa.field("c", pa.list_(value_type, len(landmark_ids))),
+            ],
+            metadata={b"idistill": json.dumps({"landmark_ids": list(landmark_ids), **meta}).encode()},
+        )
+
+    @staticmethod
+    def append_rows(table, schema, sample_ids, coefficients: np.ndarray, chunk: int) -> int:
+        """One commit of rows ``(sample_ids, (n, L) coefficients)``, insert-if-missing on ``sample_id`` (a second
+        builder racing on the same ids never duplicates them); returns the rows inserted."""
+        import pyarrow as pa
+
+        value_type = schema.field("c").type.value_type
+        dtype = np.float32 if value_type == pa.float32() else np.float16
+        with np.errstate(over="ignore"):
+            stored = np.asarray(coefficients).astype(dtype, copy=False)
+        if not np.isfinite(stored).all():
+            raise NumericalError(f"propagation coefficients of chunk {chunk} overflow {np.dtype(dtype).name}; use float32")
+        ids = sample_ids if isinstance(sample_ids, pa.Array) else pa.array(list(sample_ids), pa.string())
+        width = schema.field("c").type.list_size
+        batch = pa.table(
+            {
+                "sample_id": ids,
+                "chunk": pa.array(np.full(len(ids), chunk, np.int32)),
+                "c": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), value_type), width),
+            },
+            schema=schema,
+        )
+        result = table.merge_insert("sample_id").when_not_matched_insert_all().use_index(False).execute(batch)
+        return int(result.num_inserted_rows)
+
+    @staticmethod
+    def collect_garbage(uri, keep: Sequence[str], older_than=None) -> dict:
+        """Drop the coefficient tables in ``uri`` not in ``keep`` and not written for ``older_than`` (default 7
+        days: a run that opened one recently may still read it), and prune the kept tables' versions older than
+        that. Returns ``{"dropped": [...], "kept": [...], "versions_pruned": n, "bytes_freed": n}``."""
+        from datetime import datetime, timedelta
+
+        import lancedb
+
+        older_than = timedelta(days=7) if older_than is None else older_than
+        db = lancedb.connect(str(uri))
+        names: list[str] = []
+        token = None
+        while True:
+            page = db.list_tables(page_token=token)
+            names += page.tables
+            token = page.page_token
+            if not token:
+                break
+        dropped, kept, pruned, freed = [], [], 0, 0
+        for name in sorted(n for n in names if n.startswith("coefficients_")):
+            dataset = db.open_table(name).to_lance()
+            if name in set(keep):
+                stats = dataset.cleanup_old_versions(older_than=older_than)
+                pruned += int(stats.old_versions)
+                freed += int(stats.bytes_removed)
+                kept.append(name)
+                continue
+            last = max(v["timestamp"] for v in dataset.versions())
+            now = datetime.now(last.tzinfo) if last.tzinfo else datetime.now()
+            if now - last < older_than:
+                kept.append(name)
+                continue
+            freed += sum(int(v["metadata"].get("total_files_size", 0)) for v in dataset.versions()[-1:])
+            db.drop_table(name)
+            dropped.append(name)
+        logger.info("propagate: coefficient tables dropped %s, kept %s, %d old versions pruned", dropped, kept, pruned)
+        return {"dropped": dropped, "kept": kept, "versions_pruned": pruned, "bytes_freed": freed}
+
+
 def _matrix(column, width: int) -> np.ndarray:
     import pyarrow as pa
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)
+
 
 def build_coefficients(
     store,
@@ -176,12 +281,16 @@ def build_coefficients(
     on_chunk=None,
     landmark_grads: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[CoefficientTable, CoefficientReport]:
-    """Compute (or resume) the coefficient table of ``pool_ids`` in the store's LanceDB folder.
+    """Compute, extend or reuse the coefficient table of ``pool_ids`` in the store's LanceDB folder.
 
-    The pool is split into fixed chunks of ``chunk_rows`` ids (pool order); each chunk is one commit, so a
-    killed build keeps every committed chunk and a re-run computes only the chunks not in the table yet. The
-    table's name is the fingerprint of everything the rows depend on (the store's table and Lance version, the
-    pool, the landmarks, the propagate config, dtype, chunking): a changed input gets a new table.
+    The table is named by what a row depends on besides its own sample's vector (:class:`CoefficientSpec`: the
+    embeddings table and identity, the landmarks and their vectors, the propagate config, dtype), and its rows are
+    keyed by ``sample_id``. A build computes only the pool's ids that have no row yet, in commits of
+    ``chunk_rows`` rows (pool order), and deletes rows of ids no longer in the pool, so the table at the returned
+    version holds exactly the pool. Hence: a re-run after a kill computes only what its last commit missed; an
+    append to (or a compaction of) the embeddings table changes nothing here; a pool grown by ``m`` rows, with the
+    same landmarks, costs ``m`` kernel rows, not a rebuild (issue 24). Old tables are dropped by
+    :meth:`CoefficientTable.collect_garbage` (the maintenance job).
 
     Args:
         store: an ``EmbeddingStore`` (ideally pinned at the version the pool was embedded at).
@@ -192,116 +301,98 @@ def build_coefficients(
             table's fingerprint (a different choice is a different table).
         landmark_grads: ``(L, P)`` the landmarks' gradients in ``landmark_ids`` order; needed only for ``auto``.
         dtype: ``float32`` or ``float16`` storage of the coefficients.
-        on_chunk: called with ``(chunks done, chunks total)`` after each commit.
+        chunk_rows: rows per commit (what a kill can lose).
+        on_chunk: called with ``(commits done, commits this build makes)`` after each commit.
     """
-    import json
+    import hashlib
+    from datetime import timedelta
 
     import lancedb
     import pyarrow as pa
-
-    from idistill_core.store.hashing import ids_hash
-
-    start = time.perf_counter()
     import pyarrow.compute as pc
 
-    pool = pa.array(list(pool_ids), pa.string()) if not isinstance(pool_ids, pa.Array) else pool_ids
+    from idistill_core.store.lance import damaged_table
+
+    start = time.perf_counter()
+    if chunk_rows < 1:
+        raise ConfigError(f"coefficient chunk_rows must be >= 1; got {chunk_rows}")
+    pool = pa.array(list(pool_ids), pa.string()) if not isinstance(pool_ids, pa.Array) else pool_ids.cast(pa.string())
     if pc.count_distinct(pool).as_py() != len(pool):
         raise DataError("pool_ids has duplicate sample ids")
     landmark_ids = list(landmark_ids)
     selection = None
+    landmark_emb = store.read(landmark_ids)
     if config.needs_selection:
         from idistill_core.steps.kernel_select import select_kernel
 
         if landmark_grads is None:
             raise ConfigError("PropagateConfig has 'auto' fields: build_coefficients needs the landmark gradients")
-        selection = select_kernel(store.read(landmark_ids), landmark_grads, config)
+        selection = select_kernel(landmark_emb, landmark_grads, config)
         config = selection.config
     spec = CoefficientSpec(
         embeddings_table=store.name,
-        embeddings_version=store.version,
-        pool_hash=ids_hash(pool.to_pylist()),
+        embeddings_identity=store.identity.to_json().decode(),
         landmark_ids=tuple(landmark_ids),
+        landmark_vectors=hashlib.sha256(np.ascontiguousarray(landmark_emb, dtype=np.float32).tobytes()).hexdigest()[:16],
         propagate=config.fingerprint(),
         dtype=dtype,
-        chunk_rows=chunk_rows,
     )
-    num_l = len(landmark_ids)
-    value_type = pa.float32() if dtype == "float32" else pa.float16()
-    schema = pa.schema(
-        [
-            pa.field(
-                "sample_id", pa.string(), nullable=False,
-                metadata={b"lance-schema:unenforced-primary-key:position": b"1"},
-            ),
-            pa.field("chunk", pa.int32()),
-            pa.field("c", pa.list_(value_type, num_l)),
-        ],
-        metadata={
-            b"idistill": json.dumps(
-                {
-                    "landmark_ids": landmark_ids,
-                    "spec": spec.fingerprint(),
-                    "kernel": config.kernel,
-                    "ridge": config.ridge,
-                    "bandwidth_scale": config.bandwidth_scale,
-                }
-            ).encode()
-        },
+    schema = CoefficientTable.arrow_schema(
+        landmark_ids, dtype,
+        {"spec": spec.fingerprint(), "kernel": config.kernel, "ridge": config.ridge, "bandwidth_scale": config.bandwidth_scale},
     )
-    db = lancedb.connect(store.uri)
+    # interval 0: the table handle sees its own compaction's commit (else the index update conflicts with it)
+    db = lancedb.connect(store.uri, read_consistency_interval=timedelta(0))
     name = spec.table_name()
-    table = db.create_table(name, schema=schema, exist_ok=True)
-    done = set()
-    if table.count_rows():
-        done = set(np.unique(table.to_lance().to_table(columns=["chunk"]).column("chunk").to_numpy()).tolist())
-    chunks = range(0, len(pool), chunk_rows)
-    ridge = KernelRidge.fit(store.read(landmark_ids), config)
-    computed = 0
-    for number, first in enumerate(chunks):
-        if number in done:
-            continue
-        chunk_ids = pool.slice(first, chunk_rows)
+    with damaged_table(name, store.uri):
+        table = db.create_table(name, schema=schema, exist_ok=True)
+        present = table.to_lance().to_table(columns=["sample_id", "chunk"])
+    stored_ids = present.column("sample_id").combine_chunks()
+    missing = pool.filter(pc.invert(pc.is_in(pool, value_set=stored_ids)))
+    extra = stored_ids.filter(pc.invert(pc.is_in(stored_ids, value_set=pool)))
+    next_chunk = int(pc.max(present.column("chunk")).as_py() or 0) + 1 if present.num_rows else 0
+    commits = -(-len(missing) // chunk_rows)
+    ridge = KernelRidge.fit(landmark_emb, config)
+    for number in range(commits):
+        chunk_ids = missing.slice(number * chunk_rows, chunk_rows)
         coeffs = ridge.coefficients(store.read(chunk_ids)).numpy()
         if not np.isfinite(coeffs).all():
             raise NumericalError(f"propagation coefficients of chunk {number} are not finite; raise the ridge")
-        with np.errstate(over="ignore"):
-            stored = coeffs.astype(np.float32 if dtype == "float32" else np.float16)
-        if not np.isfinite(stored).all():
-            raise NumericalError(f"propagation coefficients of chunk {number} overflow {dtype}; use float32")
-        batch = pa.table(
-            {
-                "sample_id": chunk_ids,
-                "chunk": pa.array(np.full(len(chunk_ids), number, np.int32)),
-                "c": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), value_type), num_l),
-            },
-            schema=schema,
-        )
-        # insert-if-missing: a second builder racing on the same chunk never duplicates its rows
-        table.merge_insert("sample_id").when_not_matched_insert_all().use_index(False).execute(batch)
-        computed += 1
+        CoefficientTable.append_rows(table, schema, chunk_ids, coeffs, next_chunk + number)
         if on_chunk is not None:
-            on_chunk(number + 1, len(chunks))
-    if not any(index.columns == ["sample_id"] for index in table.list_indices()):
-        from lancedb.index import BTree
+            on_chunk(number + 1, commits)
+    for first in range(0, len(extra), 4096):  # ids that left the pool: the table stays exactly the pool
+        quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in extra.slice(first, 4096).to_pylist())
+        table.delete(f"sample_id IN ({quoted})")
+    if len(missing) or len(extra):
+        if not any(index.columns == ["sample_id"] for index in table.list_indices()):
+            from lancedb.index import BTree
 
-        table.create_index("sample_id", config=BTree(), replace=False)
-    if computed > 1:
-        table.optimize()
+            table.create_index("sample_id", config=BTree(), replace=False)
+        dataset = table.to_lance()
+        # only fragments below a commit's size (a short last chunk, a few appended rows) are rewritten: appending
+        # one row to a 1M-row table must not rewrite the table (LanceDB's own optimize targets 1M-row fragments)
+        dataset.optimize.compact_files(target_rows_per_fragment=chunk_rows)
+        table.to_lance().optimize.optimize_indices()
+    total_chunks = -(-len(pool) // chunk_rows)
     report = CoefficientReport(
         table=name,
         version=int(table.version),
         rows=int(table.count_rows()),
-        chunks_computed=computed,
-        chunks_reused=len(chunks) - computed,
+        chunks_computed=commits,
+        chunks_reused=max(0, total_chunks - commits),
         seconds=time.perf_counter() - start,
         sigma=ridge.sigma,
         ridge_abs=ridge.ridge_abs,
         config=config,
         selection=selection,
+        rows_computed=len(missing),
+        rows_reused=len(pool) - len(missing),
+        rows_removed=len(extra),
     )
     logger.info(
-        "propagate: coefficients %s: %d rows, %d chunks computed, %d reused (%.1fs)",
-        name, report.rows, computed, report.chunks_reused, report.seconds,
+        "propagate: coefficients %s: %d rows, %d computed, %d reused, %d removed (%.1fs)",
+        name, report.rows, report.rows_computed, report.rows_reused, report.rows_removed, report.seconds,
     )
     return CoefficientTable.open(store.uri, name, report.version), report
 
@@ -317,6 +408,7 @@ def landmark_gradients_for_propagation(landmark_grads, recipe: SelectionRecipe):
 
         g = center_gradients(g, g.mean(dim=0))
     return g
+
 
 def propagate_scores(
     store: EmbeddingStore,
@@ -351,6 +443,7 @@ def propagate_scores(
     scores = np.asarray(ridge.predict(values, chunks()), dtype=np.float32)
     return ids, scores, ridge
 
+
 def shared_coefficients(
     store: EmbeddingStore,
     pool_ids: Sequence[str],
@@ -371,6 +464,7 @@ def shared_coefficients(
         store, pool_ids, landmark_ids, config, dtype=dtype, on_chunk=on_chunk, landmark_grads=landmark_grads
     )
 
+
 def keep_exact(ids: Sequence[str], scores: np.ndarray, exact_ids: Sequence[str], exact_values: Sequence[np.ndarray]) -> np.ndarray:
     """``scores`` with the rows of samples whose exact gradient was computed (landmarks, held-out samples)
     replaced by their exact values: only the others need the propagated estimate."""
@@ -386,12 +480,14 @@ def keep_exact(ids: Sequence[str], scores: np.ndarray, exact_ids: Sequence[str],
         out[list(at)] = exact[list(src)].astype(out.dtype)
     return out
 
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
     if len(a) < 3:
         return float("nan")
     return float(spearmanr(a, b).statistic)
+
 
 def fidelity(
     ridge: KernelRidge, landmark_vals: np.ndarray, holdout_emb: np.ndarray, holdout_vals: np.ndarray
@@ -405,6 +501,7 @@ def fidelity(
         return float("nan")
     predicted = np.asarray(ridge.predict(landmark_vals, [holdout_emb]))
     return spearman(predicted.mean(axis=1), np.asarray(holdout_vals).mean(axis=1))
+
 
 def coefficient_fidelity(
     coefficients: CoefficientTable, landmark_vals: np.ndarray, holdout_ids: Sequence[str], holdout_vals: np.ndarray

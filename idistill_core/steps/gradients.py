@@ -3,7 +3,7 @@
 For each sample: gradient of the MEAN next-token cross-entropy over its supervised tokens (labels
 shifted as HF does, ``-100`` ignored) with respect to a parameter subset (default: every ``down_proj``
 weight) -> optional random coordinate mask (§3.2) -> ⊙ Adam factor ``a`` (landmarks only, §1.6/§3.4)
--> unit L2 norm -> SRHT or Rademacher projection to ``P`` dims (§3.5).
+-> unit L2 norm -> CountSketch (default), SRHT or Rademacher projection to ``P`` dims (§3.5).
 
 Two exact ways to get per-sample gradients are offered: a batch-1 loop of ordinary backward passes
 (default; on CPU it is the fastest and holds one gradient at a time, research/feasibility.md §2) and
@@ -15,6 +15,7 @@ weight-gradient GEMMs; flags are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -31,7 +32,7 @@ from idistill_core.data.batch import IGNORE_INDEX, TokenBatch
 from idistill_core.errors import ConfigError, NumericalError
 from idistill_core.models.architecture import eager_attention
 from idistill_core.models.precision import PrecisionResolver
-from idistill_core.steps.projection import PROJECTORS, make_projector
+from idistill_core.steps.projection import PROJECTION_REVISION, PROJECTORS, make_projector
 from idistill_core.store.hashing import config_fingerprint
 
 __all__ = [
@@ -66,9 +67,10 @@ class GradientConfig:
     max_params: int | None = None
     """Keep at most this many gradient coordinates, a seeded random subset spread over the selected
     tensors in proportion to their sizes (paper §3.2); None keeps all."""
-    proj_type: str = "srht"
-    """``"srht"`` (randomized Hadamard, O(d log d)), ``"countsketch"`` (signed CountSketch, O(d), applied
-    tensor by tensor) or ``"rademacher"`` (dense, only for small d); see ``projection``."""
+    proj_type: str = "countsketch"
+    """``"countsketch"`` (signed CountSketch, O(d), applied tensor by tensor; the default: as faithful as the
+    SRHT at 0.26x its cost, BENCHMARKS.md "Paper scale"), ``"srht"`` (block randomized Hadamard, O(d log K)) or
+    ``"rademacher"`` (dense, only for small d); see ``projection``."""
     proj_dim: int | None = 8192
     """``P``; None, or a value >= the (masked) gradient size, keeps the raw gradient."""
     normalize: bool = True
@@ -77,12 +79,19 @@ class GradientConfig:
     """Seeds the coordinate mask and the projection."""
     batch_size: int = 1
     """1: loop of ordinary backward passes (fastest on CPU); > 1: ``vmap(grad)`` over chunks."""
-    dtype: str = "float32"
+    dtype: str = "auto"
     """Forward/backward matmul precision: ``float32``, ``bfloat16`` (autocast; fp32 weights and gradients) or
-    ``auto`` (bfloat16 where native and measured faster, ``precision.PrecisionResolver``). float32 by default:
-    bf16 autocast measured 2.7x SLOWER per sample on an AMX CPU at batch 1 (BENCHMARKS.md, issue 10)."""
+    ``auto``: bfloat16 where native AND a forward+backward probe of the model's MLP block under autocast is
+    measured faster (``precision.PrecisionResolver``, workload ``gradients``), else float32. Per machine because
+    it goes both ways at batch 1: bf16 autocast measured 2.7x SLOWER on an AMX Xeon and 1.9x faster on a Zen 5
+    EPYC (BENCHMARKS.md "Paper scale"). Resolved before fingerprinting, so dtypes never share stored gradients."""
+    proj_revision: int = PROJECTION_REVISION
+    """Revision of the sketch maps (``projection.PROJECTION_REVISION``); only the current one is implemented. It
+    is a field so that gradients sketched by an older map never share a fingerprint with new ones."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"GradientConfig.seed must be in [0, 2**32 - 1]; got {self.seed}")
         if not self.param_subset:
             raise ConfigError("GradientConfig.param_subset must be 'all' or a non-empty regex; got ''")
         if self.param_subset != "all":
@@ -104,6 +113,11 @@ class GradientConfig:
             raise ConfigError(f"GradientConfig.batch_size must be >= 1; got {self.batch_size}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"GradientConfig.dtype must be auto, float32 or bfloat16; got {self.dtype!r}")
+        if self.proj_revision != PROJECTION_REVISION:
+            raise ConfigError(
+                f"GradientConfig.proj_revision {self.proj_revision} is not implemented (this code sketches with "
+                f"revision {PROJECTION_REVISION}); drop the field to use it"
+            )
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
@@ -210,15 +224,35 @@ def only_grads_for(model: nn.Module, names: list[str]) -> Iterator[None]:
         model.train(was_training)
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _row_loss(model: nn.Module, one: TokenBatch, keep_logits: bool) -> torch.Tensor:
+    """The mean supervised-token loss of a one-row batch (``mean_token_loss``). With ``keep_logits`` the LM head
+    runs only at the positions whose next token is supervised (transformers' ``logits_to_keep``): the same loss
+    and gradient, without the vocabulary-sized head and softmax over prompt tokens (a median 4% of the tokens of
+    the real pool are supervised; 1.27x faster per gradient on SmolLM2-135M, BENCHMARKS.md "Paper scale")."""
+    if not keep_logits:
+        logits = model(input_ids=one.input_ids, attention_mask=one.attention_mask).logits
+        return mean_token_loss(logits, one.labels)[0]
+    target = one.labels[0, 1:]
+    kept = (target != IGNORE_INDEX).nonzero().flatten()
+    logits = model(input_ids=one.input_ids, attention_mask=one.attention_mask, logits_to_keep=kept).logits[0]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # as mean_token_loss: low-precision logits do not bias the loss
+    return F.cross_entropy(logits, target[kept])
+
+
 def _loop_grads(model: nn.Module, batch: TokenBatch, names: list[str]) -> dict[str, torch.Tensor]:
     """``{name: (B, *shape)}`` by one ordinary backward per row (rows trimmed to their own length)."""
     params = dict(model.named_parameters())
     targets = [params[n] for n in names]
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    keep_logits = _takes_logits_to_keep(model)
     for row in range(len(batch)):
         one = batch.select([row])
-        logits = model(input_ids=one.input_ids, attention_mask=one.attention_mask).logits
-        loss = mean_token_loss(logits, one.labels)[0]
+        loss = _row_loss(model, one, keep_logits)
         for name, g in zip(names, torch.autograd.grad(loss, targets), strict=True):
             out[name].append(g.detach())
     return {n: torch.stack(gs) for n, gs in out.items()}
@@ -319,14 +353,20 @@ class _Reducer:
         pieces = _pieces(grads, self.masks)
         if self.scale is not None:
             pieces = [p * a.to(device=p.device, dtype=p.dtype) for p, a in zip(pieces, self.scale, strict=True)]
-        bad = ~torch.stack([torch.isfinite(p).all(dim=1) for p in pieces]).all(dim=0)
-        if bad.any():
-            raise NumericalError(f"sample {sample_ids[int(bad.nonzero()[0])]!r}: non-finite gradient")
+        # float32 accumulation (no float32 copy of a bf16 piece); float64 pieces keep float64. The norms are also
+        # the finiteness check: a NaN or inf anywhere makes its row's norm non-finite, and one pass over the
+        # gradient is ~0.1 s cheaper per 26.5M coordinates than isfinite (3 passes and a bool copy).
+        wide = [torch.linalg.vector_norm(p, dim=1, dtype=torch.promote_types(p.dtype, torch.float32)) for p in pieces]
+        row_norms = torch.stack(wide).norm(dim=0)
+        suspect = (~torch.isfinite(row_norms)).nonzero().flatten()
+        if len(suspect):
+            row = int(suspect[0])
+            finite = all(bool(torch.isfinite(p[row]).all()) for p in pieces)
+            what = "gradient norm overflows float32" if finite else "non-finite gradient"
+            raise NumericalError(f"sample {sample_ids[row]!r}: {what}")
         factor = None
         if self.normalize:
-            # float32 accumulation (no float32 copy of a bf16 piece); float64 pieces keep float64
-            wide = [torch.linalg.vector_norm(p, dim=1, dtype=torch.promote_types(p.dtype, torch.float32)) for p in pieces]
-            norms = torch.stack(wide).norm(dim=0).float()[:, None]
+            norms = row_norms.float()[:, None]
             zero = (norms[:, 0] == 0).nonzero().flatten()
             if len(zero):
                 raise NumericalError(
@@ -366,7 +406,7 @@ def iter_gradients(
         NumericalError: a sample with no supervised token, or a non-finite / zero gradient.
     """
     reducer = _Reducer(model, config, preconditioner)
-    decision = (resolver or PrecisionResolver()).resolve_for_model(config.dtype, model)
+    decision = (resolver or PrecisionResolver()).resolve_for_model(config.dtype, model, workload="gradients")
     logger.info(
         "gradients: %d tensors, %d coordinates -> %d (%s), %s",
         len(reducer.names),

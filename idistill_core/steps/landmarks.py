@@ -69,20 +69,78 @@ def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def _median_sigma(x: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
-    if len(x) > sample:
-        x = x[rng.choice(len(x), size=sample, replace=False)]
+def _float_rows(emb) -> np.ndarray:
+    """``emb`` as a float32 or float64 array WITHOUT a copy when it already is one (the store reads float32)."""
+    emb = np.asarray(emb)
+    return emb if emb.dtype in (np.float32, np.float64) else emb.astype(np.float64)
+
+
+def _squared_norms(emb: np.ndarray, block: int = 65536) -> np.ndarray:
+    """``‖x_i‖²`` ``(N,)`` float64, block by block (no N × D temporary)."""
+    out = np.empty(len(emb), dtype=np.float64)
+    for start in range(0, len(emb), block):
+        part = emb[start : start + block]
+        out[start : start + block] = np.einsum("ij,ij->i", part, part, dtype=np.float64)
+    return out
+
+
+class _Distances:
+    """Squared distances from every candidate row to one row, ``‖x‖² + ‖y‖² − 2 x·y`` with the norms computed once:
+    one matrix-vector product over the embeddings (in their own dtype, float32 from the store) per landmark.
+
+    ``rows`` (the candidates' rows of ``emb``, in candidate order) spares a gathered copy of ``emb``: the product
+    runs over all of ``emb`` and the candidates' entries are read off it. In float32 a distance within rounding
+    of zero (``√D·ε·(‖x‖² + ‖y‖²)``) is exactly zero: a duplicate of a chosen row gets no k-means++ mass.
+    """
+
+    def __init__(self, emb: np.ndarray, rows: np.ndarray | None = None):
+        self.emb = emb
+        self.rows = rows
+        norms = _squared_norms(emb)
+        self.norms = norms
+        self.candidate_norms = norms if rows is None else norms[rows]
+        self.noise = 0.0 if emb.dtype == np.float64 else np.sqrt(emb.shape[1]) * float(np.finfo(emb.dtype).eps)
+
+    def __len__(self) -> int:
+        return len(self.emb) if self.rows is None else len(self.rows)
+
+    def to(self, candidate: int) -> np.ndarray:
+        """``(n,)`` float64 squared distances of every candidate to ``candidate``."""
+        row = candidate if self.rows is None else int(self.rows[candidate])
+        dots = self.emb @ self.emb[row]
+        if self.rows is not None:
+            dots = dots[self.rows]
+        d = self.candidate_norms + self.norms[row] - 2.0 * dots.astype(np.float64)
+        floor = self.noise * (self.candidate_norms + self.norms[row]) if self.noise else 0.0
+        d[d <= floor] = 0.0
+        return d
+
+
+def _median_sigma(x: np.ndarray, rng: np.random.Generator, sample: int = 1000, rows: np.ndarray | None = None) -> float:
+    n = len(x) if rows is None else len(rows)
+    if n > sample:
+        picked = rng.choice(n, size=sample, replace=False)
+        x = x[picked if rows is None else rows[picked]]
+    elif rows is not None:
+        x = x[rows]
+    x = x.astype(np.float64)
     d = _squared_distances(x, x)
     pairs = d[np.triu_indices(len(x), k=1)]
     return max(float(np.sqrt(np.median(pairs))), 1e-6) if pairs.size else 1.0
 
 
-def kmeanspp(emb: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
-    """k-means++ seeding: first row uniform, then each next row with probability ∝ squared distance."""
-    n = len(emb)
+def kmeanspp(emb: np.ndarray, count: int, rng: np.random.Generator, rows: np.ndarray | None = None) -> list[int]:
+    """k-means++ seeding: first row uniform, then each next row with probability ∝ squared distance.
+
+    Embeddings stay in their dtype (float32 from the store: no float64 copy) and each step costs one product over
+    them (:class:`_Distances`). With ``rows`` the candidates are those rows of ``emb`` (returned positions index
+    ``rows``), without a gathered copy.
+    """
+    dist = _Distances(_float_rows(emb), rows)
+    n = len(dist)
     first = int(rng.integers(n))
     chosen = [first]
-    nearest = _squared_distances(emb, emb[[first]])[:, 0]
+    nearest = dist.to(first)
     nearest[first] = 0.0
     while len(chosen) < count:
         total = nearest.sum()
@@ -92,40 +150,71 @@ def kmeanspp(emb: np.ndarray, count: int, rng: np.random.Generator) -> list[int]
         else:
             pick = int(rng.choice(n, p=nearest / total))
         chosen.append(pick)
-        nearest = np.minimum(nearest, _squared_distances(emb, emb[[pick]])[:, 0])
-        nearest[chosen] = 0.0
+        np.minimum(nearest, dist.to(pick), out=nearest)
+        nearest[pick] = 0.0  # earlier picks stay 0: distances are >= 0
     return chosen
 
 
-def kcenter(emb: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
-    """Greedy farthest-point traversal from a uniform first row (ties: lowest row, i.e. lowest id)."""
-    first = int(rng.integers(len(emb)))
+def kcenter(emb: np.ndarray, count: int, rng: np.random.Generator, rows: np.ndarray | None = None) -> list[int]:
+    """Greedy farthest-point traversal from a uniform first row (ties: lowest row, i.e. lowest id); one product
+    over the embeddings per step, in their own dtype (see :func:`kmeanspp` for ``rows``)."""
+    dist = _Distances(_float_rows(emb), rows)
+    first = int(rng.integers(len(dist)))
     chosen = [first]
-    nearest = _squared_distances(emb, emb[[first]])[:, 0]
+    nearest = dist.to(first)
     nearest[first] = -1.0
     while len(chosen) < count:
         pick = int(np.argmax(nearest))
         chosen.append(pick)
-        nearest = np.minimum(nearest, _squared_distances(emb, emb[[pick]])[:, 0])
-        nearest[chosen] = -1.0
+        np.minimum(nearest, dist.to(pick), out=nearest)
+        nearest[pick] = -1.0  # earlier picks stay -1: distances are >= 0
     return chosen
 
 
-def leverage_scores(emb: np.ndarray, ridge: float, columns: int, rng: np.random.Generator) -> np.ndarray:
+def leverage_scores(
+    emb: np.ndarray, ridge: float, columns: int, rng: np.random.Generator, rows: np.ndarray | None = None,
+    block: int = 16384,
+) -> np.ndarray:
     """Nyström ridge-leverage scores ``(n,)`` of the RBF kernel (median bandwidth).
 
     With ``C = K(E, S)`` over a uniform column subset ``S`` and ``W = K(S, S)``, ``K ≈ C W⁺ Cᵀ`` and
     ``diag(K (K + λI)⁻¹) ≈ diag(C (CᵀC + λW)⁻¹ Cᵀ)`` (Alaoui & Mahoney 2015), with ``λ = ridge · n``.
+    ``C`` is never held whole: ``CᵀC`` is summed over row blocks, then each block's scores are read off one LU
+    factorisation, recomputing its kernel block (``O(block · m)`` memory instead of ``O(n · m)`` float64; distances
+    in the embeddings' dtype, kernel and solves in float64). See :func:`kmeanspp` for ``rows``.
     """
-    n = len(emb)
-    sigma = _median_sigma(emb, rng)
+    from scipy.linalg import lu_factor, lu_solve
+
+    emb = _float_rows(emb)
+    n = len(emb) if rows is None else len(rows)
+    sigma = _median_sigma(emb, rng, rows=rows)
     cols = rng.choice(n, size=min(columns, n), replace=False)
-    c = np.exp(-_squared_distances(emb, emb[cols]) / (2 * sigma**2))
-    w = c[cols]
+    landmark_rows = cols if rows is None else rows[cols]
+    centres = emb[landmark_rows]
+    centre_norms = _squared_norms(centres)
+    scale = 1.0 / (2 * sigma**2)
+
+    def kernel(start: int) -> np.ndarray:
+        index = np.arange(start, min(start + block, n))
+        x = emb[index if rows is None else rows[index]]
+        d = _squared_norms(x)[:, None] + centre_norms[None, :] - 2.0 * (x @ centres.T).astype(np.float64)
+        return np.exp(-np.maximum(d, 0.0) * scale)
+
+    exact = centres.astype(np.float64)
+    w = np.exp(-_squared_distances(exact, exact) * scale)  # W = K(S, S)
+    gram = np.zeros((len(cols), len(cols)))
+    for start in range(0, n, block):
+        c = kernel(start)
+        gram += c.T @ c
     lam = ridge * n
-    inner = c.T @ c + lam * w + 1e-10 * np.eye(len(cols))
-    solved = np.linalg.solve(inner, c.T)  # (m, n)
-    return np.clip(np.einsum("ij,ji->i", c, solved), 1e-12, None)
+    inner = gram + lam * w + 1e-10 * np.eye(len(cols))
+    factor = lu_factor(inner)
+    scores = np.empty(n)
+    for start in range(0, n, block):
+        c = kernel(start)
+        solved = lu_solve(factor, c.T)  # (m, b)
+        scores[start : start + len(c)] = np.einsum("ij,ji->i", c, solved)
+    return np.clip(scores, 1e-12, None)
 
 
 def choose(
@@ -162,21 +251,21 @@ def choose(
         return [ordered[i] for i in picks[:first]], holdout
     if embeddings is None:
         raise ConfigError(f"landmarks.strategy={config.strategy!r} needs the pool embeddings.")
-    emb = np.asarray(embeddings, dtype=np.float64)
+    emb = _float_rows(embeddings)  # float32 from the store stays float32: no N × D copy at all
     if emb.ndim != 2 or emb.shape[0] != n:
         raise DataError(f"embeddings must be (N={n}, D); got shape {emb.shape}")
-    emb = emb[order]
-    held = {int(i) for i in picks[num_landmarks:]}
-    free = np.array([i for i in range(n) if i not in held])
-    sub = emb[free]
+    held = np.zeros(n, dtype=bool)
+    held[picks[num_landmarks:]] = True
+    free = np.flatnonzero(~held)  # candidates: positions in id order, held-out samples excluded
+    rows = np.asarray(order, dtype=np.int64)[free]  # their rows of `embeddings`
     if config.strategy == "kmeanspp":
-        rows = kmeanspp(sub, num_landmarks, rng)
+        chosen = kmeanspp(emb, num_landmarks, rng, rows=rows)
     elif config.strategy == "kcenter":
-        rows = kcenter(sub, num_landmarks, rng)
+        chosen = kcenter(emb, num_landmarks, rng, rows=rows)
     else:
-        scores = leverage_scores(sub, config.leverage_ridge, config.leverage_columns, rng)
-        rows = rng.choice(len(sub), size=num_landmarks, replace=False, p=scores / scores.sum()).tolist()
-    return [ordered[int(free[r])] for r in rows], holdout
+        scores = leverage_scores(emb, config.leverage_ridge, config.leverage_columns, rng, rows=rows)
+        chosen = rng.choice(len(rows), size=num_landmarks, replace=False, p=scores / scores.sum()).tolist()
+    return [ordered[int(free[r])] for r in chosen], holdout
 
 
 def boundary_picks(

@@ -14,8 +14,10 @@ Made for millions of rows:
   table without it), and LanceDB's commit protocol then serialises concurrent creates and merges: a losing
   create opens the winner's table, a conflicting merge is rebased by lance and retried here. Merges scan the key
   column rather than its index (see :meth:`_merge`: index-assisted concurrent merges duplicated ids).
-- A BTREE scalar index on ``sample_id`` is built once rows exist; :meth:`optimize` (compaction + index update)
-  runs after large appends, so reads of a set of ids stay index lookups.
+- A BTREE scalar index on ``sample_id`` is built once rows exist; :meth:`optimize` (compaction into fragments of
+  up to ``FRAGMENT_ROWS`` rows + index update) runs after large appends and at the end of every embedding pass
+  (``pipeline.embeddings``), so reads of a set of ids stay index lookups over a few files: a pass that commits
+  every 256 rows otherwise leaves one fragment per commit and an index covering only the first one.
 - Reads of a set of ids are one filtered Arrow scan plus a vectorised reorder (``pyarrow.compute.index_in``):
   no Python loop over rows; the table's other rows are never decoded.
 - :meth:`at_version` pins a read-only view at a Lance version (time travel): what downstream consumers read
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from idistill_core.errors import NumericalError, StoreError
+from idistill_core.errors import IdistillError, NumericalError, StoreError
 from idistill_core.store import faults
 
 logger = logging.getLogger("idistill")
@@ -47,6 +51,10 @@ _META_KEY = b"idistill"
 _PRIMARY_KEY = {b"lance-schema:unenforced-primary-key:position": b"1"}
 _ROW_OVERHEAD_BYTES = 64
 """Approximate bytes per row besides the vector (id string, fingerprint and recipe columns, offsets)."""
+FRAGMENT_ROWS = 1 << 18
+"""Rows per compacted fragment (512 MiB of float16 vectors at D = 1024). Compaction rewrites only fragments below
+this size, so an optimize after a small append to a large table rewrites at most one partly filled fragment plus
+the new ones, not the table (LanceDB's default target, 1M rows, made a 256-row append to a 1M table rewrite it)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ def _schema(identity: StoreIdentity) -> pa.Schema:
 def _connect(uri: str | Path):
     import lancedb
 
-    Path(uri).mkdir(parents=True, exist_ok=True)
+    if "://" not in str(uri):  # an object-store URI (s3://bucket/path, gs://, az://) has no folder to create
+        Path(uri).mkdir(parents=True, exist_ok=True)
     # interval 0: every read sees the latest commit, so another process's rows are never re-inserted
     return lancedb.connect(str(uri), read_consistency_interval=timedelta(0))
 
@@ -96,6 +105,24 @@ def _connect(uri: str | Path):
 def _is_conflict(error: Exception) -> bool:
     text = str(error).lower()
     return "conflict" in text or "retryable" in text or "already exists" in text
+
+
+@contextmanager
+def damaged_table(name: str, uri: str | Path | None = None):
+    """Turn what lance or Arrow raise for a table it cannot read (a truncated data file, a garbage manifest or
+    index) into one StoreError naming the table and the fix; idistill's own errors pass through."""
+    try:
+        yield
+    except IdistillError:
+        raise
+    except (OSError, RuntimeError, ValueError, pa.ArrowException) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = re.sub(r",\s*/\S+\.rs:\d+(:\d+)?", "", reason)  # the Rust source line lance appends
+        where = f" in {uri}" if uri is not None else ""
+        raise StoreError(
+            f"LanceDB table '{name}'{where} cannot be read, it is damaged ({reason[:300]}); delete the table "
+            "(or use another store) and re-run."
+        ) from error
 
 
 def _as_id_array(sample_ids: Iterable[str] | pa.Array) -> pa.Array:
@@ -115,7 +142,8 @@ def read_by_id(dataset, sample_ids: Iterable[str] | pa.Array, columns: list[str]
     wanted = _as_id_array(sample_ids)
     if len(wanted) == 0:
         return dataset.schema.empty_table().select(columns)
-    found = dataset.to_table(columns=columns, filter=pc.field("sample_id").isin(wanted))
+    with damaged_table(name):
+        found = dataset.to_table(columns=columns, filter=pc.field("sample_id").isin(wanted))
     position = pc.index_in(wanted, value_set=found.column("sample_id"))
     if position.null_count:
         missing = wanted.filter(position.is_null()).to_pylist()[:5]
@@ -161,7 +189,8 @@ class EmbeddingStore:
                 # exist_ok schema check on a table another process already evolved) and opens the winner's. A
                 # table can also be listed before its creator's first commit lands ("not found" on open).
                 if attempt == retries - 1:
-                    raise
+                    with damaged_table(name, uri):  # still failing: a manifest lance cannot parse
+                        raise
                 logger.info("LanceDB create of '%s' raced another writer (%s); reopening", name, error)
                 time.sleep(0.05 * (attempt + 1))
         found = (table.schema.metadata or {}).get(_META_KEY)
@@ -206,7 +235,8 @@ class EmbeddingStore:
 
     # -- reading -------------------------------------------------------------------------------------------
     def _dataset(self):
-        return self._pinned_dataset if self._pinned is not None else self._table.to_lance()
+        with damaged_table(self.name, self.uri):
+            return self._pinned_dataset if self._pinned is not None else self._table.to_lance()
 
     @property
     def version(self) -> int:
@@ -230,11 +260,13 @@ class EmbeddingStore:
         return None
 
     def count(self) -> int:
-        return int(self._dataset().count_rows())
+        with damaged_table(self.name, self.uri):
+            return int(self._dataset().count_rows())
 
     def id_array(self) -> pa.Array:
         """Every stored ``sample_id`` as one Arrow string array (table order); only that column is decoded."""
-        column = self._dataset().to_table(columns=["sample_id"]).column("sample_id")
+        with damaged_table(self.name, self.uri):
+            column = self._dataset().to_table(columns=["sample_id"]).column("sample_id")
         return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
 
     def sample_ids(self) -> list[str]:
@@ -276,7 +308,12 @@ class EmbeddingStore:
                 part = wanted.slice(start, chunk_size)
                 yield part.to_pylist(), self.read(part)
             return
-        for batch in self._dataset().to_batches(columns=["sample_id", "vector"], batch_size=chunk_size):
+        batches = iter(self._dataset().to_batches(columns=["sample_id", "vector"], batch_size=chunk_size))
+        while True:
+            with damaged_table(self.name, self.uri):
+                batch = next(batches, None)
+            if batch is None:
+                return
             if batch.num_rows == 0:
                 continue
             yield batch.column("sample_id").to_pylist(), _vectors(batch.column("vector"), self.identity.dim)
@@ -401,24 +438,50 @@ class EmbeddingStore:
             if not self.has_key_index():
                 raise StoreError(f"could not index sample_id of '{self.name}': {error}") from error
 
-    def optimize(self, cleanup_older_than: timedelta | None = None) -> dict:
-        """Compact small fragments and add new rows to the key index (LanceDB ``optimize``).
+    def layout(self) -> dict:
+        """``{"rows", "fragments", "unindexed_rows"}``: how the table lies on disk (what :meth:`optimize` fixes)."""
+        dataset = self._dataset()
+        rows = int(dataset.count_rows())
+        unindexed = rows
+        for index in self._table.list_indices():
+            if index.columns == ["sample_id"]:
+                unindexed = int(self._table.index_stats(index.name).num_unindexed_rows)
+        return {"rows": rows, "fragments": len(dataset.get_fragments()), "unindexed_rows": unindexed}
 
-        Versions younger than ``cleanup_older_than`` (LanceDB's default: 7 days) stay readable, so views pinned
+    def optimize(self, cleanup_older_than: timedelta | None = None, fragment_rows: int = FRAGMENT_ROWS) -> dict:
+        """Compact small fragments into ones of up to ``fragment_rows`` rows, add every row to the key index and
+        prune old versions (what LanceDB's ``optimize`` does, with a bounded fragment size; see ``FRAGMENT_ROWS``).
+
+        Versions younger than ``cleanup_older_than`` (default: 7 days, LanceDB's) stay readable, so views pinned
         by recent materializations keep working.
+
+        Returns:
+            versions and :meth:`layout` before and after, and the seconds it took.
         """
         self._require_writable()
-        before = self.version
+        start = time.perf_counter()
+        before, layout_before = self.version, self.layout()
         self.ensure_index()
         for attempt in range(5):
             try:
-                self._table.optimize(cleanup_older_than=cleanup_older_than)
+                # index first: lance does not compact indexed and unindexed fragments together, so a table whose
+                # index covers only its first commit would keep that fragment apart
+                self._table.to_lance().optimize.optimize_indices()
+                self._table.to_lance().optimize.compact_files(target_rows_per_fragment=fragment_rows)
+                self._table.to_lance().optimize.optimize_indices()  # rows committed meanwhile (none when alone)
+                self._table.to_lance().cleanup_old_versions(older_than=cleanup_older_than or timedelta(days=7))
                 break
             except Exception as error:
                 if not _is_conflict(error) or attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
-        return {"version_before": before, "version_after": self.version}
+        return {
+            "version_before": before,
+            "version_after": self.version,
+            "before": layout_before,
+            "after": self.layout(),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
 
 
 def _vectors(column: pa.Array, dim: int) -> np.ndarray:

@@ -72,7 +72,7 @@ def test_pipeline_is_mask_then_precondition_then_normalise_then_project():
     gen = torch.Generator().manual_seed(5)
     a = {n: torch.rand(params[n].shape, generator=gen, dtype=torch.float64) + 0.5 for n in names}
     config = GradientConfig(
-        param_subset=r"layers\.1\..*(down|up)_proj", max_params=1000, proj_dim=128, seed=3
+        param_subset=r"layers\.1\..*(down|up)_proj", max_params=1000, proj_type="srht", proj_dim=128, seed=3
     )
     got = collect_gradients(
         model, [collate(_examples(), pad_token_id=0)], config, preconditioner=SimpleNamespace(a=a)
@@ -106,7 +106,8 @@ def test_countsketch_option_sketches_each_tensor_as_the_concatenated_preconditio
     flat = flat / flat.norm(dim=1, keepdim=True)
     proj = CountSketchProjector(flat.shape[1], 64, seed=3)
     dense = torch.zeros(64, flat.shape[1], dtype=torch.float64)
-    dense[proj.buckets, torch.arange(flat.shape[1])] = proj.signs.double()
+    buckets, signs = proj.buckets_and_signs()
+    dense[buckets, torch.arange(flat.shape[1])] = signs.double()
     expected = flat @ dense.T
     # float64 gradients, float32 sketch of a unit vector: rounding is a few float32 eps per bucket sum.
     torch.testing.assert_close(got.grads.double(), expected, rtol=0, atol=64 * torch.finfo(torch.float32).eps)

@@ -47,6 +47,97 @@ def test_coverage_strategies_are_deterministic_disjoint_from_holdout_and_seed_de
     assert choose_landmarks(IDS, 12, 6, 4, config, emb)[0] != lm
 
 
+def _reference_choice(sample_ids, num_landmarks, num_holdout, seed, strategy, emb):
+    """The coverage strategies as they were before issue 24, written out: float64 copies of the embeddings in id
+    order without the held-out rows, ‖x‖² recomputed over all rows at every step."""
+
+    def sq(x, y):
+        return np.maximum((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T, 0.0)
+
+    ordered = sorted(sample_ids)
+    order = sorted(range(len(sample_ids)), key=lambda i: sample_ids[i])
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(ordered), size=num_landmarks + num_holdout, replace=False)
+    held = {int(i) for i in picks[num_landmarks:]}
+    free = [i for i in range(len(ordered)) if i not in held]
+    sub = np.asarray(emb, dtype=np.float64)[order][free]
+    chosen = [int(rng.integers(len(sub)))]
+    nearest = sq(sub, sub[[chosen[0]]])[:, 0]
+    nearest[chosen] = 0.0 if strategy == "kmeanspp" else -1.0
+    while len(chosen) < num_landmarks:
+        if strategy == "kmeanspp":
+            pick = int(rng.choice(len(sub), p=nearest / nearest.sum()))
+        else:
+            pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, sq(sub, sub[[pick]])[:, 0])
+        nearest[chosen] = 0.0 if strategy == "kmeanspp" else -1.0
+    return [ordered[free[r]] for r in chosen]
+
+
+@pytest.mark.parametrize("strategy", ["kmeanspp", "kcenter"])
+def test_coverage_strategies_in_float32_pick_what_the_float64_reference_picks(strategy):
+    rng = np.random.default_rng(3)
+    centres = rng.normal(scale=4.0, size=(6, 16))
+    emb = (centres[rng.integers(0, 6, 500)] + rng.normal(size=(500, 16))).astype(np.float32)
+    ids = [f"q{i:04d}" for i in rng.permutation(500)]  # table order is not id order
+    config = LandmarkConfig(strategy=strategy)
+    for seed in (0, 1, 2):
+        got, _ = choose_landmarks(ids, 25, 10, seed, config, emb)
+        assert got == _reference_choice(ids, 25, 10, seed, strategy, emb)
+
+
+def test_leverage_in_float32_matches_float64_scores_and_picks():
+    rng = np.random.default_rng(4)
+    emb = rng.normal(size=(700, 12))
+    ids = [f"q{i:04d}" for i in range(700)]
+    config = LandmarkConfig(strategy="leverage", leverage_columns=200)
+    a = landmarks.leverage_scores(emb.astype(np.float32), 1e-2, 200, np.random.default_rng(0), block=128)
+    b = landmarks.leverage_scores(emb, 1e-2, 200, np.random.default_rng(0))
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    assert choose_landmarks(ids, 20, 5, 1, config, emb.astype(np.float32)) == choose_landmarks(ids, 20, 5, 1, config, emb)
+
+
+@pytest.mark.parametrize("strategy", ["kmeanspp", "kcenter", "leverage"])
+def test_coverage_strategies_never_copy_the_embeddings_and_compute_norms_once(strategy, monkeypatch):
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40_000, 256)).astype(np.float32)  # 39 MiB
+    ids = [f"r{i:06d}" for i in range(len(emb))]
+    calls = []
+    real = landmarks._squared_norms
+    monkeypatch.setattr(landmarks, "_squared_norms", lambda x, *a, **k: calls.append(len(x)) or real(x, *a, **k))
+    config = LandmarkConfig(strategy=strategy, leverage_columns=50)
+    tracemalloc.start()
+    try:
+        choose_landmarks(ids, 12, 4, 0, config, emb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # before: three float64 copies (6x the float32 bytes); now the working memory is O(N) vectors and one block
+    # (leverage: plus its bandwidth's 1000 x 1000 float64 distances, ~40 MiB whatever N)
+    allowance = 48 * 2**20 if strategy == "leverage" else 0
+    assert peak < 0.5 * emb.nbytes + allowance, peak / emb.nbytes
+    # ‖x‖² of each row once, not once per landmark (leverage: once per row in each of its two passes, + centres)
+    assert sum(calls) <= (2 * len(emb) + 50 if strategy == "leverage" else len(emb))
+
+
+def test_float32_distances_are_zero_for_duplicates_and_resolve_a_one_percent_neighbour():
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=256).astype(np.float32) * 3
+    near = base + (0.01 * np.linalg.norm(base) / 16) * rng.normal(size=256).astype(np.float32)  # ~1% away
+    emb = np.vstack([np.tile(base, (20, 1)), near, -base]).astype(np.float32)
+    d = landmarks._Distances(emb).to(0)
+    # the expansion ‖x‖² + ‖y‖² − 2x·y leaves float32 rounding for an exact duplicate: it must read 0 (no D² mass)
+    assert (d[:20] == 0).all()
+    copies = np.repeat(rng.normal(size=(200, 256)).astype(np.float32) * 3, 2, axis=0)  # rows 2i and 2i+1 equal
+    dist = landmarks._Distances(copies)
+    assert all(dist.to(2 * i)[2 * i + 1] == 0 for i in range(200))
+    exact = float(((near.astype(np.float64) - base) ** 2).sum())
+    assert d[20] == pytest.approx(exact, rel=1e-2) and d[21] == pytest.approx(4 * float((base.astype(np.float64) ** 2).sum()), rel=1e-5)
+
+
 def test_kcenter_takes_the_farthest_point_each_step():
     # points on a line; after any start, farthest-point must reach both ends before anything in the middle
     emb = np.array([[0.0], [1.0], [2.0], [10.0], [20.0]])

@@ -16,12 +16,13 @@ def native_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
 
 
-def _fake_probe(monkeypatch, fp32_ms, bf16_ms):
+def _fake_probe(monkeypatch, fp32_ms, bf16_ms, gradients=None):
+    """``probe_ms`` returning fixed timings (``gradients``: other timings for that workload); records the calls."""
     calls = []
 
-    def probe(device, hidden, intermediate, tokens, repeats):
-        calls.append((str(device), hidden, intermediate))
-        return fp32_ms, bf16_ms
+    def probe(device, hidden, intermediate, tokens, repeats, workload="forward"):
+        calls.append((str(device), hidden, intermediate) + ((workload,) if workload != "forward" else ()))
+        return gradients if workload == "gradients" and gradients is not None else (fp32_ms, bf16_ms)
 
     monkeypatch.setattr(precision, "probe_ms", probe)
     return calls
@@ -75,9 +76,39 @@ def test_resolver_probes_once_per_device_and_shape(native_cpu, monkeypatch):
     assert PrecisionResolver().resolve("auto", "cpu", (576, 1536)) is not first  # no hidden global cache
 
 
-def test_real_probe_returns_positive_timings():
-    fp32_ms, bf16_ms = precision.probe_ms(torch.device("cpu"), 32, 64, tokens=16, repeats=2)
+@pytest.mark.parametrize("workload", ["forward", "gradients"])
+def test_real_probe_returns_positive_timings(workload):
+    fp32_ms, bf16_ms = precision.probe_ms(torch.device("cpu"), 32, 64, tokens=16, repeats=2, workload=workload)
     assert fp32_ms > 0 and bf16_ms > 0
+
+
+def test_gradient_probe_times_a_backward_under_autocast():
+    """The gradients workload is the per-sample gradient pass: autocast bf16 matmuls, float32 weights, a weight
+    gradient for down_proj and an input gradient, in both dtypes (a forward-only probe cannot see the casts)."""
+    gen = torch.Generator().manual_seed(0)
+    x, gate, up, down = (torch.randn(*shape, generator=gen) for shape in ((8, 32), (64, 32), (64, 32), (32, 64)))
+    for dtype in (torch.float32, torch.bfloat16):
+        gx, gdown = precision._gradient_call(x, gate, up, down, dtype)()
+        assert gx.shape == (8, 32) and gdown.shape == (32, 64)
+        assert gdown.dtype == torch.float32  # float32 weights keep float32 gradients under autocast
+    exact = precision._gradient_call(x.double(), gate.double(), up.double(), down.double(), torch.float32)()[1]
+    low = precision._gradient_call(x, gate, up, down, torch.bfloat16)()[1]
+    rel = float((low.double() - exact).norm() / exact.norm())
+    assert 1e-4 < rel < 0.05  # really computed in bf16 (not float32), and still the same gradient
+    with pytest.raises(ConfigError, match="workload must be one of"):
+        precision.probe_ms(torch.device("cpu"), 32, 64, workload="training")
+
+
+def test_gradients_are_decided_by_their_own_probe(native_cpu, monkeypatch):
+    # bf16 wins the forward matmuls but loses the batch-1 backward under autocast (as on an AMX Xeon)
+    calls = _fake_probe(monkeypatch, 10.0, 3.0, gradients=(10.0, 27.0))
+    resolver = PrecisionResolver()
+    forward = resolver.resolve("auto", "cpu", (576, 1536))
+    grads = resolver.resolve("auto", "cpu", (576, 1536), workload="gradients")
+    assert forward.dtype == "bfloat16" and grads.dtype == "float32"
+    assert grads.workload == "gradients" and "gradients probe" in grads.summary() and "2.70x" in grads.reason
+    assert resolver.resolve("auto", "cpu", (576, 1536), workload="gradients") is grads  # cached per workload
+    assert calls == [("cpu", 576, 1536), ("cpu", 576, 1536, "gradients")]
 
 
 def test_finetune_precision_maps_the_decision():
@@ -92,14 +123,16 @@ def test_recipe_resolution_makes_fingerprints_concrete(native_cpu, monkeypatch):
     from idistill_core.pipeline.recipe import SelectionRecipe, resolve_recipe
     from tests.conftest import tiny_llama
 
-    _fake_probe(monkeypatch, 10.0, 3.0)
+    _fake_probe(monkeypatch, 10.0, 3.0, gradients=(10.0, 27.0))
     model = tiny_llama(fork_rng=True, intermediate_size=8192)  # an MLP big enough to be probed
     recipe = SelectionRecipe()
     resolved, lines = resolve_recipe(recipe, model, PrecisionResolver())
     assert recipe.embed.dtype == "auto" and resolved.embed.dtype == "bfloat16"
-    assert resolved.gradients.dtype == recipe.gradients.dtype  # float32 by default, explicit
+    # gradients are auto by default too, decided by the gradient probe (here: bf16 slower at batch 1)
+    assert recipe.gradients.dtype == "auto" and resolved.gradients.dtype == "float32"
     assert resolved.embed_fingerprint("m" * 8) != recipe.embed_fingerprint("m" * 8)
     assert lines["embeddings"].startswith("bfloat16 (auto:")
+    assert lines["gradients"].startswith("float32 (auto:") and "gradients probe" in lines["gradients"]
 
 
 def test_auto_keeps_float32_for_shapes_too_small_to_time(native_cpu, monkeypatch):
@@ -108,3 +141,20 @@ def test_auto_keeps_float32_for_shapes_too_small_to_time(native_cpu, monkeypatch
     decision = PrecisionResolver().resolve("auto", "cpu", (32, 64))
     assert decision.dtype == "float32" and "too small" in decision.reason
     assert calls == []  # decided from the shapes: no timing, so no run-to-run flip
+
+
+def test_gradient_passes_ask_for_the_gradient_probe(native_cpu, monkeypatch):
+    """`iter_gradients` (and so every landmark and target gradient) resolves `auto` with the gradients workload:
+    here the forward probe says bfloat16 and the gradient probe float32, and float32 must win."""
+    from idistill_core.data.batch import collate
+    from idistill_core.steps.gradients import GradientConfig, iter_gradients
+    from tests.conftest import tiny_llama
+
+    calls = _fake_probe(monkeypatch, 10.0, 3.0, gradients=(10.0, 27.0))
+    model = tiny_llama(fork_rng=True, intermediate_size=8192)
+    batch = collate([{"sample_id": "a", "input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}], pad_token_id=0)
+    resolver = PrecisionResolver()
+    list(iter_gradients(model, [batch], GradientConfig(proj_dim=16), resolver=resolver))
+    hidden = model.config.hidden_size
+    assert calls == [("cpu", hidden, 8192, "gradients")]
+    assert resolver.resolve("auto", "cpu", (hidden, 8192), workload="gradients").dtype == "float32"

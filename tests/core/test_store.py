@@ -148,3 +148,54 @@ def test_a_create_that_lost_the_race_opens_the_winners_table_with_its_rows(tmp_p
     assert loser.count() == 3
     assert loser.insert_missing(["c", "d"], _vectors(2, seed=9)) == 1
     assert sorted(winner.sample_ids()) == ["a", "b", "c", "d"]
+
+
+# --- the table a pass leaves: compacted and fully indexed --------------------------------------------------------
+
+
+def _commits(store, n_commits, rows, offset=0):
+    for c in range(n_commits):
+        first = offset + c * rows
+        store.insert_missing([f"s{i:05d}" for i in range(first, first + rows)], _vectors(rows, seed=first))
+
+
+def test_optimize_compacts_the_commits_and_indexes_every_row(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    _commits(store, 12, 10)  # as a pass that commits every few rows leaves it
+    assert store.layout() == {"rows": 120, "fragments": 12, "unindexed_rows": 110}  # index over the first commit
+    before = store.read(["s00119", "s00000", "s00055"])
+    report = store.optimize()
+    assert report["before"]["fragments"] == 12 and report["after"] == {"rows": 120, "fragments": 1, "unindexed_rows": 0}
+    np.testing.assert_array_equal(store.read(["s00119", "s00000", "s00055"]), before)
+
+
+def test_optimize_after_a_small_append_rewrites_only_fragments_below_the_target(tmp_path):
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    _commits(store, 6, 50)
+    store.optimize(fragment_rows=100)
+    full = {f.fragment_id for f in store._table.to_lance().get_fragments()}
+    assert store.layout()["fragments"] == 3  # 300 rows in fragments of 100
+    _commits(store, 2, 5, offset=300)
+    report = store.optimize(fragment_rows=100)
+    kept = {f.fragment_id for f in store._table.to_lance().get_fragments()}
+    assert full <= kept  # the full fragments were not rewritten
+    assert report["after"] == {"rows": 310, "fragments": 4, "unindexed_rows": 0}  # the two appends became one
+
+
+def test_an_embedding_pass_leaves_the_store_optimised_whatever_its_commit_size(tmp_path):
+    """The pipeline's writer (`_fill_store`, behind `embed_pool` for both the local and the Ray backend): a pass
+    that commits every 8 rows ends compacted with the whole table in the key index; one that inserts nothing does
+    not touch it."""
+    from idistill_core.pipeline.embeddings import _fill_store
+
+    store = EmbeddingStore.open(tmp_path, "emb", IDENTITY)
+    ids = [f"s{i:03d}" for i in range(40)]
+    vectors = _vectors(40)
+    stream = ((ids[i : i + 4], vectors[i : i + 4]) for i in range(0, 40, 4))
+    report = _fill_store(store, stream, 40, 40, 0.0, 0.0, 8, None, "embeddings")
+    assert report.inserted == 40 and report.optimize["before"]["fragments"] == 5
+    assert store.layout() == {"rows": 40, "fragments": 1, "unindexed_rows": 0}
+    assert report.table_version == store.version  # what downstream pins is the optimised version
+    np.testing.assert_array_equal(store.read(ids[::-1]), vectors[::-1].astype(np.float16).astype(np.float32))
+    again = _fill_store(store, iter(()), 40, 0, 0.0, 0.0, 8, None, "embeddings")
+    assert again.optimize is None and store.version == report.table_version
