@@ -102,3 +102,20 @@ def line(values: Sequence[float], title: str, xlabel: str, ylabel: str) -> dg.Me
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return png_markdown(fig, title)
+
+
+def budget_curve(points: Sequence[Mapping[str, float]], title: str, budget: int | None = None) -> dg.MetadataValue:
+    """The second-order model's predicted target-loss change at each budget, with first order's beside it."""
+    fig, ax = _figure()
+    ks = [p["k"] for p in points]
+    ax.plot(ks, [p["predicted_change"] for p in points], marker="o", color="#4c72b0", label="second order (QP weights)")
+    ax.plot(ks, [p["first_order_change"] for p in points], marker="s", linestyle="--", color="#dd8452",
+            label="first order (top-k)")
+    if budget is not None:
+        ax.axvline(budget, color="#c44e52", linestyle=":", linewidth=1, label=f"budget {budget}")
+    ax.set_xscale("log")
+    ax.set_xlabel("budget k (samples)")
+    ax.set_ylabel("predicted Δ target loss")
+    ax.set_title(title)
+    ax.legend()
+    return png_markdown(fig, title)

@@ -21,6 +21,7 @@ from idistill_assets.defs.shared import (
 from idistill_assets.partitions import targets
 from idistill_assets.resources import DEVICE_POOL, IdistillResource
 from idistill_assets.upstream import (
+    embedded_pool,
     fill_rds_features,
     gradient_model,
     load_landmarks,
@@ -61,12 +62,28 @@ def target_rows(spec, which: str = "dev"):
 
 @dg.observable_source_asset(key=[PREFIX, "target_spec"], partitions_def=targets, group_name=TARGET)
 def target_spec(context, idistill: IdistillResource):
-    """Each target's YAML spec and dev/test files; its data version changes when any of them changes."""
-    from idistill_core.project.targets import load_registry
+    """Each target's YAML spec and dev/test files; its data version changes when any of them changes. An invalid
+    file is not observed (it keeps its last version): its one-line error is logged here and fails the
+    `registry_valid` check."""
+    from idistill_assets.defs.automation import registry_versions
 
-    specs = load_registry(idistill.settings.targets_dir, idistill.settings.data_roots)
+    errors: dict[str, str] = {}
+    versions = registry_versions(idistill, errors)
+    for line in errors.values():
+        context.log.error(line)
     known = set(context.instance.get_dynamic_partitions(targets.name))
-    return dg.DataVersionsByPartition({name: spec.version() for name, spec in specs.items() if name in known})
+    return dg.DataVersionsByPartition({name: version for name, version in versions.items() if name in known})
+
+
+@dg.asset_check(asset=target_spec, name="registry_valid", description="Every targets/*.yaml file can be read; "
+                "fails with each invalid file's one-line error (the registry sensor reports it on every change).")
+def target_registry_valid(idistill: IdistillResource) -> dg.AssetCheckResult:
+    from idistill_assets.defs.automation import registry_check, registry_versions
+
+    errors: dict[str, str] = {}
+    registry_versions(idistill, errors)
+    evaluation = registry_check(errors)
+    return dg.AssetCheckResult(passed=evaluation.passed, description=evaluation.description, metadata=evaluation.metadata)
 
 
 def _partitioned(name: str, deps: list, kinds: set[str], version: str, **kwargs):
@@ -114,65 +131,92 @@ def target_gradients(context: dg.AssetExecutionContext, idistill: IdistillResour
             "seconds": round(time.perf_counter() - start, 2),
             "spec_version": spec.version(),
             "dagster/uri": str(path),
-            "precision": idistill.precision(recipe.gradients.dtype).summary(),
+            "precision": idistill.precision(recipe.gradients.dtype, "gradients").summary(),
         }
     )
 
 
-@_partitioned("landmark_influence", [landmarks, target_gradients], {"numpy"}, "influence-v1")
+@_partitioned("landmark_influence", [landmarks, target_gradients, embeddings], {"numpy"}, "influence-v2")
 def landmark_influence(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
-    """Exact influence of each landmark (and held-out sample) on the target: P_L = G_L G_Tᵀ (paper §4.3)."""
-    import torch
-
-    from idistill_core.steps.influence import landmark_values
+    """Exact influence on the target of each landmark, held-out sample and the target's own refinement landmarks
+    (first order, paper §4.3), or the second order's p and Q of the landmarks."""
+    from idistill_core.methods.id import influence_of
 
     spec = target_spec_for(idistill, context.partition_key)
+    recipe = target_recipe(idistill, spec)
     lm_ids, lm_grads, ho_ids, ho_grads = load_landmarks(idistill)
     arrays, _ = artifacts.load_arrays(target_dir(idistill, spec.name, "target_gradients") / "target_gradients.safetensors")
-    t = torch.from_numpy(arrays["targets"])
-    lm, ho = torch.from_numpy(lm_grads), torch.from_numpy(ho_grads)
-    if idistill.settings.recipe.center:
-        from idistill_core.steps.influence import center_gradients
-
-        mean = lm.mean(dim=0)  # ID only knows its landmarks' gradients
-        lm, ho, t = center_gradients(lm, mean), center_gradients(ho, mean), center_gradients(t, mean)
-    values = landmark_values(lm, t, spec.aggregate)
-    holdout = landmark_values(ho, t, spec.aggregate) if len(ho_ids) else np.zeros((0, values.shape[1]))
-    out = {"landmarks": values, "holdout": holdout}
-    extra = {}
+    landmarks = influence_of(lm_ids, lm_grads, ho_ids, ho_grads, arrays["targets"], recipe)
+    out = {"landmarks": landmarks.values, "holdout": landmarks.holdout_values}
+    meta, extra = {"landmark_ids": lm_ids, "holdout_ids": ho_ids, "aggregate": spec.aggregate, "order": spec.order}, {}
     if spec.order == "second":
-        from idistill_core.data.chat import tokenize_rows
-        from idistill_core.pipeline.second_order import second_order_terms_for
-
-        model, tokenizer, pre = gradient_model(idistill)
-        recipe = idistill.settings.recipe
-        dev = tokenize_rows(target_rows(spec, "dev"), tokenizer, recipe.max_length).examples
-        terms = second_order_terms_for(
-            model, tokenizer, tokenized_pool(idistill, tokenizer).examples, dev, lm_ids, recipe, pre,
-            on_progress=context.log.info,
-        )
-        out.update(p_second=terms["p"], q=terms["q"])
-        extra = {"second_order_q_norm": float(np.linalg.norm(terms["q"]))}
+        terms = _second_order(context, idistill, spec, recipe, lm_ids)
+        out.update({f"second_{k}": v for k, v in terms.items()})
+        extra = {"second_order_q_noise": float(terms["q_noise"][0]), "second_order_lr": float(terms["lr"][0])}
+    elif recipe.refine_landmarks:
+        refinement = _refinement(context, idistill, spec, recipe, landmarks)
+        out["refine"], meta["refine_ids"] = refinement.values, refinement.ids
+        extra = {"refinement_landmarks": len(refinement.ids)}
     staging = idistill.staging("landmark_influence", spec.name)
-    artifacts.save_arrays(
-        staging / "landmark_influence.safetensors", out,
-        {"landmark_ids": lm_ids, "holdout_ids": ho_ids, "aggregate": spec.aggregate, "order": spec.order},
-    )
+    artifacts.save_arrays(staging / "landmark_influence.safetensors", out, meta)
     version, folder = idistill.commit(staging)
-    mean = values.mean(axis=1)
+    mean = landmarks.values.mean(axis=1)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
             "dagster/uri": str(folder / "landmark_influence.safetensors"),
             "landmarks": len(lm_ids),
-            "target_columns": int(values.shape[1]),
-            "influence_mean": float(mean.mean()),
-            "influence_std": float(mean.std()),
+            "target_columns": int(landmarks.values.shape[1]),
+            "influence_mean": round(float(mean.mean()), 4),
+            "influence_std": round(float(mean.std()), 4),
             "influence_histogram": plots.histogram(mean, "landmark influence", "mean cosine with target gradients"),
             "order": spec.order,
             **extra,
         }
     )
+
+
+def target_recipe(res: IdistillResource, spec):
+    """The profile's recipe with the target's own method, order, aggregation and cap."""
+    import dataclasses
+
+    from idistill_core.project.targets import selection_cap
+
+    cap = selection_cap(spec, res.settings.recipe.per_source_cap)
+    return dataclasses.replace(
+        res.settings.recipe, method=spec.method, order=spec.order, aggregate=spec.aggregate, per_source_cap=cap
+    )
+
+
+def _second_order(context, res: IdistillResource, spec, recipe, landmark_ids) -> dict:
+    """The landmarks' second-order terms on the target (``pipeline.second_order.terms_to_arrays``)."""
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.pipeline.second_order import second_order_terms_for
+
+    model, tokenizer, pre = gradient_model(res)
+    dev = tokenize_rows(target_rows(spec, "dev"), tokenizer, recipe.max_length).examples
+    return second_order_terms_for(
+        model, tokenizer, tokenized_pool(res, tokenizer).examples, dev, landmark_ids, recipe, pre,
+        on_progress=context.log.info,
+    )
+
+
+def _refinement(context, res: IdistillResource, spec, recipe, landmarks):
+    """The target's own refinement landmarks (``methods.id.refine``): nearest its dev samples in the shared
+    embeddings, with exact gradients from the gradient model."""
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.methods.id import refine_ids, target_embeddings
+    from idistill_core.pipeline.gradients import compute_gradients
+
+    base = res.load_model()
+    dev = tokenize_rows(target_rows(spec, "dev"), base.tokenizer, recipe.max_length).examples
+    pool_ids, store = embedded_pool(res)
+    emb = target_embeddings(base.model, base.tokenizer, dev, res.recipe())
+    ids = refine_ids(store, pool_ids.to_pylist(), landmarks, emb, recipe.refine_landmarks)
+    model, tokenizer, pre = gradient_model(res)
+    grads = compute_gradients(model, tokenizer, tokenized_pool(res, tokenizer).examples, ids, res.recipe().gradients, pre)
+    context.log.info(f"refinement: {len(ids)} landmarks nearest the target's {len(dev)} dev samples")
+    return landmarks.refinement(ids, grads.grads, recipe.aggregate)
 
 
 @_partitioned(
@@ -213,6 +257,17 @@ def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillReso
     if np.count_nonzero(weights) != len(outcome.selected):
         problems.append(f"{np.count_nonzero(weights)} non-zero weights but {len(outcome.selected)} selected")
     threshold = idistill.settings.fidelity_warn_below
+    second = {}
+    if "predicted_change" in outcome.details:  # order: second (pipeline.second_order.qp_outcome)
+        d = outcome.details
+        second = {"second_order_predicted_change": float(d["predicted_change"]),
+                  "first_order_predicted_change": float(d["first_order_change"]),
+                  "second_order_q_noise": float(d["q_noise"]), "qp_lambda": float(d["lambda"])}
+        if d.get("budget_curve"):
+            second["budget_curve"] = plots.budget_curve(d["budget_curve"], f"{spec.name}: budget curve", spec.budget)
+            second["budget_curve_table"] = plots.table(d["budget_curve"], {
+                "k": "int", "fraction": "float", "predicted_change": "float", "first_order_change": "float",
+                "lam": "float", "exact": "bool"})
     fidelity_check = dg.AssetCheckResult(
         check_name="fidelity",
         passed=bool(rho is None or (np.isfinite(rho) and rho >= threshold)),
@@ -229,6 +284,7 @@ def propagated_weights(context: dg.AssetExecutionContext, idistill: IdistillReso
             "seconds": round(time.perf_counter() - start, 2),
             "score_histogram": plots.histogram(outcome.scores, f"{spec.name}: propagated influence", "score"),
             **{f"seconds_{k}": round(v, 2) for k, v in result.get("timings", {}).items()},
+            **second,
         },
         check_results=[
             dg.AssetCheckResult(
@@ -249,7 +305,6 @@ def pool_sources(res: IdistillResource) -> dict[str, str]:
 
 def _score_target(res: IdistillResource, spec) -> dict:
     """Scores and weights of every pool sample for ``spec.method`` (reads the upstream artefacts)."""
-    import dataclasses
 
     import torch
 
@@ -258,20 +313,24 @@ def _score_target(res: IdistillResource, spec) -> dict:
     from idistill_core.methods.base import SelectionContext
     from idistill_core.methods.exact import exact_outcome
     from idistill_core.methods.id import landmark_outcome
-    from idistill_core.project.targets import selection_cap
 
-    cap = selection_cap(spec, res.settings.recipe.per_source_cap)
-    recipe = dataclasses.replace(
-        res.settings.recipe, method=spec.method, order=spec.order, aggregate=spec.aggregate, per_source_cap=cap
-    )
+    recipe = target_recipe(res, spec)
+    cap = recipe.per_source_cap
     source_of = pool_sources(res) if cap is not None else None
     if spec.method == "id":
+        from idistill_core.methods.id import Refinement
+        from idistill_core.pipeline.refinement import coefficient_config
+
         folder = target_dir(res, spec.name, "landmark_influence")
         arrays, meta = artifacts.load_arrays(folder / "landmark_influence.safetensors")
-        second = {"p": arrays["p_second"], "q": arrays["q"]} if "q" in arrays else None
+        second = {k[len("second_"):]: v for k, v in arrays.items() if k.startswith("second_")} or None
+        refinement = Refinement(list(meta["refine_ids"]), arrays["refine"]) if "refine_ids" in meta else None
+        coefficients = load_propagation(res)
         outcome, rho, timings = landmark_outcome(
-            load_propagation(res), meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
-            spec.budget, recipe, second_order=second, source_of=source_of,
+            coefficients, meta["landmark_ids"], arrays["landmarks"], meta["holdout_ids"], arrays["holdout"],
+            spec.budget, recipe, second_order=second, source_of=source_of, refinement=refinement,
+            store=embedded_pool(res)[1] if refinement is not None else None,
+            propagate=coefficient_config(coefficients, recipe.propagate),
         )
         return {"outcome": outcome, "fidelity": rho, "timings": timings}
     model, tokenizer, pre = gradient_model(res)
@@ -303,61 +362,92 @@ def _score_target(res: IdistillResource, spec) -> dict:
     return {"outcome": methods.get(spec.method).select(ctx).outcome}
 
 
-@_partitioned(
-    "selected_subset",
-    [propagated_weights, pool],
-    {"parquet"},
-    "subset-v1",
-    check_specs=[dg.AssetCheckSpec("subset_valid", asset=[PREFIX, "selected_subset"], blocking=True)],
-)
-def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
-    """The budgeted subset as HF-loadable parquet and jsonl rows (chat schema) with a ``weight`` column."""
-    import polars as pl
-
-    spec = target_spec_for(idistill, context.partition_key)
-    weights = pl.read_parquet(target_dir(idistill, spec.name, "propagated_weights") / "propagated_weights.parquet")
-    chosen = weights.filter(pl.col("selected")).sort("rank")
-    pool_rows = pl.read_parquet(pool_path(idistill))
-    subset = chosen.select("sample_id", "weight", "score", "rank").join(pool_rows, on="sample_id", how="left")
-    subset = subset.sort("rank")
-    staging = idistill.staging("selected_subset", spec.name)
-    subset.write_parquet(staging / "subset.parquet")
-    subset.write_ndjson(staging / "subset.jsonl")
-    version, folder = idistill.commit(staging)
+def _subset_problems(subset, expected: int, cap: int | None, counts: dict[str, int]) -> list[str]:
+    """What the blocking ``subset_valid`` check reports: size against the budget, duplicates, ids the pool lacks,
+    the per-source cap."""
     ids = subset["sample_id"].to_list()
     problems = []
-    expected = min(spec.budget, len(weights))
     if len(ids) != expected:
         problems.append(f"{len(ids)} rows, budget {expected}")
     if len(set(ids)) != len(ids):
         problems.append("duplicate sample ids")
     if subset["messages"].null_count():
         problems.append("ids missing from the pool")
-    counts = source_counts(subset)
-    pool_counts = source_counts(pool_rows)
-    from idistill_core.project.targets import selection_cap
-
-    cap = selection_cap(spec, idistill.settings.recipe.per_source_cap)
     if cap is not None and counts and max(counts.values()) > cap:
         problems.append(f"a source has {max(counts.values())} samples, per_source_cap {cap}")
+    return problems
+
+
+def _for_people(value: float) -> float:
+    """Four significant digits for a UI table (the files keep full precision)."""
+    return float(f"{value:.4g}")
+
+
+def _subset_previews(subset, weights, pool_rows) -> dict:
+    """``top_samples`` (the first 20 by rank) and ``bottom_samples`` (the 5 lowest-scored unselected) tables."""
+    import polars as pl
+
     top = subset.head(20).to_dicts()
-    bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left").to_dicts()
-    preview = lambda r: {"sample_id": r["sample_id"], "source": r["source"], "score": r["score"], "prompt": r["messages"][0]["content"][:80]}
-    preview_columns = {"sample_id": "string", "source": "string", "score": "float", "prompt": "string"}
+    bottom = weights.filter(~pl.col("selected")).sort("score").head(5).join(pool_rows, on="sample_id", how="left")
+
+    def preview(r):
+        prompt = r["messages"][0]["content"][:80] if r["messages"] else ""
+        return {"sample_id": r["sample_id"], "source": r["source"], "score": _for_people(r["score"]), "prompt": prompt}
+
+    columns = {"sample_id": "string", "source": "string", "score": "float", "prompt": "string"}
+    return {
+        "top_samples": plots.table([{"rank": r["rank"], **preview(r), "weight": _for_people(r["weight"])} for r in top],
+                                   {"rank": "int", **columns, "weight": "float"}),
+        "bottom_samples": plots.table([preview(r) for r in bottom.to_dicts()], columns),
+    }
+
+
+@_partitioned(
+    "selected_subset",
+    [propagated_weights, pool],
+    {"parquet"},
+    "subset-v2",
+    check_specs=[dg.AssetCheckSpec("subset_valid", asset=[PREFIX, "selected_subset"], blocking=True)],
+)
+def selected_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """The budgeted subset (parquet and jsonl rows in the chat schema, with a ``weight`` column) and its hand-off:
+    a Hugging Face dataset folder (``export/``) whose card holds the provenance (docs/handoff.md)."""
+    import polars as pl
+
+    from idistill_assets import handoff
+    from idistill_core.project.targets import selection_cap
+
+    spec = target_spec_for(idistill, context.partition_key)
+    weights = pl.read_parquet(target_dir(idistill, spec.name, "propagated_weights") / "propagated_weights.parquet")
+    pool_rows = pl.read_parquet(pool_path(idistill))
+    chosen = weights.filter(pl.col("selected")).select("sample_id", "weight", "score", "rank")
+    subset = chosen.join(pool_rows, on="sample_id", how="left").sort("rank")
+    staging = idistill.staging("selected_subset", spec.name)
+    subset.write_parquet(staging / "subset.parquet")
+    subset.write_ndjson(staging / "subset.jsonl")
+    counts, pool_counts = source_counts(subset), source_counts(pool_rows)
+    cap = selection_cap(spec, idistill.settings.recipe.per_source_cap)
+    problems = _subset_problems(subset, min(spec.budget, len(weights)), cap, counts)
+    fields, landmarks = handoff.provenance(idistill, pool_rows.to_arrow(), uses_landmarks=spec.method == "id")
+    fields.update(
+        kind="target", name=spec.name, budget=spec.budget,
+        method={"name": spec.method, "order": spec.order, "aggregate": spec.aggregate},
+        fidelity_spearman=handoff.latest_metadata(context, "propagated_weights", spec.name, "fidelity_spearman"),
+    )
+    version, folder, card = handoff.publish(idistill, staging, subset, fields, landmarks, pool_counts, not problems)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
-            "dagster/row_count": len(ids),
+            "dagster/row_count": subset.height,
             "dagster/column_schema": plots.column_schema(subset.schema, SUBSET_COLUMNS),
             "dagster/uri": str(folder / "subset.parquet"),
+            **handoff.card_metadata(card),
             "budget": spec.budget,
             "per_source_cap": cap if cap is not None else "none",
             **plots.source_composition(counts, pool_counts, f"{spec.name}: selected subset by source"),
             "weight_histogram": plots.histogram(subset["weight"].to_list(), f"{spec.name}: weights of selected", "weight"),
-            "top_samples": plots.table([{"rank": r["rank"], **preview(r), "weight": r["weight"]} for r in top],
-                                       {"rank": "int", **preview_columns, "weight": "float"}),
-            "bottom_samples": plots.table([preview(r) for r in bottom], preview_columns),
-            **{f"share_{k}": v / len(ids) for k, v in counts.items()},
+            **_subset_previews(subset, weights, pool_rows),
+            **{f"share_{k}": round(v / subset.height, 4) for k, v in counts.items()},
         },
         check_results=[
             dg.AssetCheckResult(check_name="subset_valid", passed=not problems, metadata={"problems": "; ".join(problems) or "none"})

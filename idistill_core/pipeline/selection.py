@@ -46,12 +46,14 @@ class SelectionOutcome:
             columns["source"] = pa.array(list(sources), pa.string())
         return pa.table(columns)
 
+
 def uniform_weights(sample_ids: Sequence[str], picked: Sequence[str]) -> np.ndarray:
     """(N,) weights spreading the total N evenly over ``picked`` (zero elsewhere)."""
     index = {s: i for i, s in enumerate(sample_ids)}
     weights = np.zeros(len(sample_ids))
     weights[[index[s] for s in picked]] = len(sample_ids) / len(picked)
     return weights
+
 
 def cap_options(ids: Sequence[str], per_source_cap: int | None, source_of: Mapping[str, str] | None) -> dict:
     """``select_samples`` keywords for a per-source cap over ``ids`` (none without a cap).
@@ -65,9 +67,11 @@ def cap_options(ids: Sequence[str], per_source_cap: int | None, source_of: Mappi
         raise ConfigError("per_source_cap is set but this selection was given no pool sources.")
     return {"sources": [source_of.get(s, "") for s in ids], "per_source_cap": per_source_cap}
 
+
 def check_budget(budget: int, n: int) -> None:
     if budget <= 0 or budget > n:
         raise ConfigError(f"budget k={budget} must satisfy 0 < k <= N={n} (the number of usable pool samples).")
+
 
 def select_samples(
     sample_ids: Sequence[str],
@@ -113,6 +117,7 @@ def select_samples(
             # caps (or exact ties) change the support: spread the mass uniformly over the picks instead
             weights = uniform_weights(sample_ids, picked)
     return SelectionOutcome(sample_ids, aggregated, weights, picked, method)
+
 
 def mix_outcome(
     outcomes: Sequence[SelectionOutcome],

@@ -30,8 +30,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from idistill_core.errors import ConfigError
 from idistill_core.store.hashing import file_hash, stable_hash
 
@@ -101,22 +99,19 @@ def _resolve(path_value: object, field_name: str, source: Path, data_roots: list
 def read_named_yaml(path: Path, kind: str, required, optional) -> tuple[dict, str]:
     """The fields of a ``<name>.yaml`` registry file (target or mix) and its checked name: a mapping with every
     ``required`` field, nothing outside ``required``/``optional``, and ``name`` a partition key equal to the stem."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{kind} file {path} does not exist.") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]}).") from None
+    from idistill_core.project.settings import read_yaml
+
+    raw = read_yaml(path, f"{kind} file")  # missing, a folder, not UTF-8, invalid YAML: one line with the position
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}.")
     missing = [k for k in required if k not in raw]
     if missing:
         raise ConfigError(f"{path}: missing required field(s) {', '.join(missing)}.")
-    unknown = sorted(set(raw) - set(required) - set(optional))
+    unknown = sorted(str(k) for k in set(raw) - set(required) - set(optional))
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
-    name = str(raw["name"])
-    if not _NAME.match(name):
+    name = raw["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{path}: field 'name' = {name!r} must match [a-z0-9][a-z0-9_-]* (it is a partition key).")
     if name != path.stem:
         raise ConfigError(f"{path}: field 'name' = {name!r} must equal the file name stem {path.stem!r}.")
@@ -148,6 +143,12 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
     for flag in ("finetune", "evaluate"):
         if not isinstance(values[flag], bool):
             raise ConfigError(f"{path}: field '{flag}' must be true or false; got {values[flag]!r}.")
+    from idistill_core.data.formats import FORMATS
+
+    if not isinstance(values["format"], str) or values["format"] not in FORMATS:
+        raise ConfigError(f"{path}: field 'format' = {values['format']!r} is unknown; use one of {', '.join(FORMATS)}.")
+    if not isinstance(values["description"], str):
+        raise ConfigError(f"{path}: field 'description' must be a string; got {values['description']!r}.")
     lm_eval = values["lm_eval"]
     if lm_eval is not None:
         if not isinstance(lm_eval, dict) or set(lm_eval) != {"task"} or lm_eval["task"] not in LM_EVAL_TASKS:
@@ -156,11 +157,10 @@ def load_target_spec(path: str | Path, data_roots: list[str | Path]) -> TargetSp
             )
         lm_eval = lm_eval["task"]
     cap = check_cap(values["per_source_cap"], path)
-    if cap is not None and (values["method"] == "midppl" or values["order"] == "second"):
-        # midppl picks a perplexity band and the second-order QP its own support: neither can honour a cap
+    if cap is not None and values["method"] == "midppl":
+        # midppl picks a perplexity band, not a ranking: it cannot honour a cap
         raise ConfigError(
-            f"{path}: field 'per_source_cap' is not supported with method {values['method']!r} / order "
-            f"{values['order']!r} (only score-ranked selection honours it)."
+            f"{path}: field 'per_source_cap' is not supported with method 'midppl' (it takes a perplexity band)."
         )
     return TargetSpec(
         name=name,
@@ -197,21 +197,33 @@ def selection_cap(spec: TargetSpec, recipe_cap: int | None) -> int | None:
         ConfigError: the profile sets a cap but the target's method cannot honour one.
     """
     cap = spec.per_source_cap if spec.per_source_cap is not None else recipe_cap
-    if cap is not None and (spec.method == "midppl" or spec.order == "second"):
+    if cap is not None and spec.method == "midppl":
         raise ConfigError(
             f"{spec.source_file}: per_source_cap={cap} (from the profile recipe) is not supported with method "
-            f"{spec.method!r} / order {spec.order!r}; only score-ranked selection honours it."
+            "'midppl' (it takes a perplexity band)."
         )
     return cap
 
 
-def load_registry(targets_dir: str | Path, data_roots: list[str | Path]) -> dict[str, TargetSpec]:
-    """All ``*.yaml`` targets in a folder, by name (an invalid file raises with its path)."""
+def load_registry(
+    targets_dir: str | Path, data_roots: list[str | Path], errors: dict[str, str] | None = None
+) -> dict[str, TargetSpec]:
+    """All ``*.yaml`` targets in a folder, by name.
+
+    An invalid file raises its one-line ConfigError; with ``errors`` it is skipped instead and its line recorded
+    there under the file's stem (what the registry sensor reports as a failed check, never a crash).
+    """
     folder = Path(targets_dir)
     if not folder.is_dir():
         return {}
     specs = {}
     for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-        spec = load_target_spec(path, data_roots)
+        try:
+            spec = load_target_spec(path, data_roots)
+        except ConfigError as error:
+            if errors is None:
+                raise
+            errors[path.stem] = str(error)
+            continue
         specs[spec.name] = spec
     return specs

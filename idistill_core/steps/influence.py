@@ -26,6 +26,7 @@ def first_order(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> tor
     _check_grads(landmark_grads, target_grads)
     return landmark_grads @ target_grads.T
 
+
 def center_gradients(grads: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``(g − μ) / ‖g − μ‖`` row-wise (a row equal to ``μ`` stays zero): the shared component removed.
 
@@ -38,6 +39,7 @@ def center_gradients(grads: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """
     centred = grads - mean.to(grads.dtype)[None, :]
     return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
 
 def aggregated_first_order(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Tensor:
     """Influence on the mean target loss, ``p = G_L ḡ_T`` (paper §1.3).
@@ -56,6 +58,7 @@ def aggregated_first_order(landmark_grads: torch.Tensor, target_grads: torch.Ten
     """
     _check_grads(landmark_grads, target_grads)
     return landmark_grads @ target_grads.mean(dim=0)
+
 
 def _check_grads(landmark_grads: torch.Tensor, target_grads: torch.Tensor) -> None:
     if landmark_grads.ndim != 2 or target_grads.ndim != 2:

@@ -26,6 +26,7 @@ logger = logging.getLogger("idistill")
 
 AUTO = "auto"
 
+
 @dataclass(frozen=True)
 class PropagateConfig:
     """How landmark influences are spread to the pool.
@@ -61,6 +62,8 @@ class PropagateConfig:
     unbiased estimate of the gradient error at a fraction of the cost); 0 = the whole gradient vectors."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"PropagateConfig.seed must be in [0, 2**32 - 1]; got {self.seed}")
         if self.kernel not in ("rbf", "linear", AUTO):
             raise ConfigError(f"PropagateConfig.kernel must be 'rbf', 'linear' or 'auto'; got {self.kernel!r}")
         for name in ("ridge", "bandwidth_scale"):
@@ -88,6 +91,7 @@ class PropagateConfig:
     def fingerprint(self) -> str:
         return config_fingerprint(self)
 
+
 def _as_float64(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach()
     t = t.to(device="cpu", dtype=torch.float64)
@@ -97,10 +101,12 @@ def _as_float64(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
         raise NumericalError(f"{name} has non-finite entries")
     return t
 
+
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(n, m)`` squared Euclidean distances, clamped at 0 (the norm expansion can dip below)."""
     d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
     return d.clamp_min(0)
+
 
 def median_bandwidth(emb: torch.Tensor, sample: int, seed: int) -> float:
     """σ = sqrt(median pairwise squared distance) over a seeded subset (off-diagonal pairs), floor 1e-6.
@@ -122,6 +128,7 @@ def median_bandwidth(emb: torch.Tensor, sample: int, seed: int) -> float:
     if pairs.numel() == 0:
         return 1.0
     return max(float(pairs.median().sqrt()), 1e-6)
+
 
 class KernelRidge:
     """Kernel ridge regression from landmark embeddings; fit once, predict any number of columns.
@@ -185,15 +192,20 @@ class KernelRidge:
         model.ridge_abs = ridge_abs
         model._chol = chol
         logger.info(
-            "propagate: fitted %s kernel on %d landmarks (sigma=%s)", config.kernel, lm.shape[0], sigma
+            "propagate: fitted %s kernel on %d landmarks (sigma=%s)", config.kernel, lm.shape[0],
+            "n/a" if sigma is None else f"{sigma:.4g}",
         )
         return model
 
     def kernel(self, emb: torch.Tensor) -> torch.Tensor:
         """``K(emb, landmarks)`` ``(n, L)`` float64."""
+        return self.kernel_between(emb, self.landmarks)
+
+    def kernel_between(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``K(x, y)`` ``(n, m)`` float64 with this fit's kernel and bandwidth."""
         if self.config.kernel == "linear":
-            return emb @ self.landmarks.T
-        return torch.exp(-squared_distances(emb, self.landmarks) / (2 * self.sigma**2))
+            return x @ y.T
+        return torch.exp(-squared_distances(x, y) / (2 * self.sigma**2))
 
     def _rows(self, emb_chunks: Iterable[torch.Tensor | np.ndarray]) -> Iterator[torch.Tensor]:
         d = self.landmarks.shape[1]
@@ -237,3 +249,70 @@ class KernelRidge:
         if not parts:
             return torch.empty(0, vals.shape[1], dtype=torch.float64)
         return torch.cat(parts)
+
+    def extend(self, extra_emb: torch.Tensor | np.ndarray) -> LandmarkExtension:
+        """``R`` more landmarks for this fit, without a refit (block elimination, below)."""
+        return LandmarkExtension.of(self, extra_emb)
+
+
+@dataclass
+class LandmarkExtension:
+    """``R`` extra landmarks added to a fitted :class:`KernelRidge` of ``L`` landmarks: the same predictions as a
+    refit on all ``L + R`` (same kernel, σ and absolute ridge), from the ``L``-landmark coefficients ``C`` alone.
+
+    With ``A = K_LL + λI``, ``B = K_LR``, ``C_x = K_xL A⁻¹`` and the Schur complement ``S = K_RR + λI − C_R B``,
+    block elimination of the ``(L + R)`` system gives
+
+        f(x) = C_x v_L + (K_xR − C_x B) S⁻¹ (v_R − C_R v_L).
+
+    ``C_x v_L`` and ``C_x B`` come from one pass over a stored coefficient table (``C · [V | B]``), so a target
+    that brings its own ``R`` landmarks (a refinement near its samples) costs ``R`` kernel columns and an
+    ``R × R`` solve, not an ``N × (L + R)`` rebuild. Intercepts (``PropagateConfig.intercept``) are the caller's:
+    centre ``v`` on the mean of all ``L + R`` values first.
+    """
+
+    model: KernelRidge
+    emb: torch.Tensor
+    """``(R, D)`` float64 extra landmark embeddings."""
+    cross: torch.Tensor
+    """``B = K_LR`` ``(L, R)``."""
+    coefficients: torch.Tensor
+    """``C_R`` ``(R, L)``: the extra landmarks' own coefficient rows."""
+    schur_chol: torch.Tensor
+    """Cholesky factor of ``S`` ``(R, R)``."""
+
+    @classmethod
+    def of(cls, model: KernelRidge, extra_emb: torch.Tensor | np.ndarray) -> LandmarkExtension:
+        emb = _as_float64(extra_emb, "extra_emb")
+        if emb.shape[1] != model.landmarks.shape[1]:
+            raise DataError(f"extra_emb has D={emb.shape[1]}; landmarks have D={model.landmarks.shape[1]}")
+        cross = model.kernel(emb).T  # (L, R)
+        coefficients = torch.cholesky_solve(cross, model._chol).T  # (R, L) = K_RL A⁻¹
+        schur = model.kernel_between(emb, emb) - coefficients @ cross
+        schur = 0.5 * (schur + schur.T)
+        schur.diagonal().add_(model.ridge_abs)
+        chol, info = torch.linalg.cholesky_ex(schur)
+        if int(info) != 0:
+            raise NumericalError("extra landmarks make the kernel singular (a duplicate landmark?); raise the ridge")
+        return cls(model, emb, cross, coefficients, chol)
+
+    def correction(
+        self,
+        base: torch.Tensor | np.ndarray,
+        coef_cross: torch.Tensor | np.ndarray,
+        kernel_rows: torch.Tensor | np.ndarray,
+        values: torch.Tensor | np.ndarray,
+        extra_values: torch.Tensor | np.ndarray,
+    ) -> torch.Tensor:
+        """``f = base + (K_xR − C_x B) S⁻¹ (v_R − C_R v_L)`` for a block of ``n`` pool rows.
+
+        Args:
+            base: ``(n, T)`` ``C_x v_L`` (the L-landmark prediction).
+            coef_cross: ``(n, R)`` ``C_x B``.
+            kernel_rows: ``(n, R)`` ``K(x, extra landmarks)`` (:meth:`KernelRidge.kernel_between`).
+            values: ``(L, T)`` ``v_L``; extra_values: ``(R, T)`` ``v_R``.
+        """
+        v_l, v_r = _as_float64(values, "values"), _as_float64(extra_values, "extra_values")
+        gain = torch.cholesky_solve(v_r - self.coefficients @ v_l, self.schur_chol)  # (R, T)
+        lift = _as_float64(kernel_rows, "kernel_rows") - _as_float64(coef_cross, "coef_cross")
+        return _as_float64(base, "base") + lift @ gain

@@ -4,6 +4,12 @@ The weights solve  min −pᵀw + ½wᵀ(ηQ + λI)w  s.t.  w ≥ 0, Σw = total
 ``k`` weights are non-zero. Over the pool, ``p = C p_L`` and ``Q = C Q_L Cᵀ`` are lifted from the landmarks
 with the propagation coefficients ``C (N, L)`` (:class:`PoolQuadratic` never forms ``Q``). With ``Q = 0`` the
 solution is the simplex projection of ``p/λ`` and its support the top-k of ``p`` (:func:`first_order_weights`).
+:func:`solve_pool_qp` solves the pool QP on a working set of rows checked against the whole pool's optimality
+conditions, a few passes over ``C`` in all (issue 24).
+
+Over 500 lines because the three solvers (dense :func:`solve_qp`, the pool operator, the working set) share the λ
+search, FISTA and the simplex projection; the working set (from ``_is_psd`` to :func:`_solve_pool_full`) is the
+part to move out if another solver joins.
 """
 
 from __future__ import annotations
@@ -50,6 +56,17 @@ class PoolQPConfig:
     """``auto``'s bound on the resident float32 ``C``."""
     chunk_rows: int = 16384
     """Rows of ``C`` per product block (and per table read)."""
+    solver: Literal["auto", "working_set", "full"] = "auto"
+    """How :func:`solve_pool_qp` solves. ``working_set``: the QP on a candidate set of rows (the top of ``p``),
+    then one pass over ``C`` checking every other row's optimality (KKT), violators added, until none: a few
+    passes over ``C`` whatever the λ search costs (issue 24). ``full``: :class:`PoolQuadratic` over all ``N`` rows
+    (two passes over ``C`` per operator application when ``C`` is streamed). ``auto``: ``working_set`` while its
+    rows fit ``memory_limit_mib``, else ``full``."""
+    working_rows: int = 0
+    """``working_set``: rows of the first candidate set (0: ``max(2k, k + 1024)``, at most ``N``); each round
+    adds at most as many violators."""
+    max_rounds: int = 50
+    """``working_set``: KKT rounds before falling back to the ``full`` solver."""
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "float64"):
@@ -62,6 +79,13 @@ class PoolQPConfig:
             raise ConfigError(f"PoolQPConfig.memory_limit_mib must be >= 0; got {self.memory_limit_mib}")
         if self.chunk_rows < 1:
             raise ConfigError(f"PoolQPConfig.chunk_rows must be >= 1; got {self.chunk_rows}")
+        if self.solver not in ("auto", "working_set", "full"):
+            raise ConfigError(f"PoolQPConfig.solver must be 'auto', 'working_set' or 'full'; got {self.solver!r}")
+        if self.working_rows < 0:
+            raise ConfigError(f"PoolQPConfig.working_rows must be >= 0; got {self.working_rows}")
+        if self.max_rounds < 1:
+            raise ConfigError(f"PoolQPConfig.max_rounds must be >= 1; got {self.max_rounds}")
+
 
 class ChunkSource(Protocol):
     """What ``PoolQuadratic`` streams from (``propagate.CoefficientTable``): ``C`` in row blocks, table order."""
@@ -70,6 +94,7 @@ class ChunkSource(Protocol):
     def num_landmarks(self) -> int: ...
 
     def iter_chunks(self, batch_rows: int = ...) -> Iterator[tuple[list[str], np.ndarray]]: ...
+
 
 class PoolQuadratic:
     """``Q_pool = (L/N) · C Q_L Cᵀ`` as a callable, never formed (``C``: KRR coefficients ``(N, L)``).
@@ -209,12 +234,14 @@ class PoolQuadratic:
             lo, hi = min(lo, 0.0), max(hi, 0.0)
         return lo, hi
 
+
 def pool_terms(
     coefficients: torch.Tensor | np.ndarray | ChunkSource, terms: SecondOrderTerms, config: PoolQPConfig | None = None
 ) -> tuple[torch.Tensor, PoolQuadratic]:
     """Lift landmark terms to the pool: ``p_pool = C p_L`` ``(N,)`` float64 and ``Q_pool`` as a callable."""
     quad = PoolQuadratic(coefficients, terms, config)
     return quad.matvec(terms.p.detach().to(torch.float64)), quad
+
 
 def project_simplex(v: torch.Tensor, total: float) -> torch.Tensor:
     """Euclidean projection of ``v`` ``(n,)`` onto ``{w ≥ 0, Σw = total}`` (sort-based, exact)."""
@@ -224,6 +251,7 @@ def project_simplex(v: torch.Tensor, total: float) -> torch.Tensor:
     rho = int((u - css / idx > 0).nonzero().max())
     tau = css[rho] / (rho + 1)
     return (v - tau).clamp_min(0)
+
 
 @dataclass
 class QPSolution:
@@ -243,6 +271,7 @@ class QPSolution:
     num_nonzero: int
     exact: bool
     lam_floor: float
+
 
 def _eig_bounds(q: torch.Tensor | QApply, n: int, dtype: torch.dtype, seed: int) -> tuple[float, float]:
     if isinstance(q, torch.Tensor):
@@ -277,6 +306,7 @@ def _eig_bounds(q: torch.Tensor | QApply, n: int, dtype: torch.dtype, seed: int)
     span = hi - lo
     return lo - 0.1 * span - 1e-12, hi + 0.1 * span + 1e-12
 
+
 def _fista(
     p: torch.Tensor,
     apply_a: QApply,
@@ -307,6 +337,7 @@ def _fista(
             break
     return w
 
+
 def solve_qp(
     p: torch.Tensor,
     q: torch.Tensor | QApply | None,
@@ -318,6 +349,8 @@ def solve_qp(
     tol: float = 1e-10,
     search_steps: int = 100,
     seed: int = 0,
+    lam_hint: float | None = None,
+    w0: torch.Tensor | None = None,
 ) -> QPSolution:
     """Solve ``min −pᵀw + ½wᵀ(ηQ + λI)w`` s.t. ``w ≥ 0, Σw = total`` with λ set for ``k`` non-zeros.
 
@@ -340,6 +373,9 @@ def solve_qp(
         max_iter, tol: FISTA limits per λ.
         search_steps: binary-search iterations on λ.
         seed: power-iteration seed (callable ``q`` without ``eig_bounds`` only).
+        lam_hint, w0: a λ (and weights) near the answer, e.g. from a slightly smaller problem
+            (:func:`solve_pool_qp`'s working-set rounds): the search brackets λ around it (doubling/halving)
+            instead of from the λ floor, which skips most of the search. Without them the search is unchanged.
 
     Returns:
         ``QPSolution``; if no λ gives exactly ``k`` (ties), the solution with the closest count ≥ k.
@@ -386,16 +422,35 @@ def solve_qp(
         if nnz >= k and (best is None or nnz < best[2]):
             best = (lam, w, nnz)
 
-    w_lo, nnz_lo = solve(lam_small, w_start)
-    consider(lam_small, w_lo, nnz_lo)
-    lam_lo, lam_hi = lam_small, max(lam_small * 2, spread / total * n, 1e-12)
-    w_hi, nnz_hi = solve(lam_hi, w_lo)
-    consider(lam_hi, w_hi, nnz_hi)
-    while nnz_hi < k and lam_hi < 1e300:
-        lam_lo, w_lo, nnz_lo = lam_hi, w_hi, nnz_hi
-        lam_hi *= 16
-        w_hi, nnz_hi = solve(lam_hi, w_hi)
+    if lam_hint is not None and math.isfinite(lam_hint) and lam_hint > lam_small:
+        # bracket around the hint: one solve when it still gives k, a few doublings/halvings otherwise
+        start = w_start if w0 is None else w0.detach().to(torch.float64).reshape(-1)
+        w_h, nnz_h = solve(lam_hint, start)
+        consider(lam_hint, w_h, nnz_h)
+        lam_lo = lam_hi = lam_hint
+        w_lo = w_hi = w_h
+        nnz_lo = nnz_hi = nnz_h
+        while nnz_hi < k and lam_hi < 1e300:
+            lam_lo, w_lo, nnz_lo = lam_hi, w_hi, nnz_hi
+            lam_hi *= 2
+            w_hi, nnz_hi = solve(lam_hi, w_hi)
+            consider(lam_hi, w_hi, nnz_hi)
+        while nnz_lo > k and lam_lo > lam_small:
+            lam_hi, w_hi, nnz_hi = lam_lo, w_lo, nnz_lo
+            lam_lo = max(lam_lo / 2, lam_small)
+            w_lo, nnz_lo = solve(lam_lo, w_lo)
+            consider(lam_lo, w_lo, nnz_lo)
+    else:
+        w_lo, nnz_lo = solve(lam_small, w_start)
+        consider(lam_small, w_lo, nnz_lo)
+        lam_lo, lam_hi = lam_small, max(lam_small * 2, spread / total * n, 1e-12)
+        w_hi, nnz_hi = solve(lam_hi, w_lo)
         consider(lam_hi, w_hi, nnz_hi)
+        while nnz_hi < k and lam_hi < 1e300:
+            lam_lo, w_lo, nnz_lo = lam_hi, w_hi, nnz_hi
+            lam_hi *= 16
+            w_hi, nnz_hi = solve(lam_hi, w_hi)
+            consider(lam_hi, w_hi, nnz_hi)
     if nnz_lo < k:
         for _ in range(search_steps):
             if best is not None and best[2] == k:
@@ -418,6 +473,7 @@ def solve_qp(
     logger.info("qp: k=%d non-zeros at lambda=%.6g (floor %.3g)", nnz, lam, lam_floor)
     return QPSolution(weights=w, lam=lam, num_nonzero=nnz, exact=nnz == k, lam_floor=lam_floor)
 
+
 def qp_weights(
     p: torch.Tensor,
     q: torch.Tensor | QApply | None,
@@ -428,6 +484,7 @@ def qp_weights(
 ) -> torch.Tensor:
     """Weights ``(n,)`` of ``solve_qp`` (DESIGN contract); λ is logged at INFO on ``idistill``."""
     return solve_qp(p, q, eta, k, total, **kwargs).weights
+
 
 def first_order_weights(p: torch.Tensor, k: int, total: float | None = None) -> torch.Tensor:
     """Closed-form QP solution for ``Q = 0`` (paper §1.5): simplex projection of ``p/λ``.
@@ -451,6 +508,14 @@ def first_order_weights(p: torch.Tensor, k: int, total: float | None = None) -> 
     total = float(n if total is None else total)
     if total <= 0:
         raise ConfigError(f"total must be > 0; got {total}")
+    lam = _first_order_lambda(p, k, total)
+    w = project_simplex(p / lam, total)
+    return w
+
+
+def _first_order_lambda(p: torch.Tensor, k: int, total: float) -> float:
+    """The λ of :func:`first_order_weights`: mid-way in the interval where ``Q = 0``'s support is the top-k."""
+    n = p.numel()
     u, _ = torch.sort(p, descending=True)
     m = int((u >= u[k - 1]).sum())  # k plus any entries tied with the k-th
     top = u[:m]
@@ -463,5 +528,499 @@ def first_order_weights(p: torch.Tensor, k: int, total: float | None = None) -> 
         lam = 2 * lam_lo + 1.0
     if lam <= 0:  # all of p equal: any λ gives the uniform solution on the support
         lam = 1.0
-    w = project_simplex(p / lam, total)
-    return w
+    return lam
+
+
+# -- the pool QP on a working set (issue 24) ---------------------------------------------------------------------
+def _is_psd(q: torch.Tensor) -> bool:
+    """Whether the symmetric ``q`` is positive semi-definite up to rounding (a Cholesky of ``q + δI``, ``O(L³/3)``)."""
+    q = 0.5 * (q + q.T).detach().to(torch.float64)
+    scale = float(q.abs().max()) if q.numel() else 0.0
+    if scale == 0.0:
+        return True
+    shifted = q + (1e-10 * scale) * torch.eye(q.shape[0], dtype=torch.float64)
+    return int(torch.linalg.cholesky_ex(shifted).info) == 0
+
+
+def _extreme_eigenvalues(apply: QApply, n: int, steps: int = 48, seed: int = 0) -> tuple[float, float]:
+    """Bounds ``(lo, hi)`` on the spectrum of a symmetric operator: Lanczos with full re-orthogonalisation, each
+    Ritz value widened by its residual ``β·|s_last|`` (an eigenvalue lies within it) plus 1% of the span."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = max(1, min(n, steps))
+    basis = torch.empty(steps, n, dtype=torch.float64)
+    q = torch.randn(n, generator=gen, dtype=torch.float64)
+    q /= q.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    last = 0.0
+    for j in range(steps):
+        basis[j] = q
+        w = apply(q).to(torch.float64)
+        alphas.append(float(q @ w))
+        for _ in range(2):  # twice is enough (Kahan–Parlett)
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        last = float(w.norm())
+        size = max(abs(a) for a in alphas) + max(betas, default=0.0)
+        if last <= 1e-12 * size or j == steps - 1:
+            break
+        betas.append(last)
+        q = w / last
+    m = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        tri += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, vecs = torch.linalg.eigh(tri)
+    residual = last * vecs[-1].abs()
+    lo, hi = float((theta - residual).min()), float((theta + residual).max())
+    margin = 0.01 * (hi - lo) + 1e-12 * max(abs(lo), abs(hi))
+    return lo - margin, hi + margin
+
+
+class _CountingSource:
+    """A ``ChunkSource`` that counts full passes (``iter_chunks`` calls) over the table it wraps."""
+
+    def __init__(self, source: ChunkSource):
+        self._source = source
+        self.passes = 0
+        self.num_landmarks = source.num_landmarks
+        if hasattr(source, "count"):
+            self.count = source.count
+
+    def iter_chunks(self, batch_rows: int = 16384):
+        self.passes += 1
+        return self._source.iter_chunks(batch_rows)
+
+
+class _Blocks:
+    """``C`` in row blocks from an in-memory matrix or a ``ChunkSource``; a table may be read into float32 memory
+    on the first pass (``PoolQPConfig.coefficients``), after which passes are over memory."""
+
+    def __init__(self, coefficients, num_l: int, config: PoolQPConfig):
+        self.config = config
+        self.table: _CountingSource | None = None
+        self.matrix: torch.Tensor | None = None
+        self.dtype = torch.float32 if config.compute_dtype == "float32" else torch.float64
+        self.memory_passes = 0
+        if hasattr(coefficients, "iter_chunks"):
+            if coefficients.num_landmarks != num_l:
+                raise DataError(f"coefficient table has L={coefficients.num_landmarks}; the terms have L={num_l}")
+            self.table = _CountingSource(coefficients)
+        else:
+            c = torch.as_tensor(coefficients).detach()
+            if c.ndim != 2 or c.shape[1] != num_l:
+                raise DataError(f"coefficients must be (N, {num_l}); got {tuple(c.shape)}")
+            self.matrix = c
+            self.dtype = torch.promote_types(self.dtype, c.dtype if c.is_floating_point() else torch.float32)
+        self._resident: torch.Tensor | None = None
+
+    @property
+    def passes(self) -> int:
+        """Passes over ``C`` so far: reads of the table, or sweeps of the in-memory matrix."""
+        return self.memory_passes + (self.table.passes if self.table is not None else 0)
+
+    def count(self) -> int | None:
+        if self.matrix is not None:
+            return self.matrix.shape[0]
+        return self.table.count() if hasattr(self.table, "count") else None
+
+    def keep_resident(self, rows: int, num_l: int) -> None:
+        """Read the table into a float32 ``(rows, L)`` matrix during the next pass."""
+        self._resident = torch.empty(rows, num_l, dtype=torch.float32)
+
+    def blocks(self) -> Iterator[tuple[list[str] | None, int, torch.Tensor]]:
+        """``(ids or None, first row, block)`` over all of ``C`` (one pass)."""
+        step = self.config.chunk_rows
+        if self.matrix is not None:
+            self.memory_passes += 1
+            for start in range(0, self.matrix.shape[0], step):
+                yield None, start, self.matrix[start : start + step]
+            return
+        assert self.table is not None
+        start = 0
+        resident = self._resident
+        for chunk_ids, block in self.table.iter_chunks(step):
+            block = torch.from_numpy(np.asarray(block))
+            if resident is not None:
+                if start + block.shape[0] > resident.shape[0]:
+                    raise DataError(f"coefficient table has more rows than its count() ({resident.shape[0]})")
+                resident[start : start + block.shape[0]] = block
+            yield chunk_ids, start, block
+            start += block.shape[0]
+        if resident is not None:
+            if start != resident.shape[0]:
+                raise DataError(f"coefficient table has {start} rows; its count() said {resident.shape[0]}")
+            self.matrix, self.table, self._resident = resident, None, None
+            self.memory_passes = 1  # the table was read once; later passes are over memory
+
+    def rmatvec(self, v: torch.Tensor, n: int) -> torch.Tensor:
+        """``Cᵀ v`` ``(L,)`` float64 over all rows (one pass)."""
+        out = None
+        rows = 0
+        for _, start, block in self.blocks():
+            part = (block.to(self.dtype).T @ v[start : start + block.shape[0]].to(self.dtype)).double()
+            out = part if out is None else out + part
+            rows = start + block.shape[0]
+        if rows != n:
+            raise DataError(f"coefficient table changed during the QP: {rows} rows read, {n} expected")
+        assert out is not None
+        return out
+
+
+class _TopRows:
+    """The ``capacity`` rows with the largest score seen in a stream (ties: the earlier row), with their ``C`` rows;
+    memory ``O(capacity · L)`` whatever the stream's length."""
+
+    def __init__(self, capacity: int, width: int):
+        self.capacity = capacity
+        self.width = width
+        self.score = torch.empty(0, dtype=torch.float64)
+        self.index = torch.empty(0, dtype=torch.int64)
+        self.rows: torch.Tensor | None = None
+        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending = 0
+        self._cut = -math.inf
+        self.offered = 0
+
+    def offer(self, score: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows arrive in increasing ``index`` order; only those that can still enter are copied."""
+        self.offered += int(score.numel())
+        if self.capacity <= 0 or score.numel() == 0:
+            return
+        keep = score > self._cut  # a tie with the cut loses to the earlier row already kept
+        if not bool(keep.any()):
+            return
+        self._parts.append((score[keep], index[keep], rows[keep].clone()))
+        self._pending += int(keep.sum())
+        if self._pending >= self.capacity:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._parts:
+            return
+        kept = [] if self.rows is None else [(self.score, self.index, self.rows)]
+        parts = kept + self._parts
+        score = torch.cat([s for s, _, _ in parts])
+        index = torch.cat([i for _, i, _ in parts])
+        rows = torch.cat([r for _, _, r in parts])
+        order = torch.argsort(-score, stable=True)[: self.capacity]  # concatenated in index order: ties → earlier
+        order = torch.sort(order).values
+        self.score, self.index, self.rows = score[order], index[order], rows[order]
+        self._parts, self._pending = [], 0
+        if self.score.numel() >= self.capacity:
+            self._cut = float(self.score.min())
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index (m,), rows (m, L))`` in index order."""
+        self._compact()
+        if self.rows is None:
+            return self.index, torch.empty(0, self.width, dtype=torch.float32)
+        return self.index, self.rows
+
+
+class _WorkingSetQuadratic:
+    """``Q_W = C_W M C_Wᵀ`` of the working rows ``C_W (m, L)`` float64: formed (``m × m``) when ``m ≤ L/2``, where
+    that is cheaper than two products with ``C_W``; its spectrum bounds from Lanczos, with the FULL pool's lower
+    bound ``lo`` (the convexity floor of the pool QP, not of the sub-problem).
+
+    float64, not float32: the λ search's FISTA stops on a step of ``1e-10`` of ``total``, below float32 products'
+    rounding, so float32 here runs every λ to ``max_iter`` (measured: 5,000 iterations per λ against ~50)."""
+
+    def __init__(self, rows: torch.Tensor, core: torch.Tensor, lo: float, seed: int = 0):
+        self.rows = rows
+        self.core = core
+        self.dtype = torch.float64
+        self.lo = lo
+        self.seed = seed
+        self.dense: torch.Tensor | None = None
+        m, num_l = rows.shape
+        if m <= num_l // 2:
+            r = rows.to(torch.float64)
+            dense = r @ core @ r.T
+            self.dense = 0.5 * (dense + dense.T)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense @ v.to(torch.float64)
+        z = (self.rows.T @ v.to(self.dtype)).double()
+        return (self.rows @ (self.core @ z).to(self.dtype)).double()
+
+    def eig_bounds(self) -> tuple[float, float]:
+        n = self.rows.shape[0]
+        if self.dense is not None and n <= 2048:
+            evals = torch.linalg.eigvalsh(self.dense)
+            hi = float(evals.max())
+        else:
+            hi = _extreme_eigenvalues(self, n, seed=self.seed)[1]
+        return self.lo, max(hi, self.lo)
+
+
+@dataclass
+class PoolQPResult:
+    """:func:`solve_pool_qp`'s answer and what it cost.
+
+    Attributes:
+        solution: the pool QP's solution, ``weights`` ``(N,)`` float64.
+        p_pool: ``C p_L`` ``(N,)`` float64 (the lifted linear term).
+        ids: the table's sample ids in row order (None for an in-memory matrix).
+        core: ``M = (|S|/N) Q_L`` ``(L, L)`` float64, so ``Q_pool = C M Cᵀ``.
+        solver: ``working_set`` or ``full``.
+        passes: passes over ``C`` (table reads, or sweeps of an in-memory ``C``), the setup pass included.
+        rounds: working-set rounds (one KKT pass each; 0 for ``full``).
+        working_rows: rows of the last working set (``N`` for ``full``).
+    """
+
+    solution: QPSolution
+    p_pool: torch.Tensor
+    ids: list[str] | None
+    core: torch.Tensor
+    solver: str
+    passes: int
+    rounds: int
+    working_rows: int
+    _sum: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return int(self.p_pool.numel())
+
+    def coefficient_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """``Cᵀ w`` ``(L,)`` float64 for pool weights ``w`` ``(N,)`` (no pass over ``C`` when ``w`` lives on the
+        working set)."""
+        return self._sum(w.detach().to(torch.float64).reshape(-1))
+
+    def quadratic(self, w: torch.Tensor) -> float:
+        """``wᵀ Q_pool w = (Cᵀw)ᵀ M (Cᵀw)``."""
+        z = self.coefficient_sum(w)
+        return float(z @ self.core @ z)
+
+
+def solve_pool_qp(
+    coefficients: torch.Tensor | np.ndarray | ChunkSource,
+    terms: SecondOrderTerms,
+    k: int,
+    total: float | None = None,
+    config: PoolQPConfig | None = None,
+    *,
+    max_iter: int = 5000,
+    tol: float = 1e-10,
+    search_steps: int = 100,
+) -> PoolQPResult:
+    """The pool QP ``min −p_poolᵀw + ½wᵀ(ηQ_pool + λI)w`` s.t. ``w ≥ 0, Σw = total`` with λ set for ``k`` non-zeros
+    (:func:`solve_qp`), ``p_pool = C p_L``, ``Q_pool = C M Cᵀ``, in a few passes over ``C`` (issue 24).
+
+    ``working_set`` (``PoolQPConfig.solver``): one pass computes ``p_pool`` and keeps the rows of its top
+    ``working_rows`` entries; :func:`solve_qp` solves the QP on those rows alone (their ``C`` rows in memory, so
+    its thousands of operator applications cost ``O(m·L)`` each, not a pass over ``C``); then ONE pass checks
+    every other row ``i`` (weight 0) against the optimality (KKT) condition of the whole problem,
+    ``p_i − η (Q_pool w)_i ≤ ν`` (``ν``: the multiplier of ``Σw``, read off the support), with
+    ``(Q_pool w)_i = C_i · M (C_Wᵀ w_W)``. Violators (the largest first) join the working set and the QP is
+    solved again, its λ search started at the last λ, until no row violates: the answer is then the whole
+    problem's solution at that λ (convex for λ above the floor), with exactly the support a full solve would
+    find at that λ. The floor ``max(0, −η λ_min(Q_pool))`` is the whole pool's: 0 when ``Q_L`` is PSD (checked by
+    a Cholesky), else from ``CᵀC`` accumulated in the setup pass (``N·L²`` flops). "Violates" means by more than
+    the sub-problem's own KKT residual (twice) or ``1e-6`` (float32 products; ``1e-12`` float64) of the terms'
+    scale: a row closer than that to entering would enter with a weight at rounding level.
+
+    Falls back to ``full`` (:class:`PoolQuadratic` and :func:`solve_qp` over all rows) when the working set would
+    outgrow ``memory_limit_mib`` or ``max_rounds``, with a warning.
+
+    Args:
+        coefficients: ``C`` ``(N, L)`` in memory or a ``ChunkSource`` (the coefficient table).
+        terms: the landmarks' ``SecondOrderTerms`` (``lr`` is η).
+        k: non-zero weights wanted.
+        total: ``Σw`` (default ``N``).
+        config: see :class:`PoolQPConfig`.
+    """
+    config = config or PoolQPConfig()
+    num_l = terms.q.shape[0]
+    eta = float(terms.lr)
+    blocks = _Blocks(coefficients, num_l, config)
+    size = blocks.count()
+    row_bytes = num_l * 4
+    budget_rows = config.memory_limit_mib * 2**20 // row_bytes
+    want = max(k, config.working_rows or max(2 * k, k + 1024))
+    if size is not None:
+        want = min(want, size)
+        if not 1 <= k <= size:
+            raise ConfigError(f"k must be in [1, {size}]; got {k}")
+    # float32 rows: the candidates kept while streaming (at most 2·want), then the float64 working set (2 each)
+    use_set = config.solver == "working_set" or (config.solver == "auto" and 4 * want <= budget_rows)
+    if not use_set:
+        return _solve_pool_full(coefficients, terms, k, total, config, max_iter, tol, search_steps)
+    if size is not None and blocks.matrix is None and (
+        config.coefficients == "memory"
+        or (config.coefficients == "auto" and size * row_bytes + 4 * want * row_bytes <= config.memory_limit_mib * 2**20)
+    ):
+        blocks.keep_resident(size, num_l)
+    dtype = blocks.dtype
+    psd = eta == 0.0 or _is_psd(terms.q)
+    gram = None if psd else torch.zeros(num_l, num_l, dtype=torch.float64)
+    p_l = terms.p.detach().to(torch.float64).reshape(-1)
+    p_lc = p_l.to(dtype)
+    best = _TopRows(want, num_l)
+    ids: list[str] = []
+    parts: list[torch.Tensor] = []
+    n = 0
+    for chunk_ids, start, block in blocks.blocks():
+        if not bool(torch.isfinite(block).all()):
+            raise NumericalError(f"coefficients rows {start}..{start + block.shape[0]} have non-finite entries")
+        b = block.to(dtype)
+        pb = (b @ p_lc).double()
+        if gram is not None:
+            gram += (b.T @ b).double()
+        best.offer(pb, torch.arange(start, start + block.shape[0]), block)
+        parts.append(pb)
+        if chunk_ids is not None:
+            ids += chunk_ids
+        n = start + block.shape[0]
+    if n == 0:
+        raise DataError("coefficients have no rows")
+    if not 1 <= k <= n:
+        raise ConfigError(f"k must be in [1, {n}]; got {k}")
+    p_pool = torch.cat(parts)
+    core = terms.q.detach().to(torch.float64) * (terms.num_source / n)
+    lo = 0.0
+    if gram is not None:
+        evals_g, evecs_g = torch.linalg.eigh(gram)
+        r = evecs_g * evals_g.clamp_min(0).sqrt()
+        lo = float(torch.linalg.eigvalsh(r.T @ core @ r).min())
+        lo = min(lo, 0.0) if n > num_l else lo
+    total = float(n if total is None else total)
+    w_index, w_rows = best.result()
+    w_rows = w_rows.to(torch.float64)
+    member = torch.zeros(n, dtype=torch.bool)
+    member[w_index] = True
+    rel = 1e-6 if dtype == torch.float32 else 1e-12
+    # the first λ search starts at first order's λ for k (the QP without Q): doubling/halving from there skips the
+    # ill-conditioned solves near the floor a search from below starts with (measured: ~10x fewer applications)
+    lam_hint: float | None = _first_order_lambda(p_pool[w_index], k, total)
+    w_hint: torch.Tensor | None = project_simplex(p_pool[w_index] / lam_hint, total)
+    sol: QPSolution | None = None
+    rounds = 0
+    while True:
+        rounds += 1
+        op = _WorkingSetQuadratic(w_rows, core, lo)
+        sol = solve_qp(
+            p_pool[w_index], op if eta != 0.0 else None, eta, k, total, max_iter=max_iter, tol=tol,
+            search_steps=search_steps, lam_hint=lam_hint, w0=w_hint,
+        )
+        if int(w_index.numel()) == n:
+            break
+        w_w = sol.weights
+        qw = op(w_w) if eta != 0.0 else torch.zeros_like(w_w)
+        grad = eta * qw + sol.lam * w_w - p_pool[w_index]
+        support = w_w > 0
+        nu = float(-grad[support].mean())
+        residual = max(
+            float((grad[support] + nu).abs().max()),
+            float((-grad[~support] - nu).clamp_min(0).max()) if bool((~support).any()) else 0.0,
+        )
+        scale = max(float(p_pool.abs().max()), abs(nu), eta * float(qw.abs().max()), 1e-300)
+        threshold = max(2 * residual, rel * scale)
+        u = (core @ (w_rows.T @ w_w)).to(dtype)
+        room = (budget_rows - 2 * int(w_index.numel())) // 2  # float64 rows count twice
+        violators = _TopRows(min(want, max(room, 0)), num_l)
+        found = 0
+        for _, start, block in blocks.blocks():
+            index = torch.arange(start, start + block.shape[0])
+            slack = p_pool[start : start + block.shape[0]] - eta * (block.to(dtype) @ u).double() - nu
+            bad = (slack > threshold) & ~member[start : start + block.shape[0]]
+            if bool(bad.any()):
+                found += int(bad.sum())
+                violators.offer(slack[bad], index[bad], block[bad])
+        logger.info(
+            "pool qp: round %d, %d working rows, lambda=%.6g, %d rows violate optimality", rounds,
+            int(w_index.numel()), sol.lam, found,
+        )
+        if found == 0:
+            break
+        add_index, add_rows = violators.result()
+        if add_index.numel() == 0 or rounds >= config.max_rounds:
+            logger.warning(
+                "pool qp: the working set cannot grow (%d rows, %d rounds, memory_limit_mib=%d); solving over all rows",
+                int(w_index.numel()), rounds, config.memory_limit_mib,
+            )
+            return _solve_pool_full(coefficients, terms, k, total, config, max_iter, tol, search_steps)
+        w_index = torch.cat([w_index, add_index])
+        w_rows = torch.cat([w_rows, add_rows.to(torch.float64)])
+        member[add_index] = True
+        w_hint = torch.cat([w_w, torch.zeros(add_index.numel(), dtype=torch.float64)])
+        lam_hint = sol.lam
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[w_index] = sol.weights
+    solution = QPSolution(weights, sol.lam, sol.num_nonzero, sol.exact, sol.lam_floor)
+    final_index, final_rows = w_index, w_rows
+
+    def coefficient_sum(w: torch.Tensor) -> torch.Tensor:
+        outside = w.clone()
+        outside[final_index] = 0.0
+        if not bool(outside.any()):
+            return final_rows.T @ w[final_index]
+        return blocks.rmatvec(w, n)
+
+    return PoolQPResult(
+        solution, p_pool, ids or None, core, "working_set", blocks.passes, rounds,
+        int(w_index.numel()), coefficient_sum,
+    )
+
+
+def _solve_pool_full(coefficients, terms, k, total, config, max_iter, tol, search_steps) -> PoolQPResult:
+    """:func:`solve_pool_qp` over all rows: :class:`PoolQuadratic` (``C`` in memory or streamed per product)."""
+    source = _CountingSource(coefficients) if hasattr(coefficients, "iter_chunks") else coefficients
+    p_pool, quad = pool_terms(source, terms, config)
+    sol = solve_qp(p_pool, quad, terms.lr, k, total, max_iter=max_iter, tol=tol, search_steps=search_steps)
+    passes = source.passes if isinstance(source, _CountingSource) else 0
+    return PoolQPResult(
+        sol, p_pool, quad.ids, quad.core, "full", passes, 0, quad.n, lambda w: quad.rmatvec(w),
+    )
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """The model's prediction for the best weights at one budget (:func:`budget_curve`)."""
+
+    k: int
+    predicted_change: float
+    """``constant + (η/total)(−pᵀw + (η/2) wᵀQw)`` at the QP's weights for ``k`` non-zeros."""
+    first_order_change: float
+    """``constant_first − (η/total) p_firstᵀw`` at first order's own weights for ``k`` (its top-k)."""
+    lam: float
+    exact: bool
+    """False when no λ gave exactly ``k`` non-zeros (``QPSolution.exact``: an indefinite ``Q``'s convexity floor
+    or ties); the prediction is then at the ``k`` largest weights renormalised, the subset selection keeps."""
+
+
+def budget_curve(
+    p: torch.Tensor,
+    q: torch.Tensor | QApply | None,
+    eta: float,
+    budgets: list[int],
+    total: float | None = None,
+    constant: float = 0.0,
+    p_first: torch.Tensor | None = None,
+    constant_first: float = 0.0,
+) -> list[BudgetPoint]:
+    """Predicted target-loss change of the best ``k``-sample weights, for each ``k`` in ``budgets`` (ascending).
+
+    One QP per budget (the λ search of :func:`solve_qp`); the first-order column is the same model without ``Q``
+    at first order's closed-form weights, so the gap between the two is what the curvature adds: the second
+    order predicts diminishing (or reversing) returns as the subset narrows, first order never does.
+    """
+    p = p.detach().to(torch.float64).reshape(-1)
+    n = p.numel()
+    total = float(n if total is None else total)
+    p1 = p if p_first is None else p_first.detach().to(torch.float64).reshape(-1)
+    apply = (lambda v: torch.zeros_like(v)) if q is None else ((lambda v: q @ v) if isinstance(q, torch.Tensor) else q)
+    points = []
+    for k in sorted({int(b) for b in budgets}):
+        sol = solve_qp(p, q, eta, k, total)
+        w = sol.weights
+        if not sol.exact:  # a wider support (the convexity floor, ties): the k largest, as selection keeps them
+            top = torch.topk(w, k)
+            w = torch.zeros_like(w).index_copy_(0, top.indices, top.values)
+            w = w * (total / w.sum())
+        predicted = constant + eta / total * float(-(p @ w) + 0.5 * eta * (w @ apply(w).to(torch.float64)))
+        w1 = first_order_weights(p1, k, total)
+        points.append(BudgetPoint(k, predicted, constant_first - eta / total * float(p1 @ w1), sol.lam, sol.exact))
+    return points

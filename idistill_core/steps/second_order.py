@@ -12,7 +12,8 @@ For AdamW with frozen second moments the step is ``θ' = θ − η(b + a ⊙ G�
     plus a w-independent constant  −η g_Tᵀb + (η²/2) bᵀH_T b.
 
 :func:`second_order_terms` builds ``p`` and ``Q`` from raw gradients (the exact reference);
-:func:`sketched_second_order_terms` builds them in first order's projected space with memory ``O(L · P)``.
+:func:`sketched_second_order_terms` builds the same terms with memory ``O(L · P + d)`` (exact ``p`` and diagonal,
+sketched pairs).
 The weights then come from the QP in :mod:`idistill_core.steps.qp`. Not in the released code.
 """
 
@@ -30,7 +31,6 @@ from idistill_core.data.batch import IGNORE_INDEX, TokenBatch
 from idistill_core.errors import ConfigError, DataError, NumericalError
 from idistill_core.models.architecture import eager_attention
 from idistill_core.steps.gradients import Preconditioner, only_grads_for, select_parameters
-from idistill_core.steps.projection import RademacherProjector, SRHTProjector
 
 logger = logging.getLogger("idistill")
 
@@ -58,6 +58,8 @@ class SecondOrderTerms:
     p_first: torch.Tensor | None = None
     constant_first: float = 0.0
     target_loss: float = float("nan")
+    q_noise: float = 0.0
+    """Relative Frobenius error of ``Q``'s off-diagonal part as two independent sketches estimate it (0: exact)."""
 
     def predicted_change(self, weights: torch.Tensor, lr: float | None = None) -> float:
         """Second-order prediction of ``L_T(θ') − L_T(θ)`` for source weights ``weights`` ``(L,)``.
@@ -74,6 +76,7 @@ class SecondOrderTerms:
         eta = self.lr if lr is None else lr
         p1 = self.p if self.p_first is None else self.p_first
         return float(self.constant_first - (eta / self.num_source) * (p1 @ weights.to(p1.dtype)))
+
 
 def sample_losses(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Per-sample mean next-token cross-entropy over supervised tokens (the HF loss, one row at a time).
@@ -101,6 +104,7 @@ def sample_losses(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
         raise DataError(f"sample '{bad}' has no supervised token; drop it before computing influence")
     return token_loss.sum(dim=1) / counts.to(token_loss.dtype)
 
+
 def _named_params(model: torch.nn.Module, param_names: Sequence[str]) -> list[torch.nn.Parameter]:
     if not param_names:
         raise ConfigError("param_names must name at least one parameter; got an empty list")
@@ -110,8 +114,10 @@ def _named_params(model: torch.nn.Module, param_names: Sequence[str]) -> list[to
         raise ConfigError(f"param_names: model has no parameter '{missing[0]}'")
     return [named[n] for n in param_names]
 
+
 def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
+
 
 def _split_like(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     out, start = [], 0
@@ -119,6 +125,7 @@ def _split_like(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torc
         out.append(flat[start : start + p.numel()].view_as(p))
         start += p.numel()
     return out
+
 
 def per_sample_flat_gradients(
     model: torch.nn.Module, batch: TokenBatch, param_names: Sequence[str]
@@ -147,6 +154,7 @@ def per_sample_flat_gradients(
         rows.append(flat)
     return torch.stack(rows)
 
+
 def _step_terms(preconditioner, names, params, lr):
     """``(η, a, b)`` of the step the second-order model predicts: the Adam factors flattened over ``names``
     (None for plain GD) and the learning rate (the preconditioner's unless ``lr`` is given)."""
@@ -163,6 +171,7 @@ def _step_terms(preconditioner, names, params, lr):
     if eta < 0 or not math.isfinite(eta):
         raise ConfigError(f"lr must be finite and >= 0; got {eta}")
     return eta, a, b
+
 
 def second_order_terms(
     model: torch.nn.Module,
@@ -259,6 +268,7 @@ def second_order_terms(
         target_loss=loss_sum / num_targets,
     )
 
+
 def second_order_q(
     model: torch.nn.Module,
     landmark_batches: Iterable[TokenBatch],
@@ -268,6 +278,7 @@ def second_order_q(
 ) -> torch.Tensor:
     """``Q (L, L)`` alone (DESIGN contract); see ``second_order_terms``."""
     return second_order_terms(model, landmark_batches, target_batches, param_names, preconditioner).q
+
 
 def sketched_second_order_terms(
     model: torch.nn.Module,
@@ -279,68 +290,71 @@ def sketched_second_order_terms(
     num_source: int | None = None,
     hessian_batches: Iterable[TokenBatch] | None = None,
     on_landmark: Callable[[int], None] | None = None,
+    hessian_proj_dim: int | None = None,
 ) -> SecondOrderTerms:
-    """``p`` and ``Q`` of the quadratic model in first order's space, from projected probes only.
+    """The paper's ``p`` and ``Q`` (the real step, as :func:`second_order_terms`) with memory ``O(L · P + d)``.
 
-    First order scores ``(S u_i)·(S ĝ_T)`` with ``u_i = a ⊙ g_i / ‖a ⊙ g_i‖`` (``a = 1`` for GD) and ``ĝ_T`` the
-    mean of the unit target gradients ``g_t/‖g_t‖``, ``S`` the gradient projection (``GradientConfig``). Here
-    the step is taken along those same directions and the target loss is the matching normalised mean
-    ``L̂_T = (1/T) Σ_t ℓ_t / ‖g_t‖`` (norms held fixed at θ), whose gradient is ``ĝ_T`` and Hessian
-    ``Ĥ_T = (1/T) Σ_t H_t / ‖g_t‖``. Every bilinear form is read through the sketch:
+    The model is the real one: the step is ``θ' = θ − (η/|S|) Σ_i w_i v_i − η b`` with ``v_i = a ⊙ g_i`` the
+    landmark's raw (preconditioned) gradient (``a = 1``, ``b = 0`` for GD) and the target loss is the real mean
+    ``L_T``, so ``p_i = v_i · (g_T − η H_T b)``, ``Q_ij = v_iᵀ H_T v_j / |S|`` and the constant is
+    ``−η g_Tᵀb + (η²/2) bᵀH_T b``: linear, quadratic and ``b`` terms at the scale of the step ``η`` is the
+    learning rate of. With ``proj_dim=None`` (no sketch) the result equals :func:`second_order_terms`.
 
-        uᵢᵀ Ĥ uⱼ ≈ (S uᵢ)·(S Ĥ uⱼ),   uᵢᵀ ĝ_T ≈ (S uᵢ)·(S ĝ_T),   uᵢᵀ Ĥ b ≈ (S uᵢ)·(S Ĥ b)   (AdamW),
-
-    so only ``S u_i`` and ``S Ĥ u_i`` (``P`` floats each) are kept: memory ``O(L · P + d)`` instead of
-    ``O(L · d)``. With ``η → 0``, ``p`` is exactly first order's landmark value (same ``u_i``, same ``S``), so
-    the QP selection tends to the first-order one. The sketch is unbiased for each form (JL); its error
-    shrinks like ``1/√P`` and vanishes when ``S`` is the identity (``proj_dim=None``).
+    What is exact and what is sketched: every landmark's ``v_i`` is in hand once, so ``p_i`` (``v_i·g_T`` and
+    ``v_i·H_T b``) and the diagonal ``Q_ii = v_iᵀH_T v_i`` are exact inner products of ``d``-vectors. Only the
+    pairs ``Q_ij`` need a sketch: ``v_iᵀ H v_j ≈ n_i n_j (S u_i)·(S H u_j)`` with ``u_i = v_i/n_i``. Two
+    independent sketches ``S₁, S₂`` of ``hessian_proj_dim`` rows (default: the gradient config's ``proj_dim``)
+    are averaged, which halves the variance, and their disagreement estimates the error that remains
+    (``SecondOrderTerms.q_noise``, relative Frobenius error of the off-diagonal part; ~``√(L/P)/√2``).
 
     Cost: per landmark one backward and one Hessian-vector product through the target graph, which is built
     once and kept: its memory grows with the target samples in it. ``hessian_batches`` (a uniform sample of the
-    targets) puts only those in the graph: ``Ĥ`` is then their mean ``(1/T_h) Σ_{t∈H} H_t / ‖g_t‖``, an unbiased
-    estimate, while ``ĝ_T`` (and so ``p`` at ``η = 0``) still comes from every target sample.
+    targets) puts only those in the graph: ``H_T`` is then their mean, an unbiased estimate, while ``g_T`` still
+    comes from every target sample.
 
     Args:
         model: causal LM in eval mode.
         landmark_batches: the source samples, in order.
         target_batches: the target samples.
-        config: the ``GradientConfig`` of first order (parameter subset, projection, seed); ``max_params``
+        config: the ``GradientConfig`` of first order (parameter subset, sketch type, seed); ``max_params``
             must be None (the HVP needs the full direction).
         preconditioner: AdamW ``a``/``b``; None for GD.
         lr: ``η``; defaults to ``preconditioner.lr`` (0 for GD).
         num_source: ``|S|``; defaults to the number of landmarks.
         hessian_batches: the target samples whose Hessian is used; None: all of ``target_batches``.
         on_landmark: called with the number of landmarks done after each one (progress).
+        hessian_proj_dim: rows of each of the two ``Q`` sketches; None: ``config.proj_dim``.
     """
+    from idistill_core.steps.projection import make_projector
+
     if config.max_params is not None:
         raise ConfigError("sketched second order needs GradientConfig.max_params=None (HVPs use the full direction)")
     names = select_parameters(model, config.param_subset)
     params = _named_params(model, names)
     dim = sum(p.numel() for p in params)
-    projector = None
-    if config.proj_dim is not None and config.proj_dim < dim:
-        cls = SRHTProjector if config.proj_type == "srht" else RademacherProjector
-        projector = cls(dim, config.proj_dim, seed=config.seed)
+    width = hessian_proj_dim if hessian_proj_dim is not None else config.proj_dim
+    if width is not None and width < 1:
+        raise ConfigError(f"hessian_proj_dim must be >= 1 or None; got {width}")
+    projectors = [None, None]
+    if width is not None and width < dim:
+        # seeds apart from first order's sketch: the two Q sketches are independent of it and of each other
+        projectors = [make_projector(config.proj_type, dim, width, seed=config.seed + 7919 * (k + 1)) for k in range(2)]
 
-    def sketch(v: torch.Tensor) -> torch.Tensor:
+    def sketch(k: int, v: torch.Tensor) -> torch.Tensor:
         v = v.detach().float()[None]
-        return (v if projector is None else projector.project(v))[0].double()
+        return (v if projectors[k] is None else projectors[k].project(v))[0]
 
     eta, a, b = _step_terms(preconditioner, names, params, lr)
 
-    def unit_gradient_sum(batches: Iterable[TokenBatch], graph: bool, what: str):
-        """``Σ_t g_t / ‖g_t‖`` over the samples of ``batches`` (kept differentiable when ``graph``), their
-        count and loss sum."""
+    def gradient_sum(batches: Iterable[TokenBatch], graph: bool, what: str):
+        """``Σ_t g_t`` over the samples of ``batches`` (kept differentiable when ``graph``), count, loss sum."""
         total, count, loss_sum = None, 0, 0.0
         for batch in batches:
             losses = sample_losses(model, batch)
-            for i in range(len(batch)):
-                g = torch.autograd.grad(losses[i], params, create_graph=graph, retain_graph=graph or i + 1 < len(batch))
-                norm = _flat(x.detach() for x in g).norm()
-                if float(norm) == 0.0 or not math.isfinite(float(norm)):
-                    raise NumericalError(f"target sample '{batch.sample_ids[i]}' has a zero or non-finite gradient")
-                scaled = [x / norm for x in g]
-                total = scaled if total is None else [s + x for s, x in zip(total, scaled)]
+            g = torch.autograd.grad(losses.sum(), params, create_graph=graph)
+            if not bool(torch.isfinite(_flat(x.detach() for x in g)).all()):
+                raise NumericalError(f"a target sample of {batch.sample_ids} has a non-finite gradient")
+            total = list(g) if total is None else [s + x for s, x in zip(total, g)]
             loss_sum += float(losses.detach().sum())
             count += len(batch)
         if count == 0:
@@ -352,61 +366,80 @@ def sketched_second_order_terms(
     with torch.enable_grad(), eager_attention(model), only_grads_for(model, names):
         # the Hessian's samples keep their graph (double backward); the gradient term uses every target sample
         if hessian_batches is None:
-            g_graph, num_hessian, loss_sum = unit_gradient_sum(target_batches, True, "target_batches")
+            g_graph, num_hessian, loss_sum = gradient_sum(target_batches, True, "target_batches")
             g_all, num_targets = [x.detach() for x in g_graph], num_hessian
         else:
-            g_all, num_targets, loss_sum = unit_gradient_sum(target_batches, False, "target_batches")
-            g_graph, num_hessian, _ = unit_gradient_sum(hessian_batches, True, "hessian_batches")
+            g_all, num_targets, loss_sum = gradient_sum(target_batches, False, "target_batches")
+            g_graph, num_hessian, _ = gradient_sum(hessian_batches, True, "hessian_batches")
 
         def hvp(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-            """``Ĥ v``, flattened into ``out`` when given (``v`` itself is allowed: autograd is done with it)."""
+            """``H_T v``, flattened into ``out`` when given (``v`` itself is allowed: autograd is done with it)."""
             hv = torch.autograd.grad(g_graph, params, grad_outputs=_split_like(v, params), retain_graph=True)
             flat = torch.cat([x.reshape(-1) for x in hv], out=out) if out is not None else _flat(hv)
             return flat.div_(num_hessian)
 
-        g_mean = _flat(g_all) / num_targets
-        s_g = sketch(g_mean)
-        g_b = float(g_mean @ b) if b is not None else 0.0
-        del g_all, g_mean  # not held through the landmark loop (one d-vector less at its peak)
-        s_u, s_hu = [], []
+        g_t = _flat(g_all).div_(num_targets)
+        del g_all
+        h_b = hvp(b) if b is not None else None  # one HVP serves every landmark's b term and bᵀHb
+        norms, p_first, u_h_b, diag = [], [], [], []
+        s_u: list[list[torch.Tensor]] = [[], []]
+        s_hu: list[list[torch.Tensor]] = [[], []]
         for batch in landmark_batches:
-            for u in per_sample_flat_gradients(model, batch, names):  # rows of a fresh tensor: scaled in place
+            for v in per_sample_flat_gradients(model, batch, names):  # rows of a fresh tensor: scaled in place
                 if a is not None:
-                    u.mul_(a)
-                norm = u.norm()
-                if float(norm) == 0.0:
-                    raise NumericalError("a landmark has a zero (preconditioned) gradient; cannot normalise")
-                u.div_(norm)
-                s_u.append(sketch(u))
-                s_hu.append(sketch(hvp(u, out=u)))  # Ĥu over u: one d-vector fewer while sketching
-                del u
+                    v.mul_(a)
+                norm = v.norm()
+                if float(norm) == 0.0 or not math.isfinite(float(norm)):
+                    raise NumericalError("a landmark has a zero or non-finite (preconditioned) gradient")
+                u = v.div_(norm)
+                norms.append(float(norm))
+                p_first.append(float(u @ g_t))
+                u_h_b.append(float(u @ h_b) if h_b is not None else 0.0)
+                for k in range(2):
+                    s_u[k].append(sketch(k, u))
+                hu = hvp(u)
+                diag.append(float(u @ hu))
+                for k in range(2):
+                    s_hu[k].append(sketch(k, hu))
+                del u, v, hu
                 if on_landmark is not None:
-                    on_landmark(len(s_u))
-        if not s_u:
+                    on_landmark(len(norms))
+        if not norms:
             raise DataError("landmark_batches is empty")
-        s_hb, b_h_b = None, 0.0
-        if b is not None:
-            h_b = hvp(b)  # one HVP serves both forms
-            s_hb, b_h_b = sketch(h_b), float(b @ h_b)
-            del h_b
+        g_b = float(g_t @ b) if b is not None else 0.0
+        b_h_b = float(b @ h_b) if b is not None else 0.0
 
-    su, shu = torch.stack(s_u), torch.stack(s_hu)
-    n_land = su.shape[0]
+    n = torch.tensor(norms, dtype=torch.float64)
+    n_land = n.numel()
     n_src = n_land if num_source is None else num_source
     if n_src <= 0:
         raise ConfigError(f"num_source must be >= 1; got {n_src}")
-    q = su @ shu.T / n_src
-    q = 0.5 * (q + q.T)
-    p_first = su @ s_g
+    sketches = []
+    for k in range(2):
+        su, shu = torch.stack(s_u[k]).double(), torch.stack(s_hu[k]).double()
+        q_unit = su @ shu.T
+        sketches.append(0.5 * (q_unit + q_unit.T))
+    q_unit = 0.5 * (sketches[0] + sketches[1])
+    q_unit.diagonal().copy_(torch.tensor(diag, dtype=torch.float64))
+    off = ~torch.eye(n_land, dtype=torch.bool)
+    scale = float(q_unit[off].norm()) if n_land > 1 else 0.0
+    q_noise = float((sketches[0] - sketches[1])[off].norm()) / (2 * scale) if scale > 0 else 0.0
+    q = n[:, None] * q_unit * n[None, :] / n_src
+    p_first_t = n * torch.tensor(p_first, dtype=torch.float64)
     if b is None:
-        p, constant, constant_first = p_first, 0.0, 0.0
+        p, constant, constant_first = p_first_t, 0.0, 0.0
     else:
-        p = p_first - eta * (su @ s_hb)
+        p = p_first_t - eta * n * torch.tensor(u_h_b, dtype=torch.float64)
         constant_first = -eta * g_b
         constant = constant_first + 0.5 * eta**2 * b_h_b
     if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())):
         raise NumericalError("second-order terms p/Q are not finite")
+    if q_noise > 0.5:
+        logger.warning(
+            "second order: the sketched Q's pairs are noisy (relative error ~%.2f from two independent sketches "
+            "of %s rows); raise hessian_proj_dim", q_noise, width,
+        )
     return SecondOrderTerms(
-        p=p, q=q, lr=float(eta), num_source=n_src, constant=float(constant), p_first=p_first,
-        constant_first=float(constant_first), target_loss=loss_sum / num_targets,
+        p=p, q=q, lr=float(eta), num_source=n_src, constant=float(constant), p_first=p_first_t,
+        constant_first=float(constant_first), target_loss=loss_sum / num_targets, q_noise=q_noise,
     )

@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 import polars as pl
+import pytest
 
 from idistill_assets.definitions import build_definitions
 from idistill_assets.resources import IdistillResource, current_dir
@@ -193,3 +194,29 @@ def test_rds_pool_features_are_an_empty_marker_without_rds_targets_and_computed_
     run_rds_features(defs)  # a re-run finds every id present
     meta = instance.get_latest_materialization_event(key("rds_features")).asset_materialization.metadata
     assert meta["inserted"].value == 0 and meta["already_present"].value == len(pool_ids)
+
+
+def test_adam_second_order_target_materializes_with_its_budget_curve(tmp_path, instance):
+    """``optimizer: adam`` and ``order: second`` through the assets: the warm-up runs, the second-order terms are
+    stored with the landmark influence, and the propagated weights report the model's predicted loss change and
+    the budget curve (whose point at the target's budget is the selection's own prediction)."""
+    targets_dir = tmp_path / "targets"
+    targets_dir.mkdir()
+    write_target(targets_dir, "arith", order="second")
+    profile = write_profile(tmp_path, optimizer="adam")
+    defs = build_definitions(str(profile))
+    run_shared(defs, instance)
+    run_target(defs, instance, "arith")
+    warm = instance.get_latest_materialization_event(key("warmup")).asset_materialization.metadata
+    assert warm["enabled"].value is True
+    meta = instance.get_latest_materialization_event(key("propagated_weights")).asset_materialization.metadata
+    assert np.isfinite(meta["second_order_predicted_change"].value)
+    assert meta["second_order_predicted_change"].value != meta["first_order_predicted_change"].value
+    assert "budget_curve" in meta and "data:image/png;base64," in meta["budget_curve"].value
+    rows = {r.data["k"]: r.data for r in meta["budget_curve_table"].value.records}
+    assert rows[12]["predicted_change"] == pytest.approx(meta["second_order_predicted_change"].value, rel=5e-3)
+    res = IdistillResource(profile=str(profile))
+    weights = pl.read_parquet(res.current("propagated_weights", "arith") / "propagated_weights.parquet")
+    subset = pl.read_parquet(res.current("selected_subset", "arith") / "subset.parquet")
+    assert np.count_nonzero(weights["weight"].to_numpy()) == subset.height == 12
+    np.testing.assert_array_equal(weights["score"].to_numpy(), weights["weight"].to_numpy())  # weights rank

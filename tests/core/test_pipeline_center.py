@@ -3,9 +3,7 @@
 import dataclasses
 
 import numpy as np
-import pytest
 
-from idistill_core.errors import ConfigError
 from idistill_core.pipeline.gradients import compute_gradients
 from idistill_core.pipeline.landmarks import choose_landmarks
 from idistill_core.pipeline.recipe import SelectionRecipe
@@ -59,8 +57,8 @@ def test_id_centres_on_the_landmark_mean_and_off_is_the_plain_score(tiny, data, 
         expected = _centred_mean_scores(g, t, mean) if center else g @ t.mean(axis=0)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
         assert "(fixed)" in report.propagation and report.kernel_selection is None
-    with pytest.raises(ConfigError, match="center applies to first-order"):
-        SelectionRecipe(center=True, order="second")
+    # centring is first order's: the second order's real-step model ignores it, so the two combine
+    assert SelectionRecipe(center=True, order="second").center
 
 
 def test_run_selection_with_auto_propagation_reports_the_chosen_values(tiny, data, tmp_path):

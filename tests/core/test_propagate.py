@@ -144,3 +144,101 @@ def test_coefficient_build_resumes_from_the_last_committed_chunk(tmp_path):
     order = np.argsort(ids)
     expected = KernelRidge.fit(store.read(landmarks)).coefficients(store.read(sorted(ids))).numpy()
     np.testing.assert_allclose(matrix[order], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_extra_landmarks_by_block_elimination_equal_a_refit_on_all_landmarks(kernel):
+    """A target's refinement landmarks reuse the shared coefficients: C·v + (K_xR − C·B) S⁻¹ (v_R − C_R v) must be
+    the KRR fit on all L + R landmarks (same σ and absolute ridge), solved directly here."""
+    gen = torch.Generator().manual_seed(7)
+    pool = torch.randn(120, 6, generator=gen, dtype=torch.float64)
+    lm, extra = pool[:30], pool[40:45]
+    values = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    extra_values = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    model = KernelRidge.fit(lm, PropagateConfig(kernel=kernel, ridge=0.05))
+    ext = model.extend(extra)
+    c = model.coefficients(pool)
+    got = ext.correction(c @ values, c @ ext.cross, model.kernel_between(pool, extra), values, extra_values)
+    both = torch.cat([lm, extra])
+    k = model.kernel_between(both, both) + model.ridge_abs * torch.eye(35, dtype=torch.float64)
+    alpha = torch.linalg.solve(k, torch.cat([values, extra_values]))
+    want = model.kernel_between(pool, both) @ alpha
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # and the refinement changes the prediction (the test is not vacuous)
+    assert float((got - c @ values).abs().max()) > 1e-2
+
+
+# -- coefficient tables keyed by content, extended incrementally, garbage-collected (issue 24) ---------------------
+class _KernelRows:
+    """Counts the pool rows whose coefficients are computed (every row goes through ``KernelRidge.coefficients``)."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        real = KernelRidge.coefficients
+
+        def counted(model, x):
+            self.rows += len(x)
+            return real(model, x)
+
+        monkeypatch.setattr(KernelRidge, "coefficients", counted)
+
+
+def test_a_grown_pool_costs_its_new_rows_and_an_unrelated_append_or_compaction_costs_nothing(tmp_path, monkeypatch):
+    from idistill_core.pipeline.propagation import build_coefficients
+
+    store, pool = _coefficient_store(tmp_path, n=300, extra=50)
+    landmarks = pool[::10]
+    kernel = _KernelRows(monkeypatch)
+    table, report = build_coefficients(store, pool, landmarks, PropagateConfig(), chunk_rows=64)
+    assert kernel.rows == report.rows_computed == 300 and report.rows == 300
+
+    # another pool's rows land in the embeddings table and the table is compacted: a new Lance version, same rows
+    rng = np.random.default_rng(5)
+    store.insert_missing([f"other{i}" for i in range(40)], rng.normal(size=(40, 8)).astype(np.float32))
+    store.optimize()
+    kernel.rows = 0
+    again, report = build_coefficients(store, pool, landmarks, PropagateConfig(), chunk_rows=64)
+    assert again.name == table.name and kernel.rows == 0
+    assert (report.rows_computed, report.rows_reused, report.chunks_computed) == (0, 300, 0)
+
+    # the pool grows by 7 rows (landmarks unchanged): 7 kernel rows, the same table, exactly the pool in it
+    new = [f"new{i}" for i in range(7)]
+    store.insert_missing(new, rng.normal(size=(7, 8)).astype(np.float32))
+    grown = pool + new
+    kernel.rows = 0
+    extended, report = build_coefficients(store, grown, landmarks, PropagateConfig(), chunk_rows=64)
+    assert extended.name == table.name and kernel.rows == report.rows_computed == 7
+    assert (report.rows, report.rows_reused, report.chunks_computed) == (307, 300, 1)
+    ids, matrix = extended.matrix()
+    assert sorted(ids) == sorted(grown)
+    ridge = KernelRidge.fit(store.read(landmarks))
+    np.testing.assert_allclose(matrix, ridge.coefficients(store.read(ids)).numpy(), rtol=1e-6, atol=1e-7)
+    assert table.count() == 300  # a reader pinned at the earlier version still sees its pool
+
+    # the pool shrinks: the rows that left are deleted, nothing is computed
+    kernel.rows = 0
+    shrunk, report = build_coefficients(store, grown[5:], landmarks, PropagateConfig(), chunk_rows=64)
+    assert kernel.rows == 0 and report.rows_removed == 5 and sorted(shrunk.matrix()[0]) == sorted(grown[5:])
+
+    # other landmarks (or their vectors) are another table
+    other, report = build_coefficients(store, pool, pool[1::10], PropagateConfig(), chunk_rows=64)
+    assert other.name != table.name and report.rows_computed == 300
+
+
+def test_garbage_collection_drops_stale_tables_and_keeps_the_current_one(tmp_path):
+    from datetime import timedelta
+
+    from idistill_core.pipeline.propagation import CoefficientTable, build_coefficients
+
+    store, pool = _coefficient_store(tmp_path, n=120, extra=0)
+    current, _ = build_coefficients(store, pool, pool[:12], PropagateConfig(), chunk_rows=50)
+    old, _ = build_coefficients(store, pool, pool[:12], PropagateConfig(ridge=0.05), chunk_rows=50)
+    recent = CoefficientTable.collect_garbage(store.uri, keep=[current.name])  # 7 days: both are too young
+    assert recent["dropped"] == [] and set(recent["kept"]) == {current.name, old.name}
+    result = CoefficientTable.collect_garbage(store.uri, keep=[current.name], older_than=timedelta(0))
+    assert result["dropped"] == [old.name] and result["kept"] == [current.name]
+    import lancedb
+
+    names = lancedb.connect(store.uri).list_tables().tables
+    assert old.name not in names and current.name in names and store.name in names  # embeddings untouched
+    assert CoefficientTable.open(store.uri, current.name).count() == 120

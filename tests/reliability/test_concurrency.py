@@ -13,6 +13,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from idistill_assets.resources import current_dir
 from idistill_core.project.settings import load_settings
@@ -80,7 +81,18 @@ def test_processes_writing_overlapping_ids_leave_each_id_exactly_once(tmp_path):
         assert np.array_equal(vectors[:, 0], np.arange(210, dtype=np.float32))
 
 
-def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance):
+def test_two_target_partitions_at_once_match_sequential_runs(tmp_path, instance, monkeypatch):
+    # the spawned runs take one torch thread (spawn sets OMP_NUM_THREADS=1), and so do the sequential runs here:
+    # the comparison is bitwise, and float32 reductions split differently over two threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    try:
+        _two_partitions_at_once_then_in_sequence(tmp_path, instance)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _two_partitions_at_once_then_in_sequence(tmp_path, instance):
     profile = tiny_project(tmp_path, pool_size=64, targets=("arith", "reading"))
     settings = load_settings(profile)
     dagster_home = tmp_path / "dagster_home"
