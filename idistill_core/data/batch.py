@@ -78,6 +78,21 @@ def collate(examples: list[Mapping], pad_token_id: int) -> TokenBatch:
     return TokenBatch([str(e["sample_id"]) for e in examples], input_ids, attention_mask, labels)
 
 
+class Batches(Iterator[TokenBatch]):
+    """An iterator of batches that also knows how many it yields in all (``len``), so a progress bar over it
+    (``tqdm`` reads ``len``) shows done/total and the time left."""
+
+    def __init__(self, stream: Iterator[TokenBatch], total: int):
+        self._stream = stream
+        self._total = total
+
+    def __next__(self) -> TokenBatch:
+        return next(self._stream)
+
+    def __len__(self) -> int:
+        return self._total
+
+
 def iter_batches(
     examples: Iterable[Mapping], batch_size: int, pad_token_id: int, sort_by_length: bool = False
 ) -> Iterator[TokenBatch]:
@@ -85,9 +100,19 @@ def iter_batches(
 
     With ``sort_by_length`` the examples are read fully and grouped by length to cut padding (results
     are keyed by ``sample_id`` so order does not matter to callers); without it memory stays at one batch.
+    Examples with a length (a ``datasets.Dataset``, a list) give a :class:`Batches` whose ``len`` is the count.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0; got {batch_size}")
+    stream = _batches(examples, batch_size, pad_token_id, sort_by_length)
+    if hasattr(examples, "__len__"):
+        return Batches(stream, -(-len(examples) // batch_size))
+    return stream
+
+
+def _batches(
+    examples: Iterable[Mapping], batch_size: int, pad_token_id: int, sort_by_length: bool
+) -> Iterator[TokenBatch]:
     if sort_by_length:
         examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     buffer: list[Mapping] = []

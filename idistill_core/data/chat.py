@@ -47,6 +47,7 @@ def prompt_messages(row: Mapping[str, Any]) -> list[dict]:
             return [{"role": m["role"], "content": m["content"]} for m in messages[:i]]
     raise DataError(f"sample {row.get('sample_id')!r} has no assistant turn; cannot build a prompt")
 
+
 @dataclass
 class TokenizeResult:
     """Tokenized examples plus what was lost on the way.
@@ -62,8 +63,10 @@ class TokenizeResult:
     num_truncated: int
     dropped_ids: list[str]
 
+
 def _has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
 
 def render_plain(messages: list[Mapping[str, str]], tokenizer, add_generation_prompt: bool = False) -> str:
     """The documented plain template (module docstring) for tokenizers without a chat template."""
@@ -77,6 +80,7 @@ def render_plain(messages: list[Mapping[str, str]], tokenizer, add_generation_pr
         parts.append("<|assistant|>\n")
     return "".join(parts)
 
+
 def render_chat(messages: list[Mapping[str, str]], tokenizer, add_generation_prompt: bool = False) -> str:
     """Render ``messages`` as text with the tokenizer's chat template, or the plain template without one."""
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -85,6 +89,7 @@ def render_chat(messages: list[Mapping[str, str]], tokenizer, add_generation_pro
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
 
 def assistant_spans(messages: list[Mapping[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant message's content.
@@ -119,6 +124,7 @@ def assistant_spans(messages: list[Mapping[str, str]], tokenizer) -> tuple[str, 
         cursor = found + len(content)
     return full, spans
 
+
 def encode_conversation(messages: list[Mapping[str, str]], tokenizer) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation (labels on assistant content + the next token).
 
@@ -145,6 +151,7 @@ def encode_conversation(messages: list[Mapping[str, str]], tokenizer) -> tuple[l
         cursor = end
     return input_ids, labels
 
+
 def _tokenize_one(row: Mapping, tokenizer, max_length: int, on_overflow: str) -> dict:
     try:
         input_ids, labels = encode_conversation(row["messages"], tokenizer)
@@ -165,6 +172,7 @@ def _tokenize_one(row: Mapping, tokenizer, max_length: int, on_overflow: str) ->
         "truncated": truncated,
         "num_supervised": sum(1 for t in labels if t != IGNORE_INDEX),
     }
+
 
 def tokenize_rows(
     ds: datasets.Dataset, tokenizer, max_length: int, on_overflow: str = "truncate"

@@ -71,11 +71,13 @@ _SCHEMA_COLUMNS = {
 
 _AUTO_ORDER = ("tulu", "chat", "squad", "mmlu", "gsm8k")
 
+
 def derive_sample_id(source: str, messages: list[Mapping[str, str]]) -> str:
     """``<source>-<first 12 hex of sha1(canonical JSON of messages)>``: stable across runs and machines."""
     canonical = [{"role": m["role"], "content": m["content"]} for m in messages]
     payload = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return f"{source}-{hashlib.sha1(payload.encode('utf-8')).hexdigest()[:12]}"
+
 
 def normalize_number(text: str) -> str | None:
     """Canonical string of one number: no ``$``/commas/spaces, no trailing zeros.
@@ -94,8 +96,10 @@ def normalize_number(text: str) -> str | None:
         return str(int(value))  # also maps "-0" to "0" and "1E+2" forms to plain digits
     return format(value.normalize(), "f")
 
+
 def _where(origin: str, line: int) -> str:
     return f"{origin}:{line}"
+
 
 def _check_messages(messages: Any, sample_id: str, where: str) -> list[dict]:
     if isinstance(messages, str):
@@ -127,6 +131,7 @@ def _check_messages(messages: Any, sample_id: str, where: str) -> list[dict]:
         raise DataError(f"{where}: sample {sample_id!r} has no assistant turn")
     return clean
 
+
 def _convert_chat(raw: Mapping, default_source: str) -> dict:
     source = raw.get("source") or default_source
     row = {"sample_id": raw.get("sample_id"), "source": source, "messages": raw.get("messages")}
@@ -135,6 +140,7 @@ def _convert_chat(raw: Mapping, default_source: str) -> dict:
             row[column] = raw[column]
     return row
 
+
 def _convert_tulu(raw: Mapping, default_source: str) -> dict:
     return {
         "sample_id": raw.get("id"),
@@ -142,7 +148,9 @@ def _convert_tulu(raw: Mapping, default_source: str) -> dict:
         "messages": raw.get("messages"),
     }
 
+
 _CALC = re.compile(r"<<[^>]*>>")
+
 
 def _convert_gsm8k(raw: Mapping, default_source: str) -> dict:
     question, solution = raw.get("question"), raw.get("answer")
@@ -162,12 +170,14 @@ def _convert_gsm8k(raw: Mapping, default_source: str) -> dict:
         "answer": number,
     }
 
+
 def squad_prompt(context: str, question: str) -> str:
     """The user prompt for a reading-comprehension row (shared with the built-in ``reading`` source)."""
     return (
         "Read the passage and answer the question with a short span from it.\n\n"
         f"Passage: {context.strip()}\n\nQuestion: {question.strip()}"
     )
+
 
 def _convert_squad(raw: Mapping, default_source: str) -> dict:
     answers = raw.get("answers") or {}
@@ -187,10 +197,12 @@ def _convert_squad(raw: Mapping, default_source: str) -> dict:
         "answers": [t.strip() for t in texts],
     }
 
+
 def mc_prompt(question: str, choices: list[str]) -> str:
     """The user prompt for a multiple-choice row (shared with the built-in ``mcq`` source)."""
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
     return f"{question.strip()}\n\n{options}\n\nAnswer with the letter of the correct option."
+
 
 def _convert_mmlu(raw: Mapping, default_source: str) -> dict:
     choices, answer = list(raw.get("choices") or []), raw.get("answer")
@@ -213,6 +225,7 @@ def _convert_mmlu(raw: Mapping, default_source: str) -> dict:
         "choices": [str(c) for c in choices],
     }
 
+
 _CONVERTERS = {
     "chat": _convert_chat,
     "tulu": _convert_tulu,
@@ -222,6 +235,7 @@ _CONVERTERS = {
 }
 
 _IDENTITY = {"chat": ("sample_id", "source"), "tulu": ("id", "dataset")}
+
 
 def ambiguity(columns: Iterable[str], origin: str, option: str = "fmt") -> str | None:
     """The one-line reason ``columns`` fit more than one schema in different ways, or None."""
@@ -241,6 +255,7 @@ def ambiguity(columns: Iterable[str], origin: str, option: str = "fmt") -> str |
                     f"which build different conversations; pass {option} chat or {option} {fmt}"
                 )
     return None
+
 
 def detect_format(columns: Iterable[str], origin: str = "input", option: str = "fmt") -> str:
     """Name of the raw schema whose identifying columns are all present.
@@ -263,9 +278,11 @@ def detect_format(columns: Iterable[str], origin: str = "input", option: str = "
         f"(chat/tulu), or gsm8k/squad/mmlu columns; pass {option} explicitly"
     )
 
+
 def convert_row(raw: Mapping, fmt: str, default_source: str = "data") -> dict:
     """Convert one raw row of schema ``fmt`` to our row schema (validated, with a ``sample_id``)."""
     return _finish(_CONVERTERS[fmt](raw, default_source), "row")
+
 
 def _finish(row: dict, where: str) -> dict:
     sample_id = row.get("sample_id")

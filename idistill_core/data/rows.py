@@ -44,12 +44,14 @@ _HUB_FORMATS = {
     "allenai/tulu-v2-sft-mixture": "tulu",
 }
 
+
 def _not_utf8(path: Path, where: str, err: UnicodeDecodeError, offset: int) -> DataError:
     byte = err.object[err.start]
     return DataError(
         f"{where}: byte 0x{byte:02x} at file offset {offset} is not valid UTF-8; re-save {path.name} as UTF-8 "
         f"(e.g. iconv -f latin1 -t utf-8 {path.name})"
     )
+
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     offset = 0
@@ -70,6 +72,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(raw, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(raw).__name__}")
             yield number, raw
+
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict]]:
     data = path.read_bytes()
@@ -92,6 +95,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}: row {number} is not a JSON object")
         yield number, raw
 
+
 def _parquet_columns(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -100,11 +104,23 @@ def _parquet_columns(path: Path) -> list[str]:
     except Exception as err:  # noqa: BLE001 - pyarrow raises several unrelated types for corrupt files
         raise DataError(f"{path}: not a readable parquet file ({err})") from None
 
+
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as error:  # a damaged page: pyarrow reads it only when its batch comes
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(
+                f"{path}: not a readable parquet file after row {number} ({reason[:200]}); re-export it"
+            ) from None
+        if batch is None:
+            return
         try:
             rows = batch.to_pylist()
         except UnicodeDecodeError:
@@ -112,6 +128,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
         for raw in rows:
             number += 1
             yield number, raw
+
 
 def _parquet_not_utf8(path: Path, batch, before: int) -> DataError:
     """Name the row and column of the first string that is not UTF-8 (parquet does not validate them)."""
@@ -126,10 +143,12 @@ def _parquet_not_utf8(path: Path, batch, before: int) -> DataError:
                 )
     return DataError(f"{path}: rows {before + 1}-{before + batch.num_rows} hold text that is not valid UTF-8")
 
+
 def _string(t) -> bool:
     import pyarrow as pa
 
     return pa.types.is_string(t) or pa.types.is_large_string(t)
+
 
 def _messages_type(t) -> bool:
     import pyarrow as pa
@@ -138,6 +157,7 @@ def _messages_type(t) -> bool:
         return False
     fields = {f.name: f.type for f in t.value_type}
     return all(name in fields and _string(fields[name]) for name in ("role", "content"))
+
 
 _PARQUET_TYPES = {
     "chat": {"sample_id": (_string, "string"), "source": (_string, "string"),
@@ -148,6 +168,7 @@ _PARQUET_TYPES = {
     "squad": {"id": (_string, "string"), "context": (_string, "string"), "question": (_string, "string")},
     "mmlu": {"question": (_string, "string")},
 }
+
 
 def _check_parquet_types(path: Path, fmt: str) -> None:
     import pyarrow.parquet as pq
@@ -166,6 +187,7 @@ def _check_parquet_types(path: Path, fmt: str) -> None:
             f"{path}: parquet column {name!r} has type {found}; fmt={fmt!r} needs {expected} ({hint})"
         )
 
+
 def _first_columns(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -173,6 +195,7 @@ def _first_columns(path: Path) -> list[str]:
     for _, raw in _iter_jsonl(path) if suffix == ".jsonl" else _iter_json(path):
         return list(raw)
     raise DataError(f"{path}: empty dataset (no rows)")
+
 
 def _generate_rows(
     path: str, fmt: str, limit: int | None, default_source: str, stamp: str, detected: str | None = None
@@ -216,8 +239,10 @@ def _generate_rows(
     if count == 0:
         raise DataError(f"{file}: empty dataset (no rows)")
 
+
 def _convert_hub_row(raw: dict, index: int, fmt: str, origin: str, default_source: str) -> dict:
     return _finish(_CONVERTERS[fmt](raw, default_source), f"{origin} row {index + 1}")
+
 
 def _check_unique_ids(ds: datasets.Dataset, origin: str) -> None:
     seen: dict[str, int] = {}
@@ -229,6 +254,7 @@ def _check_unique_ids(ds: datasets.Dataset, origin: str) -> None:
             )
         seen[sample_id] = number
 
+
 def _unwrap(err: Exception) -> Exception:
     """``datasets`` wraps generator exceptions in DatasetGenerationError; surface our DataError instead."""
     cause = err
@@ -238,10 +264,12 @@ def _unwrap(err: Exception) -> Exception:
         cause = cause.__cause__ or cause.__context__
     return err
 
+
 def _drop_empty_metric_columns(ds: datasets.Dataset) -> datasets.Dataset:
     table = ds.data
     empty = [c for c in METRIC_COLUMNS if c in ds.column_names and table.column(c).null_count == len(ds)]
     return ds.remove_columns(empty) if empty else ds
+
 
 def _resolve_local(path: Path, split: str | None) -> Path:
     if path.is_dir():
@@ -252,6 +280,7 @@ def _resolve_local(path: Path, split: str | None) -> Path:
                 return candidate
         raise DataError(f"{path}: no {name}.jsonl, {name}.parquet or {name}.json in this directory")
     return path
+
 
 def load_rows(
     source: str | Path,
@@ -308,6 +337,7 @@ def load_rows(
         raise _unwrap(err) from None
     return _drop_empty_metric_columns(ds)
 
+
 def _load_local(
     path: Path, fmt: str, split: str | None, limit: int | None, cache_dir, option: str = "fmt"
 ) -> datasets.Dataset:
@@ -342,6 +372,7 @@ def _load_local(
             "detected": detected,
         },
     )
+
 
 def _load_hub(
     text: str, fmt: str, split: str | None, limit: int | None, cache_dir, option: str = "fmt"

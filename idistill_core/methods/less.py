@@ -79,6 +79,10 @@ class LessConfig:
     """Seeds the warm-up subset, LoRA init, dropout, batch order and the projection."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"LessConfig.seed must be in [0, 2**32 - 1]; got {self.seed}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"LessConfig.weight_decay must be finite and >= 0; got {self.weight_decay}")
         if not 0 < self.warmup_fraction <= 1:
             raise ConfigError(f"LessConfig.warmup_fraction must be in (0, 1]; got {self.warmup_fraction}")
         for name in ("epochs", "lora_rank", "batch_size", "proj_dim"):
@@ -108,6 +112,7 @@ class LessConfig:
     def fingerprint(self) -> str:
         return config_fingerprint(self)
 
+
 @dataclass
 class LessCheckpoint:
     """The state saved at the end of one warm-up epoch (the authors' ``checkpoint-*`` with ``optimizer.bin``)."""
@@ -124,6 +129,7 @@ class LessCheckpoint:
     mean_lr: float
     """Mean learning rate of this epoch's steps: the checkpoint's weight η̄_c."""
 
+
 @dataclass
 class LessWarmup:
     """The warmed peft model (LoRA weights of the last epoch), the per-epoch checkpoints and the optimizer."""
@@ -134,14 +140,17 @@ class LessWarmup:
     names: list[str] = field(default_factory=list)
     """LoRA parameter names in feature order (``named_parameters`` order)."""
 
+
 def _linear_with_warmup(step: int, total: int, warmup: int) -> float:
     # transformers.get_linear_schedule_with_warmup's lambda, so step 0 of a warm-up has lr 0 as in HF
     if step < warmup:
         return step / max(1, warmup)
     return max(0.0, (total - step) / max(1, total - warmup))
 
+
 def _cloned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in tensors.items()}
+
 
 def lora_warmup(
     model: nn.Module, batches: Sequence[TokenBatch], config: LessConfig = LessConfig(), progress: bool = False
@@ -239,11 +248,13 @@ def lora_warmup(
         peft_model.eval()
     return LessWarmup(peft_model, checkpoints, optimizer, names)
 
+
 @torch.no_grad()
 def _load(model: nn.Module, checkpoint: LessCheckpoint) -> None:
     params = dict(model.named_parameters())
     for name, value in checkpoint.lora.items():
         params[name].copy_(value)
+
 
 def adam_features(
     warm: LessWarmup,
@@ -294,6 +305,7 @@ def adam_features(
                 raise NumericalError(f"sample {batch.sample_ids[bad]!r}: zero LESS feature cannot be normalised")
             per_checkpoint.append((projected / norms).cpu())
         yield list(batch.sample_ids), torch.stack(per_checkpoint, dim=1)
+
 
 def less_select(
     sample_ids: Sequence[str],
@@ -369,6 +381,7 @@ def less_scores(
         raise DataError("pool_grads is empty")
     return ids, np.concatenate(parts)
 
+
 def less_outcome(
     model, tokenizer, pool_examples, target_examples, budget: int, config: LessConfig, batch_size: int = 8,
     per_source_cap: int | None = None, source_of: Mapping[str, str] | None = None,
@@ -408,6 +421,7 @@ def less_outcome(
     details = {"warmup_ids": [pool_ids[int(r)] for r in sorted(rows)], "checkpoint_weights": weights,
                "subtasks": sorted(set(groups))}
     return SelectionOutcome(pool_ids, scores, uniform_weights(pool_ids, picked), picked, "less", details)
+
 
 def select(ctx: SelectionContext) -> SelectionReport:
     """LESS end to end (:func:`less_outcome`), sub-tasks from ``ctx.target_subtasks``."""

@@ -49,6 +49,7 @@ def midppl_scores(model: torch.nn.Module, pool_batches: Iterable[TokenBatch]) ->
         raise DataError("pool_batches is empty")
     return ids, np.concatenate(parts)
 
+
 def midppl_select(
     sample_ids: Sequence[str], nll: np.ndarray | torch.Tensor, k: int, skip_fraction: float = 0.33
 ) -> Selection:

@@ -19,6 +19,7 @@ from idistill_core.pipeline.selection import select_samples
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
+
 @torch.no_grad()
 def rds_embeddings(model: torch.nn.Module, batches: Iterable[TokenBatch]) -> tuple[list[str], torch.Tensor]:
     """RDS+ embeddings (paper §9.3): final-layer hidden states, position-weighted mean, unit norm.
@@ -59,6 +60,7 @@ def rds_embeddings(model: torch.nn.Module, batches: Iterable[TokenBatch]) -> tup
         return ids, torch.empty(0, 0)
     return ids, torch.cat(rows)
 
+
 def rds_scores(
     model: torch.nn.Module, pool_batches: Iterable[TokenBatch], target_batches: Iterable[TokenBatch]
 ) -> tuple[list[str], np.ndarray]:
@@ -81,6 +83,7 @@ def rds_scores(
     if not ids:
         raise DataError("pool_batches is empty")
     return ids, np.concatenate(parts).astype(np.float32)
+
 
 def rds_scores_from_features(
     pool_features: np.ndarray | torch.Tensor, target_features: np.ndarray | torch.Tensor

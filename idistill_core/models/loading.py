@@ -219,6 +219,12 @@ def check_supported(model: torch.nn.Module) -> None:
 
 def _finish(model, tokenizer, spec: str, dtype: torch.dtype, fingerprint: str | None = None) -> LoadedModel:
     check_supported(model)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # a token id past the embedding would fail (IndexError) in the first forward
+        raise ModelError(
+            f"model spec '{spec}': the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} "
+            "rows; the tokenizer files do not belong to these weights (re-download the model)"
+        )
     model = model.to(device="cpu", dtype=dtype)
     model.eval()
     if tokenizer.pad_token is None:
@@ -302,17 +308,118 @@ def _looks_like_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "~")) and ".." not in spec
 
 
+_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
+"""The JSON files of a model folder that transformers may read; each is parsed first so a broken one is named."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_model_files(directory: Path, spec: str) -> None:
+    """The parse step of a local model folder, before transformers reads it: every JSON file it may read is valid
+    UTF-8 JSON, and every ``*.safetensors`` file has a valid header that covers the whole file (what a truncated
+    download breaks). Cheap: safetensors reads only the header.
+
+    Raises:
+        ModelError: naming the file, what is wrong with it, and to re-download it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for name in _JSON_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ModelError(
+                f"model spec '{spec}': {path} is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start}); re-download the model"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise ModelError(
+                f"model spec '{spec}': {path} is not valid JSON ({exc.msg}: line {exc.lineno}, column "
+                f"{exc.colno}); re-download the model"
+            ) from None
+        except OSError as exc:
+            raise ModelError(f"model spec '{spec}': cannot read {path} ({exc.strerror or exc})") from None
+    _check_chat_templates(directory, spec)
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(
+                f"model spec '{spec}': {path} is not a valid safetensors file ({_first_line(exc)}; "
+                f"{path.stat().st_size} bytes); a truncated download? re-download it"
+            ) from None
+
+
+def _check_chat_templates(directory: Path, spec: str) -> None:
+    """Compile the folder's chat templates (``chat_template.jinja``, ``tokenizer_config.json``'s
+    ``chat_template``) the way transformers does: it compiles them only at the first tokenisation, mid-run."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without the helper: the first tokenisation still fails with its error
+        return
+    sources = []
+    template_file = directory / "chat_template.jinja"
+    if template_file.is_file():
+        try:
+            sources.append((template_file, template_file.read_bytes().decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ModelError(
+                f"model spec '{spec}': {template_file} is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at "
+                f"offset {exc.start}); re-download the model"
+            ) from None
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_bytes().decode("utf-8"))  # parsed above: valid
+        template = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(template, str):
+            sources.append((config_file, template))
+        elif isinstance(template, list):
+            sources += [(config_file, t["template"]) for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+    for path, source in sources:
+        try:
+            _compile_jinja_template(source)
+        except jinja2.TemplateError as exc:
+            line = f" at line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+            raise ModelError(
+                f"model spec '{spec}': the chat template in {path} does not compile{line} ({_first_line(exc)}); "
+                "re-download the model"
+            ) from None
+
+
 def _load_hf_dir(directory: Path, spec: str, dtype: torch.dtype, attn: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_files(directory, spec)
+    # transformers and tokenizers raise many unrelated types for a file they cannot use (tokenizers a bare
+    # Exception): past the parse step above, each is one line naming the folder and which half failed
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
         )
+    except Exception as exc:
+        raise ModelError(f"model spec '{spec}': cannot load the model in {directory} ({_first_line(exc)})") from exc
+    try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model spec '{spec}': cannot load {directory} ({first_line})") from exc
+    except Exception as exc:
+        raise ModelError(f"model spec '{spec}': cannot load the tokenizer in {directory} ({_first_line(exc)})") from exc
     return model, tokenizer
 
 
@@ -361,9 +468,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
             dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=name, dequantize=True),
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"GGUF file {gguf_path} cannot be loaded by transformers ({first_line})") from exc
+    except Exception as exc:  # the gguf reader raises many unrelated types for a broken file
+        raise ModelError(f"GGUF file {gguf_path} cannot be loaded by transformers ({_first_line(exc)})") from exc
     check_supported(gguf_model)
 
     config = copy.deepcopy(gguf_model.config)

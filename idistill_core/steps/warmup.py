@@ -17,6 +17,7 @@ gradients are multiplied by ``a`` before scoring (first order); ``b`` only matte
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,6 +58,10 @@ class WarmupConfig:
     """Clip the total gradient norm to this value before each step; None disables clipping."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"WarmupConfig.seed must be in [0, 2**32 - 1]; got {self.seed}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"WarmupConfig.weight_decay must be finite and >= 0; got {self.weight_decay}")
         if self.steps < 1:
             raise ConfigError(f"WarmupConfig.steps must be >= 1; got {self.steps}")
         if self.batch_size < 1:

@@ -93,12 +93,36 @@ def save_arrays(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict 
 
 
 def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    from safetensors import safe_open
+    """The arrays and metadata of a ``save_arrays`` file.
+
+    Raises:
+        StoreError: one line naming the file when it is missing, not a complete safetensors file (truncated,
+            overwritten) or its idistill metadata is not JSON; delete it and re-materialize what wrote it.
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
-    with safe_open(str(path), framework="np") as handle:
-        header = handle.metadata() or {}
-    return load_file(str(path)), json.loads(header.get("idistill", "{}"))
+    from idistill_core.errors import StoreError
+
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            header = handle.metadata() or {}
+        meta = json.loads(header.get("idistill", "{}"))
+        arrays = load_file(str(path))
+    except FileNotFoundError:
+        raise StoreError(f"{path}: file not found; re-materialize the asset that writes it.") from None
+    except (SafetensorError, OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StoreError(
+            f"{path}: not a readable idistill safetensors file ({reason}); delete it and re-materialize the "
+            "asset that writes it."
+        ) from None
+    if not isinstance(meta, dict):
+        raise StoreError(
+            f"{path}: its idistill metadata is a {type(meta).__name__}, not a mapping; delete it and re-materialize "
+            "the asset that writes it."
+        )
+    return arrays, meta
 
 
 def write_parquet(path: str | Path, table) -> None:
