@@ -45,6 +45,7 @@ def build_definitions(profile: str | None = None, home: str | None = None) -> dg
     ]
     return dg.Definitions(
         assets=automation.with_profile(assets, settings),
+        asset_checks=[targets.target_registry_valid, mixes.mix_registry_valid],
         jobs=[
             automation.shared_job,
             automation.target_job,

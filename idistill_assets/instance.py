@@ -2,7 +2,9 @@
 
     python -m idistill_assets.instance --profile profiles/default.yaml
 
-writes ``<home>/dagster_home/dagster.yaml`` (run queue and pools sized to the devices) and sets the pool limits.
+writes ``<home>/dagster_home/dagster.yaml`` (run queue and pools sized to the devices; telemetry and Dagster's
+first-visit "Join the Dagster community" dialog turned off, so the UI opens on the asset graph) and sets the pool
+limits.
 """
 
 import argparse
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings(args.profile, args.home)
     _instance(settings)
-    print(f"instance ready: {settings.home / 'dagster_home' / 'dagster.yaml'}")
+    print(f"instance ready: {settings.home / 'dagster_home' / 'dagster.yaml'} (no telemetry, no onboarding dialog)")
     return 0
 
 

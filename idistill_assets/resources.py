@@ -52,10 +52,12 @@ def usable_cores() -> int:
 
 def instance_yaml(settings: Settings) -> str:
     """dagster.yaml of the project's instance: runs queued at most `device_slots` at a time, op-level pools of
-    the same size (the writers' pool is pinned to 1 by `configure_instance`)."""
+    the same size (the writers' pool is pinned to 1 by `configure_instance`); no telemetry, no onboarding dialog."""
     slots = device_slots(settings)
     return (
         "telemetry:\n  enabled: false\n"
+        # no "Join the Dagster community" dialog over the asset graph on a fresh instance (Dagster's `nux` switch)
+        "nux:\n  enabled: false\n"
         f"concurrency:\n  runs:\n    max_concurrent_runs: {slots}\n"
         f"  pools:\n    default_limit: {slots}\n    granularity: op\n"
         "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 60\n"
@@ -131,13 +133,14 @@ class IdistillResource(dg.ConfigurableResource):
             )
         return self._model_cache[key]
 
-    def precision(self, requested: str):
-        """``requested`` (``auto``/``float32``/``bfloat16``) resolved on the base model (one probe per run)."""
+    def precision(self, requested: str, workload: str = "forward"):
+        """``requested`` (``auto``/``float32``/``bfloat16``) resolved on the base model for ``workload``
+        (``forward`` or ``gradients``; one probe per run and workload)."""
         from idistill_core.models.precision import PrecisionResolver
 
         if self._resolver is None:
             self._resolver = PrecisionResolver()
-        return self._resolver.resolve_for_model(requested, self.load_model().model)
+        return self._resolver.resolve_for_model(requested, self.load_model().model, workload=workload)
 
     def recipe(self):
         """The profile's recipe with ``auto`` precisions resolved for this machine (fingerprints use it)."""
@@ -145,7 +148,7 @@ class IdistillResource(dg.ConfigurableResource):
 
         r = self.settings.recipe
         embed = dataclasses.replace(r.embed, dtype=self.precision(r.embed.dtype).dtype)
-        gradients = dataclasses.replace(r.gradients, dtype=self.precision(r.gradients.dtype).dtype)
+        gradients = dataclasses.replace(r.gradients, dtype=self.precision(r.gradients.dtype, "gradients").dtype)
         return dataclasses.replace(r, embed=embed, gradients=gradients)
 
     def store(self) -> EmbeddingStore:

@@ -28,8 +28,11 @@ def checkpoint_path(res: IdistillResource, target: str, asset: str) -> str:
     return artifacts.read_json(target_dir(res, target, asset) / "checkpoint.json")["path"]
 
 
-def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -> dg.MaterializeResult:
-    """Fine-tune a fresh copy of the base model on pool rows ``ids``; checkpoint path = target + data version."""
+def _train_on(
+    context, res: IdistillResource, ids: list[str], name: str, spec, subset_card_id: str | None = None
+) -> dg.MaterializeResult:
+    """Fine-tune a fresh copy of the base model on pool rows ``ids``; checkpoint path = target + data version.
+    ``subset_card_id``: the card id of the exported subset the ids came from (recorded for the eval's lineage)."""
     from idistill_core.data.chat import tokenize_rows
     from idistill_core.training.finetune import finetune
 
@@ -53,13 +56,15 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
         " (reused cached checkpoint)" if result.cached else "",
     )
     staging = res.staging(f"{name}_checkpoint" if name == "random" else "finetuned_checkpoint", spec.name)
-    artifacts.write_json(staging / "checkpoint.json", {"path": str(out), "version": version})
+    record = {"path": str(out), "version": version, **({"subset_card_id": subset_card_id} if subset_card_id else {})}
+    artifacts.write_json(staging / "checkpoint.json", record)
     res.commit(staging, version)
     losses = result.losses or [float("nan")]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
             "dagster/uri": str(out),
+            **({"subset_card_id": subset_card_id} if subset_card_id else {}),
             "train_samples": len(examples),
             "steps": result.steps,
             "tokens": result.tokens,
@@ -75,6 +80,11 @@ def _train_on(context, res: IdistillResource, ids: list[str], name: str, spec) -
             else "auto -> " + res.precision("auto").summary(),
         },
     )
+
+
+def subset_card_id(res: IdistillResource, target: str) -> str | None:
+    """The card id of the exported subset the current ``finetuned_checkpoint`` trained on (None before exports)."""
+    return artifacts.read_json(target_dir(res, target, "finetuned_checkpoint") / "checkpoint.json").get("subset_card_id")
 
 
 def skip_reason(spec, asset: str) -> str | None:
@@ -109,8 +119,11 @@ def finetuned_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillRe
     if reason := skip_reason(spec, "finetuned_checkpoint"):
         yield from skipped(context, reason)
         return
-    subset = pl.read_parquet(target_dir(idistill, spec.name, "selected_subset") / "subset.parquet")
-    yield _train_on(context, idistill, subset["sample_id"].to_list(), "selected", spec)
+    from idistill_assets.handoff import card_id_of
+
+    folder = target_dir(idistill, spec.name, "selected_subset")
+    subset = pl.read_parquet(folder / "subset.parquet")
+    yield _train_on(context, idistill, subset["sample_id"].to_list(), "selected", spec, card_id_of(folder))
 
 
 @_opt_out_aware("random_checkpoint", [selected_subset, pool, base_model], "finetune-v1")
@@ -129,6 +142,53 @@ def random_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResou
     yield _train_on(context, idistill, picked, "random", spec)
 
 
+def _score_models(context, res: IdistillResource, spec, rows, config) -> tuple[dict, dict, dict]:
+    """(results, seconds, lm-eval results) of the base, ID-tuned and random-tuned models on the test rows."""
+    from idistill_core.models.loading import load_model
+    from idistill_core.training.evaluate import evaluate
+
+    base = res.load_model()
+    models = {
+        "base": lambda: base.model,
+        "influence_distillation": lambda: load_model(checkpoint_path(res, spec.name, "finetuned_checkpoint")).model,
+        "random": lambda: load_model(checkpoint_path(res, spec.name, "random_checkpoint")).model,
+    }
+    results, seconds = {}, {}
+    for number, (name, get) in enumerate(models.items(), start=1):
+        start = time.perf_counter()
+        results[name] = result = evaluate(get(), base.tokenizer, rows, spec.metric, config)
+        seconds[name] = time.perf_counter() - start
+        context.log.info("eval %d/%d %s %s: %s = %.4f on %d (%.1f s)", number, len(models), spec.name, name,
+                         spec.metric, result.score, result.n, seconds[name])
+    harness = {}
+    if spec.lm_eval:  # the harness's own numbers beside ours, same models and test rows
+        from idistill_core.training.evaluate import evaluate_lm_eval
+
+        for name, get in models.items():
+            harness[name] = evaluate_lm_eval(get(), base.tokenizer, rows, spec.lm_eval, config)
+    return results, seconds, harness
+
+
+def _scores_table(table: list[dict]) -> dg.MetadataValue:
+    """The scores as a typed UI table, floats to four significant digits (the JSON file keeps them whole)."""
+    columns = sorted({k for row in table for k in row}, key=lambda k: (k != "model", k != "subset", k != "score", k))
+    kinds = {c: "string" if c in ("model", "subset") else ("int" if all(isinstance(r.get(c), int) for r in table) else "float")
+             for c in columns}
+    shown = [{k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()} for row in table]
+    return plots.table(shown, kinds)
+
+
+def _harness_metadata(harness: dict) -> dict:
+    if not harness:
+        return {}
+    first = next(iter(harness.values()))
+    return {
+        "lm_eval_version": first["lm_eval_version"],
+        "lm_eval_task_config": dg.MetadataValue.json(first["task_config"]),
+        "lm_eval_results": dg.MetadataValue.json({k: h["results"] for k, h in harness.items()}),
+    }
+
+
 @_opt_out_aware(
     "eval_scores",
     [finetuned_checkpoint, random_checkpoint, target_spec, base_model],
@@ -136,9 +196,9 @@ def random_checkpoint(context: dg.AssetExecutionContext, idistill: IdistillResou
     check_specs=[dg.AssetCheckSpec("id_beats_random", asset=[PREFIX, "eval_scores"])],
 )
 def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
-    """Target metric on the test set for the base model, the ID-tuned model and the random-tuned model."""
-    from idistill_core.models.loading import load_model
-    from idistill_core.training.evaluate import EvalConfig, evaluate
+    """Target metric on the test set for the base model, the ID-tuned model and the random-tuned model, beside the
+    card id of the exported subset the ID-tuned model trained on."""
+    from idistill_core.training.evaluate import EvalConfig
 
     s = idistill.settings
     spec = target_spec_for(idistill, context.partition_key)
@@ -148,28 +208,13 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
     rows = target_rows(spec, "test")
     rows = rows.select(range(min(len(rows), s.eval.max_test)))
     config = EvalConfig(max_new_tokens=s.eval.max_new_tokens, batch_size=s.eval.batch_size)
-    base = idistill.load_model()
-    models = {
-        "base": lambda: base.model,
-        "influence_distillation": lambda: load_model(checkpoint_path(idistill, spec.name, "finetuned_checkpoint")).model,
-        "random": lambda: load_model(checkpoint_path(idistill, spec.name, "random_checkpoint")).model,
-    }
-    results, seconds = {}, {}
-    for name, get in models.items():
-        start = time.perf_counter()
-        result = evaluate(get(), base.tokenizer, rows, spec.metric, config)
-        seconds[name] = time.perf_counter() - start
-        results[name] = result
-        context.log.info("%s %s: %s = %.4f on %d (%.1f s)", spec.name, name, spec.metric, result.score, result.n, seconds[name])
-    harness = {}
-    if spec.lm_eval:  # the harness's own numbers beside ours, same models and test rows
-        from idistill_core.training.evaluate import evaluate_lm_eval
-
-        for name, get in models.items():
-            harness[name] = evaluate_lm_eval(get(), base.tokenizer, rows, spec.lm_eval, config)
+    results, seconds, harness = _score_models(context, idistill, spec, rows, config)
+    card_id = subset_card_id(idistill, spec.name)
+    trained_on = {"base": "none", "influence_distillation": card_id or "unknown", "random": "random, same size"}
     table = [
         {
             "model": name,
+            "subset": trained_on[name],
             "score": r.score,
             "n": r.n,
             **{k: v for k, v in r.details.items() if isinstance(v, (int, float))},
@@ -178,32 +223,22 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
         for name, r in results.items()
     ]
     staging = idistill.staging("eval_scores", spec.name)
-    artifacts.write_json(staging / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table, "lm_eval": harness})
+    artifacts.write_json(staging / "eval_scores.json", {"target": spec.name, "metric": spec.metric, "rows": table,
+                                                        "lm_eval": harness, "subset_card_id": card_id})
     version, folder = idistill.commit(staging)
-    columns = sorted({k for row in table for k in row}, key=lambda k: (k != "model", k != "score", k))
-    kinds = {c: "string" if c == "model" else ("int" if all(isinstance(r.get(c), int) for r in table) else "float")
-             for c in columns}
     id_score, random_score = results["influence_distillation"].score, results["random"].score
-    lower_is_better = spec.metric == "nll"
-    beats = id_score < random_score if lower_is_better else id_score > random_score
+    beats = id_score < random_score if spec.metric == "nll" else id_score > random_score  # nll: lower is better
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
             "dagster/uri": str(folder / "eval_scores.json"),
             "metric": spec.metric,
+            "subset_card_id": card_id or "unknown",
             "test_samples": results["base"].n,
-            "scores": plots.table(table, kinds),
+            "scores": _scores_table(table),
             "comparison": plots.bars({k: r.score for k, r in results.items()}, f"{spec.name}: {spec.metric}", spec.metric),
             **{f"score_{k}": float(r.score) for k, r in results.items()},
-            **(
-                {
-                    "lm_eval_version": next(iter(harness.values()))["lm_eval_version"],
-                    "lm_eval_task_config": dg.MetadataValue.json(next(iter(harness.values()))["task_config"]),
-                    "lm_eval_results": dg.MetadataValue.json({k: h["results"] for k, h in harness.items()}),
-                }
-                if harness
-                else {}
-            ),
+            **_harness_metadata(harness),
             "precision": str(results["base"].details.get("precision", "")),
         },
         check_results=[

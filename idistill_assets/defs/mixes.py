@@ -19,61 +19,63 @@ def mix_spec_for(res: IdistillResource, name: str):
     from idistill_core.project.mixes import load_mix_spec, mixes_dir
     from idistill_core.project.targets import load_registry
 
-    known = load_registry(res.settings.targets_dir, res.settings.data_roots)
+    # an invalid target file makes only that target unknown here (its own check reports why)
+    known = load_registry(res.settings.targets_dir, res.settings.data_roots, errors={})
     return load_mix_spec(mixes_dir(res.settings.targets_dir) / f"{name}.yaml", known), known
 
 
 @dg.observable_source_asset(key=[PREFIX, "mix_spec"], partitions_def=mixes, group_name=MIX)
 def mix_spec(context, idistill: IdistillResource):
-    """Each mix's YAML spec (targets, weights, budget, cap); its data version changes when the file changes."""
-    from idistill_core.project.mixes import load_mixes
-    from idistill_core.project.targets import load_registry
+    """Each mix's YAML spec (targets, weights, budget, cap); its data version changes when the file changes. An
+    invalid file is not observed: its one-line error is logged here and fails the `registry_valid` check."""
+    from idistill_assets.defs.automation import mix_versions
 
-    known_targets = load_registry(idistill.settings.targets_dir, idistill.settings.data_roots)
-    specs = load_mixes(idistill.settings.targets_dir, known_targets)
+    errors: dict[str, str] = {}
+    versions = mix_versions(idistill, errors)
+    for line in errors.values():
+        context.log.error(line)
     known = set(context.instance.get_dynamic_partitions(mixes.name))
-    return dg.DataVersionsByPartition({name: spec.version() for name, spec in specs.items() if name in known})
+    return dg.DataVersionsByPartition({name: version for name, version in versions.items() if name in known})
 
 
-@dg.asset(
-    key=[PREFIX, "mixed_subset"],
-    # every target's weights feed every mix (a partition mapping cannot read the mix file); the asset reads
-    # only the targets its file names
-    deps=[mix_spec, dg.AssetDep(propagated_weights, partition_mapping=dg.AllPartitionMapping()), pool],
-    partitions_def=mixes,
-    group_name=MIX,
-    kinds={"parquet"},
-    code_version="mix-v1",
-    check_specs=[dg.AssetCheckSpec("mix_valid", asset=[PREFIX, "mixed_subset"], blocking=True)],
-)
-def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
-    """One subset for several targets: each target gets its weight's share of the budget, picked round-robin by
-    its own score (per-source cap honoured); same files and columns as ``selected_subset`` plus ``target``."""
+@dg.asset_check(asset=mix_spec, name="registry_valid", description="Every targets/mixes/*.yaml file can be read; "
+                "fails with each invalid file's one-line error (the mix registry sensor reports it on every change).")
+def mix_registry_valid(idistill: IdistillResource) -> dg.AssetCheckResult:
+    from idistill_assets.defs.automation import mix_versions, registry_check
+
+    errors: dict[str, str] = {}
+    mix_versions(idistill, errors)
+    evaluation = registry_check(errors, "mix_spec", "mix")
+    return dg.AssetCheckResult(passed=evaluation.passed, description=evaluation.description, metadata=evaluation.metadata)
+
+
+def _target_scores(res: IdistillResource, spec, registry) -> tuple[dict, dict]:
+    """Each target's current scores ``{target: (ids, scores)}`` and method, read from its propagated_weights."""
     import polars as pl
 
     from idistill_core.errors import ConfigError
-    from idistill_core.project.mixes import mix_selection
 
-    spec, registry = mix_spec_for(idistill, context.partition_key)
     scored, methods = {}, {}
     for target in spec.targets:
         try:
-            path = target_dir(idistill, target, "propagated_weights") / "propagated_weights.parquet"
+            path = target_dir(res, target, "propagated_weights") / "propagated_weights.parquet"
         except ConfigError:
             raise ConfigError(f"{spec.source_file}: target {target!r} has no materialized propagated_weights; "
                               "materialize that target first.") from None
         frame = pl.read_parquet(path, columns=["sample_id", "score"])
         scored[target] = (frame["sample_id"].to_list(), frame["score"].to_numpy())
         methods[target] = registry[target].method
-    recipe_cap = idistill.settings.recipe.per_source_cap
-    cap = spec.per_source_cap if spec.per_source_cap is not None else recipe_cap
-    outcome = mix_selection(spec, scored, methods, recipe_cap, pool_sources(idistill) if cap is not None else None)
+    return scored, methods
 
-    names = list(spec.targets)
+
+def _chosen(outcome, names: list[str], scored: dict):
+    """The picked rows in pick order: sample_id, weight, the picking target's score, rank, target."""
+    import polars as pl
+
     picked_by = [names[t] for t in outcome.details["picked_by"]]
     score_of = {t: dict(zip(ids, s.tolist(), strict=True)) for t, (ids, s) in scored.items()}
     weight_of = dict(zip(outcome.sample_ids, outcome.weights.tolist(), strict=True))
-    chosen = pl.DataFrame(
+    return pl.DataFrame(
         {
             "sample_id": outcome.selected,
             "weight": [weight_of[s] for s in outcome.selected],
@@ -83,17 +85,10 @@ def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) 
         },
         schema={"sample_id": pl.String, "weight": pl.Float64, "score": pl.Float64, "rank": pl.Int64, "target": pl.String},
     )
-    pool_rows = pl.read_parquet(pool_path(idistill))
-    subset = chosen.join(pool_rows, on="sample_id", how="left").sort("rank")
-    staging = idistill.staging("mixed_subset", spec.name)
-    subset.write_parquet(staging / "subset.parquet")
-    subset.write_ndjson(staging / "subset.jsonl")
-    version, folder = idistill.commit(staging)
 
-    budgets = dict(zip(names, outcome.details["budgets"], strict=True))
-    got = {t: picked_by.count(t) for t in names}
-    counts = source_counts(subset)
-    pool_counts = source_counts(pool_rows)
+
+def _mix_problems(subset, spec, budgets: dict, got: dict, cap: int | None, counts: dict) -> list[str]:
+    """What the blocking ``mix_valid`` check reports."""
     problems = []
     if subset.height != spec.budget:
         problems.append(f"{subset.height} rows, budget {spec.budget}")
@@ -105,6 +100,62 @@ def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) 
         problems.append(f"per-target counts {got} differ from the budget split {budgets}")
     if cap is not None and counts and max(counts.values()) > cap:
         problems.append(f"a source has {max(counts.values())} samples, per_source_cap {cap}")
+    return problems
+
+
+def _mix_fields(context, res: IdistillResource, spec, registry, pool_rows) -> tuple[dict, dict | None]:
+    """The mix's card fields: the shared provenance plus each target's weight, method and fidelity."""
+    from idistill_assets import handoff
+
+    uses_landmarks = any(registry[t].method == "id" for t in spec.targets)
+    fields, landmarks = handoff.provenance(res, pool_rows.to_arrow(), uses_landmarks)
+    fields.update(
+        kind="mix", name=spec.name, budget=spec.budget,
+        method={"name": "mix", "targets": ", ".join(f"{t}={registry[t].method}" for t in spec.targets)},
+        targets={t: {"weight": spec.targets[t], "method": registry[t].method, "order": registry[t].order,
+                     "fidelity_spearman": handoff.latest_metadata(context, "propagated_weights", t, "fidelity_spearman")}
+                 for t in spec.targets},
+    )
+    return fields, landmarks
+
+
+@dg.asset(
+    key=[PREFIX, "mixed_subset"],
+    # every target's weights feed every mix (a partition mapping cannot read the mix file); the asset reads
+    # only the targets its file names
+    deps=[mix_spec, dg.AssetDep(propagated_weights, partition_mapping=dg.AllPartitionMapping()), pool],
+    partitions_def=mixes,
+    group_name=MIX,
+    kinds={"parquet"},
+    code_version="mix-v2",
+    check_specs=[dg.AssetCheckSpec("mix_valid", asset=[PREFIX, "mixed_subset"], blocking=True)],
+)
+def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.MaterializeResult:
+    """One subset for several targets: each target gets its weight's share of the budget, picked round-robin by
+    its own score (per-source cap honoured); same files and columns as ``selected_subset`` plus ``target``, and
+    the same hand-off folder (``export/``, docs/handoff.md)."""
+    import polars as pl
+
+    from idistill_assets import handoff
+    from idistill_core.project.mixes import mix_selection
+
+    spec, registry = mix_spec_for(idistill, context.partition_key)
+    scored, methods = _target_scores(idistill, spec, registry)
+    recipe_cap = idistill.settings.recipe.per_source_cap
+    cap = spec.per_source_cap if spec.per_source_cap is not None else recipe_cap
+    outcome = mix_selection(spec, scored, methods, recipe_cap, pool_sources(idistill) if cap is not None else None)
+    names = list(spec.targets)
+    pool_rows = pl.read_parquet(pool_path(idistill))
+    subset = _chosen(outcome, names, scored).join(pool_rows, on="sample_id", how="left").sort("rank")
+    staging = idistill.staging("mixed_subset", spec.name)
+    subset.write_parquet(staging / "subset.parquet")
+    subset.write_ndjson(staging / "subset.jsonl")
+    budgets = dict(zip(names, outcome.details["budgets"], strict=True))
+    got = {t: subset["target"].to_list().count(t) for t in names}
+    counts, pool_counts = source_counts(subset), source_counts(pool_rows)
+    problems = _mix_problems(subset, spec, budgets, got, cap, counts)
+    fields, landmarks = _mix_fields(context, idistill, spec, registry, pool_rows)
+    version, folder, card = handoff.publish(idistill, staging, subset, fields, landmarks, pool_counts, not problems)
     total = sum(spec.weights)
     lines = ["| target | weight | share | budget | picked |", "|---|---|---|---|---|"]
     lines += [
@@ -116,6 +167,7 @@ def mixed_subset(context: dg.AssetExecutionContext, idistill: IdistillResource) 
             "dagster/row_count": subset.height,
             "dagster/column_schema": plots.column_schema(subset.schema, MIX_COLUMNS),
             "dagster/uri": str(folder / "subset.parquet"),
+            **handoff.card_metadata(card),
             "budget": spec.budget,
             "budget_split": ", ".join(f"{t} {budgets[t]}" for t in names),
             "per_target": dg.MetadataValue.md("\n".join(lines)),

@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 
 from idistill_assets import plots
+from idistill_assets.progress import eta_logger
 from idistill_assets.resources import DEVICE_POOL, IdistillResource
 from idistill_assets.upstream import (
     embedded_pool,
@@ -119,8 +120,7 @@ def embeddings(context: dg.AssetExecutionContext, idistill: IdistillResource) ->
     store = idistill.store()
     remote = run_on_backend(context, idistill, "embeddings")
 
-    def on_commit(done: int, total: int) -> None:
-        context.log.info("embeddings: committed %d / %d new samples", done, total)
+    on_commit = eta_logger(context.log, "embeddings: committed", "new samples")
 
     report = embed_pool(
         loaded.model, loaded.tokenizer, tokenized.examples, store, idistill.recipe().embed,
@@ -265,8 +265,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
     )
     shard_dir = idistill.versions_dir("landmarks") / f"shards-{key}"
 
-    def on_chunk(done: int, total: int) -> None:
-        context.log.info("landmark gradients: committed chunk %d / %d", done, total)
+    on_chunk = eta_logger(context.log, "landmark gradients: committed chunk", "")
 
     start = time.perf_counter()
     remote = run_on_backend(context, idistill, "landmarks", ids=landmark_ids + holdout_ids, shard_dir=str(shard_dir))
@@ -294,7 +293,7 @@ def landmarks(context: dg.AssetExecutionContext, idistill: IdistillResource) -> 
             "preconditioned": pre is not None,
             "seconds": round(seconds, 2),
             "seconds_per_gradient": round(seconds / max(1, len(g)), 3),
-            "precision": idistill.precision(s.recipe.gradients.dtype).summary(),
+            "precision": idistill.precision(s.recipe.gradients.dtype, "gradients").summary(),
             "dagster/uri": str(path),
             **remote,
         },
@@ -320,8 +319,7 @@ def propagation(context: dg.AssetExecutionContext, idistill: IdistillResource) -
     pool_ids, store = embedded_pool(idistill)
     landmark_ids, lm_grads, _, _ = load_landmarks(idistill)
 
-    def on_chunk(done: int, total: int) -> None:
-        context.log.info("propagation coefficients: committed chunk %d / %d", done, total)
+    on_chunk = eta_logger(context.log, "propagation coefficients: committed chunk", "")
 
     table, report = shared_coefficients(
         store, pool_ids, landmark_ids, s.recipe.propagate, on_chunk=on_chunk,
@@ -387,8 +385,7 @@ def rds_features(context: dg.AssetExecutionContext, idistill: IdistillResource):
     loaded = idistill.load_model()
     tokenized = tokenized_pool(idistill, loaded.tokenizer)
 
-    def on_commit(done: int, total: int) -> None:
-        context.log.info("RDS+ features: committed %d / %d new samples", done, total)
+    on_commit = eta_logger(context.log, "RDS+ features: committed", "new samples")
 
     store, report = fill_rds_features(idistill, tokenized.examples, on_commit)
     pool_ids = list(tokenized.examples["sample_id"])

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -119,6 +120,10 @@ class FinetuneConfig:
             raise ConfigError(f"FinetuneConfig.lora_rank must be >= 1 or None; got {self.lora_rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ConfigError(f"FinetuneConfig.lora_alpha must be > 0 or None; got {self.lora_alpha}")
+        if not math.isfinite(self.weight_decay):
+            raise ConfigError(f"FinetuneConfig.weight_decay must be a finite number >= 0; got {self.weight_decay}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"FinetuneConfig.seed must be an integer in [0, 2**32 - 1]; got {self.seed!r}")
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
@@ -414,8 +419,9 @@ def _sft_config(config: FinetuneConfig, num_examples: int, scratch: str, progres
         use_cpu=not torch.cuda.is_available(),
         bf16=config.precision == "bf16-autocast",
         fp16=False,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        # transformers 5 renamed gradient_checkpointing*; the old names warn (FutureWarning) on every fine-tune
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         # The rows are tokenized and truncated already (data.tokenize_rows); TRL must not cut them again.
         max_length=None,
         packing=False,
@@ -434,6 +440,20 @@ def _sft_config(config: FinetuneConfig, num_examples: int, scratch: str, progres
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
     )
+
+
+def _loss_bar():
+    """transformers' progress bar (steps done / total, time left) showing the latest loss, without its
+    ``on_log`` printing every log dict on a line of its own."""
+    import transformers
+
+    class LossBar(transformers.ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if state.is_world_process_zero and self.training_bar is not None and loss is not None:
+                self.training_bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    return LossBar()
 
 
 def _steps_per_epoch(num_examples: int, config: FinetuneConfig) -> int:
@@ -498,6 +518,9 @@ def _build_trainer(model, tokenizer, rows, sample_weights, config, scratch, prog
         )
     if not progress:  # with the bar off, the trainer would print every log dict to stdout instead
         trainer.remove_callback(transformers.PrinterCallback)
+    else:  # one bar with the loss on it, not a printed log dict per step under the bar
+        trainer.remove_callback(transformers.ProgressCallback)
+        trainer.add_callback(_loss_bar())
     trainer.token_counts = {"tokens": 0, "supervised": 0}
     return trainer
 

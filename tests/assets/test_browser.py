@@ -1,6 +1,8 @@
 """A user's path in a real browser: Debian's Chromium, driven by Selenium, against a real dagster-webserver on
-the tiny profile. The target's chain is launched from the UI's own "Materialize all" button, the target's dev file
-is edited, and the page must then report the partition stale. Screenshots are kept in the test's tmp dir."""
+the tiny profile and the instance `make ui` prepares (``python -m idistill_assets.instance``). The asset graph is
+the first page and no "Join the Dagster community" dialog covers it; the target's chain is launched from the UI's
+own "Materialize all" button, the target's dev file is edited, and the page must then report the partition stale.
+Screenshots are kept in the test's tmp dir."""
 
 import json
 import os
@@ -18,7 +20,7 @@ from idistill_assets.defs.automation import registry_tick
 from idistill_core.project.settings import load_settings
 from idistill_core.project.targets import load_registry
 
-from .conftest import REPO, dagster_yaml, write_profile, write_target
+from .conftest import REPO, write_profile, write_target
 from .test_webserver import _free_port, _graphql, _wait_until_up
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.skipif(
     "apt-get install chromium chromium-driver",
 )
 TARGET = "arith"
+COMMUNITY_DIALOG = "Join the Dagster community"
 RUNS = """{ runsOrError { ... on Runs { results { runId jobName status tags { key value } } } } }"""
 
 
@@ -123,14 +126,19 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_partition_unsynced(tmp_path):
+def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_partition_unsynced(tmp_path, monkeypatch):
+    from idistill_assets import instance as make_ui_instance
+
     started = time.monotonic()
     targets_dir = tmp_path / "targets"
     targets_dir.mkdir()
     write_target(targets_dir, TARGET)
     profile = write_profile(tmp_path)
-    home = tmp_path / "dagster_home"
-    dagster_yaml(home)
+    # the instance `make ui` writes (telemetry and the onboarding dialog off, the run queue, the pools)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # restored after the test: the step below sets it
+    assert make_ui_instance.main(["--profile", str(profile)]) == 0
+    home = load_settings(profile).home / "dagster_home"
+    assert "nux:\n  enabled: false" in (home / "dagster.yaml").read_text()
 
     # The shared assets first, in-process on the same instance the webserver will read.
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -176,14 +184,19 @@ def test_materialize_button_runs_the_target_chain_and_a_dev_edit_shows_the_parti
             location = nodes[0]
             base = f"http://127.0.0.1:{port}"
             page = Page(tmp_path / "screenshots", tmp_path / "chromium-profile")
+            # a new user's first page: the asset graph, with no community dialog over it
+            page.driver.get(f"{base}/asset-groups")
+            graph = page.wait_for_text("Global asset lineage", timeout=60)
+            time.sleep(3)  # the dialog would open once its query answers, after the graph has drawn
+            page.shot("asset-graph")
+            assert graph and "shared" in page.text(), f"the asset graph did not show:\n{page.text()[:2000]}"
+            assert COMMUNITY_DIALOG not in page.text(), "the community dialog covers the asset graph"
             page.driver.get(f"{base}/locations/{location['location']['name']}/jobs/target_job")
             button = page.button("Materialize", timeout=45)
             page.shot("target-job")
             assert button is not None, f"no Materialize button on the target_job page:\n{page.text()[:2000]}"
             page.driver.execute_script("arguments[0].click()", button)
-            skip = page.button("Skip", timeout=8)  # the first-visit community modal covers the dialog
-            if skip is not None:
-                page.driver.execute_script("arguments[0].click()", skip)
+            assert COMMUNITY_DIALOG not in page.text(), "the community dialog opened over the launch dialog"
             # every upstream is materialized (rds_features as an empty marker, no target uses rds): the UI must not
             # ask to confirm launching over an unmaterialized upstream
             confirm = page.button("Confirm", timeout=5)
