@@ -98,7 +98,7 @@ def child_qp(p: list[float], q: list[list[float]], lr: float, num_source: int, n
     """``qp_outcome`` on ``N`` synthetic float32 coefficient rows (non-negative, summing to ~1 like KRR rows)."""
     from idistill_core.pipeline.recipe import SelectionRecipe
     from idistill_core.pipeline.second_order import qp_outcome
-    from idistill_core.steps.qp import PoolQPConfig
+    from idistill_core.steps.pool_qp import PoolQPConfig
 
     num_l = len(p)
     rng = np.random.default_rng(seed)

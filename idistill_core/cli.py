@@ -12,6 +12,9 @@
 Bad input (a file, row, option or output path that cannot be used, or too little free disk) exits with
 status 2 and one line on stderr naming the problem, before the first model call and with nothing written.
 Ctrl-C / SIGTERM exit with 130 / 143 and one line saying what was committed; written files are never torn.
+
+Over 500 lines because every subcommand's options are checked here, before any model loads (the one-line error
+above); the work itself is the library's.
 """
 
 from __future__ import annotations

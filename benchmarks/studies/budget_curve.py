@@ -55,7 +55,8 @@ def run(work: Path, target: str, landmarks: int, grid: list[int], measured: list
     from idistill_core.pipeline.recipe import resolve_recipe
     from idistill_core.pipeline.second_order import _ExactRows, second_order_terms_for, terms_from_arrays
     from idistill_core.project.settings import load_settings
-    from idistill_core.steps.qp import budget_curve, first_order_weights, pool_terms, solve_qp
+    from idistill_core.steps.pool_qp import pool_terms
+    from idistill_core.steps.qp import budget_curve, first_order_weights, solve_qp
     from idistill_core.training.finetune import finetune
 
     torch.set_num_threads(1)

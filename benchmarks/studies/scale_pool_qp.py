@@ -10,7 +10,7 @@ standard normal, ``Q_L = c X Xᵀ / L²`` (PSD, full rank, ``X`` L × L normal) 
 negative directions, so the setup pass also accumulates ``CᵀC``). Each solve runs in its own child process
 (``benchmarks.common.run_child``), so its peak RSS is its own.
 
-- ``working_set`` (the default solver): ``steps.qp.solve_pool_qp``; reported: passes over the table, KKT rounds,
+- ``working_set`` (the default solver): ``steps.pool_qp.solve_pool_qp``; reported: passes over the table, KKT rounds,
   working rows, operator applications (each on the working rows only), time, peak RSS.
 - ``full`` (the solver before issue 24) cannot run at this size (two 16 GiB passes per operator application): its
   cost is extrapolated from the measured time of one pass and the applications it took at small N.
@@ -136,7 +136,7 @@ def solve(uri: str, k: int, solver: str, indefinite: bool = False, curvature: fl
     """One ``solve_pool_qp`` on the table or file (a child process: its peak RSS is this solve's)."""
     import torch
 
-    from idistill_core.steps import qp
+    from idistill_core.steps import pool_qp as qp
 
     torch.set_num_threads(1)
     table = _source(uri, n, num_l)
@@ -186,7 +186,7 @@ def side_by_side(n: int, num_l: int, k: int, seed: int = 0) -> dict:
     """Both solvers on one small in-memory problem: applications, passes over C, time, same support."""
     import torch
 
-    from idistill_core.steps import qp
+    from idistill_core.steps import pool_qp as qp
 
     torch.set_num_threads(1)
     c = torch.from_numpy(_rows(0, n, num_l, seed))

@@ -189,7 +189,7 @@ def warmup(context: dg.AssetExecutionContext, idistill: IdistillResource) -> dg.
     import copy
 
     from idistill_core.pipeline.gradients import warmup_preconditioner
-    from idistill_core.training.finetune import save_checkpoint
+    from idistill_core.training.checkpoints import save_checkpoint
 
     s = idistill.settings
     out = idistill.staging("warmup")

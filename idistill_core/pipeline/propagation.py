@@ -3,6 +3,9 @@
 ``C = K(X, X_L)(K_LL + λI)⁻¹`` has one row per pool sample and serves every target (``C · V``); it is built
 once per pool, landmark set and propagate config, resumably, as a Lance table next to the embeddings
 (:func:`build_coefficients`). The KRR itself is :mod:`idistill_core.steps.propagate`.
+
+Just over 500 lines because the table's keying by content, its incremental extension for new pool rows and its
+damaged-table handling are one contract with the readers here (:class:`CoefficientTable`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from idistill_core.errors import ConfigError
 from idistill_core.pipeline.propagation import CoefficientTable
 from idistill_core.pipeline.recipe import SelectionRecipe
 from idistill_core.pipeline.selection import SelectionOutcome, cap_options, uniform_weights
-from idistill_core.steps.qp import PoolQPConfig
+from idistill_core.steps.pool_qp import PoolQPConfig
 from idistill_core.steps.second_order import SecondOrderTerms
 
 logger = logging.getLogger("idistill")
@@ -134,7 +134,7 @@ def qp_outcome(
     binary search on λ for exactly ``budget`` non-zero weights.
 
     ``coefficients`` is an in-memory ``(N, L)`` matrix (rows in ``ids`` order) or the coefficient table itself
-    (``ids`` None: the table's order). ``steps.qp.solve_pool_qp`` solves it on a working set of rows checked against
+    (``ids`` None: the table's order). ``steps.pool_qp.solve_pool_qp`` solves it on a working set of rows checked against
     the whole pool's optimality conditions, a few passes over the table in all (``qp``: ``PoolQPConfig``; no
     N × L float64 copy either way; ``details`` report the passes, rounds and working rows). With
     ``landmark_ids`` (the columns of C, in order) the landmarks' rows are unit rows: their terms are exact.
@@ -144,7 +144,7 @@ def qp_outcome(
     the ``budget`` largest weights within the cap; when the cap moves the support the weights are spread
     uniformly over the picks (the QP's weights were for another support).
     """
-    from idistill_core.steps.qp import solve_pool_qp
+    from idistill_core.steps.pool_qp import solve_pool_qp
     from idistill_core.steps.select import select_top_k
 
     if not hasattr(coefficients, "iter_chunks"):  # a matrix (a CoefficientTable streams itself)
@@ -214,8 +214,8 @@ def budget_curve(coefficients, terms: SecondOrderTerms, budget: int, qp: PoolQPC
     """
     import dataclasses
 
+    from idistill_core.steps.pool_qp import pool_terms
     from idistill_core.steps.qp import budget_curve as curve_of
-    from idistill_core.steps.qp import pool_terms
 
     p_pool, quad = pool_terms(coefficients, terms, qp)
     n = quad.n

@@ -21,6 +21,9 @@ coordinates for Llama-2-7B's ``down_proj``). The only state is small and built o
 coordinates (``out_dim`` per block, drawn on the CPU from a seeded generator) and the Rademacher matrix when it
 is small enough to keep. Every map is a deterministic function of ``(in_dim, out_dim, seed)`` (and SRHT's
 ``block_log2``); ``PROJECTORS`` names them for configs (``proj_type``).
+
+Just over 500 lines because the three maps share the coordinate hash, the chunking and the FWHT; the hash is the
+part to move out if a fourth map joins.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ For AdamW with frozen second moments the step is ``θ' = θ − η(b + a ⊙ G�
 :func:`second_order_terms` builds ``p`` and ``Q`` from raw gradients (the exact reference);
 :func:`sketched_second_order_terms` builds the same terms with memory ``O(L · P + d)`` (exact ``p`` and diagonal,
 sketched pairs).
-The weights then come from the QP in :mod:`idistill_core.steps.qp`. Not in the released code.
+The weights then come from the QP in :mod:`idistill_core.steps.qp` (over the pool: :mod:`idistill_core.steps.pool_qp`). Not in the released code.
 """
 
 from __future__ import annotations

@@ -18,22 +18,19 @@ What stays here, and why no library does it:
 
 A step is one optimizer update over ``grad_accum`` micro-batches of ``batch_size`` examples (per device).
 
-Why one module of ~700 lines: the TRL mapping, the weighted loss and the cached atomic checkpoint are one
-contract (a checkpoint's key is the recipe + data + base model the trainer saw); most of the length is
-docstrings of that contract.
+Why one module of ~650 lines: the TRL mapping, the weighted loss and the checkpoint cache are one contract (a
+checkpoint's key is the recipe + data + base model the trainer saw); most of the length is docstrings of that
+contract. Writing a checkpoint atomically is :mod:`idistill_core.training.checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import numbers
-import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,10 +43,16 @@ from idistill_core.data.batch import IGNORE_INDEX, pad_id
 from idistill_core.errors import ConfigError, DataError, NumericalError, StoreError
 from idistill_core.models.loading import model_fingerprint
 from idistill_core.store.hashing import config_fingerprint
+from idistill_core.training.checkpoints import (
+    SUMMARY_FILE,
+    atomic_dir,
+    data_hash,
+    tied_keys,
+    write_checkpoint,
+)
 
 logger = logging.getLogger("idistill")
 
-SUMMARY_FILE = "train_summary.json"
 ADAPTER_DIR = "adapter"
 """Sub-directory of a LoRA checkpoint holding the unmerged peft adapter (``PeftModel.from_pretrained``)."""
 PRECISIONS = ("auto", "bf16-autocast", "fp32")
@@ -262,13 +265,13 @@ def finetune(
     if out_dir is None or not writer:
         _merge_lora(trained, config)
         return result
-    with _atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir)) as tmp:
         if config.lora_rank is not None:
             trained.save_pretrained(
                 tmp / ADAPTER_DIR
             )  # the adapter alone, before merging changes the weights
         final = _merge_lora(trained, config)
-        _write_checkpoint(final, tokenizer, tmp, summary)
+        write_checkpoint(final, tokenizer, tmp, summary)
     result.path = Path(out_dir)
     return result
 
@@ -303,34 +306,6 @@ def weighted_token_count(labels: torch.Tensor, weights: torch.Tensor) -> torch.T
     """``sum_i w_i * n_i``: row ``i``'s supervised next-token count ``n_i`` times its weight (float32 scalar)."""
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(torch.float32)
     return (counts * weights.to(torch.float32)).sum()
-
-
-def save_checkpoint(
-    model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, summary: Mapping | None = None
-) -> Path:
-    """Write ``model`` (+ tokenizer, + ``train_summary.json``) as a standard HF dir, atomically.
-
-    Everything is written into ``<out_dir>.tmp-<pid>`` first and moved into place with ``os.replace``, so
-    ``out_dir`` never holds a half-written checkpoint. An existing ``out_dir`` is moved aside first and
-    deleted after the swap.
-
-    Returns:
-        ``Path(out_dir)``.
-    """
-    out = Path(out_dir)
-    with _atomic_dir(out) as tmp:
-        _write_checkpoint(model, tokenizer, tmp, summary)
-    return out
-
-
-def data_hash(examples: Iterable[Mapping], weights: Mapping[str, float] | None = None) -> str:
-    """Order-sensitive hash of tokenized examples (order matters: it seeds which batch each sample is in)."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([str(e["sample_id"]), list(e["input_ids"]), list(e["labels"])]).encode())
-        if weights is not None:
-            digest.update(repr(float(weights[str(e["sample_id"])])).encode())
-    return digest.hexdigest()[:16]
 
 
 def sft_dataset(rows: list[dict], weights: Mapping[str, float] | None = None):
@@ -553,39 +528,6 @@ def _merge_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Modu
     return model.merge_and_unload()
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp dir next to ``out``; on success it replaces ``out`` whole, on error it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, summary: Mapping | None) -> None:
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    if summary is not None:
-        (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-
-
 # --- internals ---------------------------------------------------------------------------------------
 
 
@@ -694,7 +636,7 @@ def _load_cached(out: Path, key: str, model: torch.nn.Module) -> FinetuneResult 
         out, dtype=next(model.parameters()).dtype, use_safetensors=True, trust_remote_code=False
     )
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+    if unexpected or [k for k in missing if k not in tied_keys(model)]:
         raise StoreError(
             f"checkpoint {out} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
@@ -714,10 +656,3 @@ def _load_cached(out: Path, key: str, model: torch.nn.Module) -> FinetuneResult 
             "trl": summary.get("trl_version", "?"),
         },
     )
-
-
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    names = set()
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        names.add("lm_head.weight")
-    return names

@@ -10,7 +10,7 @@ import transformers
 
 from idistill_core.data.batch import collate
 from idistill_core.errors import ConfigError, DataError
-from idistill_core.steps import influence, qp, second_order
+from idistill_core.steps import influence, pool_qp, qp, second_order
 from tests.conftest import tiny_llama
 
 VOCAB = 64
@@ -367,7 +367,7 @@ def test_pool_quadratic_equals_dense_lift():
         p=torch.randn(n_land, generator=gen, dtype=torch.float64), q=(x + x.T) / 2, lr=0.1, num_source=n_land
     )
     c = torch.randn(n_pool, n_land, generator=gen, dtype=torch.float64)
-    p_pool, quad = qp.pool_terms(c, terms)
+    p_pool, quad = pool_qp.pool_terms(c, terms)
     dense = c @ (terms.q * n_land) @ c.T / n_pool
     v = torch.randn(n_pool, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(quad(v), dense @ v)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from idistill_core.steps import pool_qp
 from idistill_core.steps import qp as inf
 from idistill_core.steps.propagate import KernelRidge, PropagateConfig
 from idistill_core.steps.second_order import SecondOrderTerms
@@ -63,8 +64,8 @@ def test_streamed_float32_qp_matches_float64_dense_problem():
     n, num_l, k = 2000, 32, 100
     c64, terms, dense = _problem(n, num_l)
     table = FakeTable(c64.numpy())
-    config = inf.PoolQPConfig(compute_dtype="float32", coefficients="stream", chunk_rows=700)
-    p_pool, quad = inf.pool_terms(table, terms, config)
+    config = pool_qp.PoolQPConfig(compute_dtype="float32", coefficients="stream", chunk_rows=700)
+    p_pool, quad = pool_qp.pool_terms(table, terms, config)
     assert quad.streamed and quad.ids == table.ids
     sol = inf.solve_qp(p_pool, quad, terms.lr, k, max_iter=2000, tol=1e-9)
     assert sol.exact and sol.num_nonzero == k
@@ -89,7 +90,7 @@ def test_float32_qp_and_lambda_search_match_the_float64_dense_path():
     n, num_l, k = 300, 16, 20
     c64, terms, dense = _problem(n, num_l, seed=3)
     ref = inf.solve_qp(c64 @ terms.p, dense, terms.lr, k)
-    p_pool, quad = inf.pool_terms(c64.float(), terms, inf.PoolQPConfig(compute_dtype="float32", chunk_rows=64))
+    p_pool, quad = pool_qp.pool_terms(c64.float(), terms, pool_qp.PoolQPConfig(compute_dtype="float32", chunk_rows=64))
     sol = inf.solve_qp(p_pool, quad, terms.lr, k)
     assert ref.exact and sol.exact
     assert set(sol.weights.nonzero().flatten().tolist()) == set(ref.weights.nonzero().flatten().tolist())
@@ -102,8 +103,8 @@ def test_streamed_apply_equals_dense_apply(dtype):
     n, num_l = 500, 24
     c64, terms, dense = _problem(n, num_l, seed=1)
     table = FakeTable(c64.numpy())
-    config = inf.PoolQPConfig(compute_dtype=dtype, coefficients="stream", chunk_rows=123)  # uneven last chunk
-    quad = inf.PoolQuadratic(table, terms, config)
+    config = pool_qp.PoolQPConfig(compute_dtype=dtype, coefficients="stream", chunk_rows=123)  # uneven last chunk
+    quad = pool_qp.PoolQuadratic(table, terms, config)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         v = torch.rand(n, generator=gen, dtype=torch.float64)
@@ -120,7 +121,7 @@ def test_streamed_qp_reads_through_chunks_and_never_holds_n_by_l():
     n, num_l, chunk = 400, 16, 64
     c64, terms, _ = _problem(n, num_l, seed=4)
     table = FakeTable(c64.numpy())
-    config = inf.PoolQPConfig(coefficients="stream", chunk_rows=chunk)
+    config = pool_qp.PoolQPConfig(coefficients="stream", chunk_rows=chunk)
     big = n * num_l  # any tensor this large would be a whole copy of C
     seen: list[int] = []
     real_from_numpy = torch.from_numpy
@@ -131,7 +132,7 @@ def test_streamed_qp_reads_through_chunks_and_never_holds_n_by_l():
 
     torch.from_numpy = from_numpy
     try:
-        p_pool, quad = inf.pool_terms(table, terms, config)
+        p_pool, quad = pool_qp.pool_terms(table, terms, config)
         passes_before = table.passes
         # a bounded run of the real solver: eigenvalue bounds, the λ bracket and FISTA products
         inf.solve_qp(p_pool, quad, terms.lr, 10, max_iter=20, search_steps=2)
@@ -150,13 +151,13 @@ def test_auto_keeps_a_small_table_in_float32_memory_and_streams_a_large_one():
     n, num_l = 200, 8
     c64, terms, dense = _problem(n, num_l, seed=5)
     small = FakeTable(c64.numpy())
-    quad = inf.PoolQuadratic(small, terms, inf.PoolQPConfig(coefficients="auto", memory_limit_mib=1))
+    quad = pool_qp.PoolQuadratic(small, terms, pool_qp.PoolQPConfig(coefficients="auto", memory_limit_mib=1))
     passes = small.passes
     v = torch.rand(n, dtype=torch.float64)
     assert float((quad(v) - dense @ v).norm() / (dense @ v).norm()) <= 1e-5
     assert not quad.streamed and small.passes == passes and quad._matrix.dtype == torch.float32
     large = FakeTable(c64.numpy())
-    quad = inf.PoolQuadratic(large, terms, inf.PoolQPConfig(coefficients="auto", memory_limit_mib=0))
+    quad = pool_qp.PoolQuadratic(large, terms, pool_qp.PoolQPConfig(coefficients="auto", memory_limit_mib=0))
     quad(v)
     assert quad.streamed and large.passes == 1 + 2  # the setup pass, then Cᵀv and C r
 
@@ -196,20 +197,20 @@ def test_working_set_qp_gives_the_dense_answer_in_a_few_passes_over_the_table():
     c64, terms, dense = _curved(seed=1, scale=20.0, n=n)
     p_rank = torch.argsort(torch.argsort(-(c64 @ terms.p)))
     table = FakeTable(c64.numpy())
-    config = inf.PoolQPConfig(solver="working_set", coefficients="stream", working_rows=2 * k, chunk_rows=150)
+    config = pool_qp.PoolQPConfig(solver="working_set", coefficients="stream", working_rows=2 * k, chunk_rows=150)
     applications = 0
-    real_call = inf._WorkingSetQuadratic.__call__
+    real_call = pool_qp._WorkingSetQuadratic.__call__
 
     def counted(self, v):
         nonlocal applications
         applications += 1
         return real_call(self, v)
 
-    inf._WorkingSetQuadratic.__call__ = counted
+    pool_qp._WorkingSetQuadratic.__call__ = counted
     try:
-        result = inf.solve_pool_qp(table, terms, k, config=config)
+        result = pool_qp.solve_pool_qp(table, terms, k, config=config)
     finally:
-        inf._WorkingSetQuadratic.__call__ = real_call
+        pool_qp._WorkingSetQuadratic.__call__ = real_call
     sol = result.solution
     ref = _assert_solves_the_dense_problem(sol, c64, terms, dense, k)
     # the answer needs rows far below the first working set (the top 2k of p): only the KKT pass finds them
@@ -233,7 +234,7 @@ def test_working_set_qp_uses_the_whole_pools_convexity_floor_with_an_indefinite_
     c64, terms, dense = _curved(seed=2, scale=5.0, negative=0.02, n=n, num_l=24)
     assert float(torch.linalg.eigvalsh(dense).min()) < 0
     matrix = c64.float()  # an in-memory C: passes are sweeps of it
-    result = inf.solve_pool_qp(matrix, terms, k, config=inf.PoolQPConfig(solver="working_set", working_rows=2 * k))
+    result = pool_qp.solve_pool_qp(matrix, terms, k, config=pool_qp.PoolQPConfig(solver="working_set", working_rows=2 * k))
     ref = _assert_solves_the_dense_problem(result.solution, c64, terms, dense, k)
     # the floor is −η λ_min of the whole pool's Q (the working rows' Q alone has a higher minimum)
     assert ref.lam_floor > 0
@@ -246,13 +247,13 @@ def test_working_set_qp_falls_back_to_the_full_solver_when_its_rows_cannot_grow(
     c64, terms, dense = _curved(seed=1, scale=20.0, n=n, num_l=16)
     table = FakeTable(c64.numpy())
     # memory for the first working set only: the violators cannot join, so the whole-pool solver answers
-    config = inf.PoolQPConfig(  # float64 products: the full solver's FISTA then stops on its tolerance, not max_iter
+    config = pool_qp.PoolQPConfig(  # float64 products: the full solver's FISTA then stops on its tolerance, not max_iter
         solver="working_set", coefficients="stream", working_rows=k, memory_limit_mib=0, compute_dtype="float64"
     )
-    result = inf.solve_pool_qp(table, terms, k, config=config)
+    result = pool_qp.solve_pool_qp(table, terms, k, config=config)
     assert result.solver == "full" and result.working_rows == n
     _assert_solves_the_dense_problem(result.solution, c64, terms, dense, k)
-    auto = inf.solve_pool_qp(FakeTable(c64.numpy()), terms, k, config=dataclasses.replace(config, solver="auto"))
+    auto = pool_qp.solve_pool_qp(FakeTable(c64.numpy()), terms, k, config=dataclasses.replace(config, solver="auto"))
     assert auto.solver == "full"  # auto: a working set that does not fit is not tried
 
 

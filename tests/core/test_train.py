@@ -12,7 +12,8 @@ import transformers
 
 from idistill_core.errors import ConfigError, DataError
 from idistill_core.models.tokenizer import build_tiny_tokenizer
-from idistill_core.training.finetune import ADAPTER_DIR, FinetuneConfig, finetune, save_checkpoint
+from idistill_core.training.checkpoints import save_checkpoint
+from idistill_core.training.finetune import ADAPTER_DIR, FinetuneConfig, finetune
 from tests.conftest import tiny_llama as shared_tiny_llama
 
 VOCAB = 64

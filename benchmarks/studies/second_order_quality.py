@@ -1,0 +1,146 @@
+"""Does the second order pick better on real targets? On-target share of first and second order, same landmarks.
+
+On the real benchmark of ``benchmarks.quality`` (its cached pool gradients, embeddings and target features), for
+each target and landmark draw: the shared landmarks and their first-order values come from the cached gradients
+(``methods.id.propagate_and_select``, the library's code); the second order's landmark terms ``p`` and ``Q`` are
+computed on the default model (``pipeline.second_order.second_order_terms_for``: real Hessian-vector products, the
+default recipe's sketch), lifted by the same KRR coefficients and solved by the pool QP
+(``pipeline.second_order.qp_outcome``), at the recipe's ``η`` and at ``η × finetune.max_steps`` (the fine-tune's
+whole step length, where the quadratic term weighs in). Compared on the same landmarks: the paper's first order
+(no centring, no refinement: the first-order limit of this second-order model, so the overlap of the two subsets
+says what the curvature changed), first order centred without refinement, and the default first order.
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.studies.second_order_quality`` (after ``benchmarks.quality.features``);
+writes ``benchmarks/results/second_order_quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
+from benchmarks.quality.run import load_features, share
+
+
+def run(work: Path, data: Path, targets: list[str], seeds: list[int], num_landmarks: int, budget: int) -> dict:
+    import datasets
+    import torch
+
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
+    from idistill_core.methods.base import SelectionContext
+    from idistill_core.methods.id import propagate_and_select
+    from idistill_core.models.loading import load_model
+    from idistill_core.pipeline.recipe import resolve_recipe
+    from idistill_core.pipeline.second_order import qp_outcome, second_order_terms_for
+    from idistill_core.project.settings import load_settings
+    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
+
+    torch.set_num_threads(1)
+    features = max(work.glob("features-*"), key=lambda p: p.stat().st_mtime)
+    meta, arrays = load_features(features)
+    pool_ids = list(meta["pool_ids"])
+    source_of = dict(zip(pool_ids, meta["sources"], strict=True))
+    row = {s: i for i, s in enumerate(pool_ids)}
+    grads = arrays["pool_grads"]
+    settings = load_settings("profiles/default.yaml")
+    loaded = load_model(settings.model, attn_implementation="eager", cache_dir=settings.cache_dir)
+    max_length = meta["recipe"]["max_length"]
+    pool = tokenize_rows(load_rows(str(data / "pool.jsonl"), fmt="chat"), loaded.tokenizer, max_length).examples
+    steps = settings.finetune.max_steps
+
+    def gradients(ids: list[str]) -> torch.Tensor:
+        return torch.from_numpy(grads[[row[s] for s in ids]])
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="idistill-second-order-") as scratch:
+        emb = arrays["pool_emb"].astype(np.float32)
+        store = EmbeddingStore.open(scratch, "embeddings", StoreIdentity(
+            model_fingerprint="cached", recipe="quality", dim=emb.shape[1], dtype="float32"))
+        store.insert_missing(pool_ids, emb)
+        for target in targets:
+            dev = tokenize_rows(load_rows(str(data / "targets" / target / "dev.jsonl"), fmt="chat"), loaded.tokenizer,
+                                max_length).examples
+            t_grads, t_emb = torch.from_numpy(arrays[f"target_grads/{target}"]), arrays[f"target_emb/{target}"]
+            for seed in seeds:
+                recipe = dataclasses.replace(settings.recipe, num_landmarks=num_landmarks, seed=seed,
+                                             max_length=max_length)
+                recipe, _ = resolve_recipe(recipe, loaded.model)
+                ctx = SelectionContext(None, None, "cached", datasets.Dataset.from_dict({"sample_id": pool_ids}),
+                                       datasets.Dataset.from_dict({"sample_id": list(dev["sample_id"])}), budget,
+                                       recipe, source_of=source_of)
+                terms: dict = {}
+
+                def second(landmark_ids: list[str], recipe=recipe, dev=dev, terms=terms) -> dict:
+                    start = time.perf_counter()
+                    terms.update(second_order_terms_for(loaded.model, loaded.tokenizer, pool, dev, landmark_ids,
+                                                        dataclasses.replace(recipe, order="second")))
+                    terms["seconds"] = time.perf_counter() - start
+                    return terms
+
+                # the paper's first order (no centring: the second-order model is the real step's, uncentred)
+                paper = dataclasses.replace(ctx, recipe=dataclasses.replace(recipe, center=False))
+                first_paper = propagate_and_select(paper, store, t_grads, gradients, None, None)
+                first_plain = propagate_and_select(ctx, store, t_grads, gradients, None, None)
+                first_default = propagate_and_select(ctx, store, t_grads, gradients, t_emb, None)
+                # the second order on the same landmarks (same seed, same draw) and the same coefficient table
+                second_report = propagate_and_select(ctx, store, t_grads, gradients, None, second)
+                record = {"target": target, "seed": seed,
+                          "first_paper": share(first_paper.outcome.selected, source_of, target),
+                          "first_no_refinement": share(first_plain.outcome.selected, source_of, target),
+                          "first_default": share(first_default.outcome.selected, source_of, target),
+                          "second_lr": share(second_report.outcome.selected, source_of, target),
+                          "q_noise": float(terms["q_noise"][0]), "second_order_s": terms["seconds"]}
+                coefficients = _coefficients_of(store, pool_ids, second_report, recipe)
+                longer = dict(terms, lr=np.array([recipe.lr * steps]))
+                wide = qp_outcome(None, coefficients, longer, budget, recipe, landmark_ids=coefficients.landmark_ids,
+                                  source_of=source_of)
+                record["second_lr_x_steps"] = share(wide.selected, source_of, target)
+                overlap = set(second_report.outcome.selected) & set(first_paper.outcome.selected)
+                record["second_lr_overlap_with_first"] = len(overlap) / budget
+                record["second_lr_x_steps_overlap_with_first"] = (
+                    len(set(wide.selected) & set(first_paper.outcome.selected)) / budget)
+                rows.append(record)
+                print(record, flush=True)
+    print_table(f"on-target share of {budget} picks, L = {num_landmarks}", rows)
+    return {"rows": rows, "features": features.name, "budget": budget, "landmarks": num_landmarks, "seeds": seeds,
+            "finetune_steps": steps}
+
+
+def _coefficients_of(store, pool_ids, report, recipe):
+    """The shared coefficient table the report's selection used (``shared_coefficients`` reuses it by content)."""
+    from idistill_core.pipeline.landmarks import choose_landmarks
+    from idistill_core.pipeline.propagation import shared_coefficients
+
+    lm_ids, _ = choose_landmarks(pool_ids, recipe.num_landmarks, recipe.num_holdout, recipe.seed, recipe.landmarks,
+                                 store.read(pool_ids) if recipe.landmarks.needs_embeddings else None)
+    table, built = shared_coefficients(store, pool_ids, lm_ids, recipe.propagate)
+    assert built.rows_computed == 0, "the study expected the table the selection built"
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path(".idistill/quality"))
+    parser.add_argument("--data", type=Path, default=Path(".idistill/realdata"))
+    parser.add_argument("--targets", default="arc,math,gsm8k_cot")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--landmarks", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=60)
+    args = parser.parse_args(argv)
+    started = utc_now()
+    record = run(args.work, args.data, args.targets.split(","), [int(s) for s in args.seeds.split(",")],
+                 args.landmarks, args.budget)
+    record.update(machine=machine_info(), started_utc=started, finished_utc=utc_now())
+    write_json_atomic(RESULTS_DIR / "second_order_quality.json", record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
