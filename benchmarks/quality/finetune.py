@@ -16,14 +16,11 @@ import argparse
 import copy
 import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
-from benchmarks.quality.run import RECIPES, exact_selection, load_features, share
+from benchmarks.quality.run import RECIPES, cached_store, exact_selection, load_features, share
 
 
 def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: int) -> dict[str, list[str]]:
@@ -37,7 +34,6 @@ def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: 
     from idistill_core.methods.rds import rds_scores_from_features
     from idistill_core.pipeline.recipe import SelectionRecipe
     from idistill_core.pipeline.selection import select_samples
-    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
     meta, arrays = load_features(features)
     pool_ids = list(meta["pool_ids"])
@@ -50,11 +46,7 @@ def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: 
                               budget, "rr", seed=0, method="rds", fixed_order=True).selected,
         "random": select_samples(pool_ids, random_scores(pool_ids, seed), budget, method="random").selected,
     }
-    with tempfile.TemporaryDirectory(prefix="idistill-quality-") as scratch:
-        emb = arrays["pool_emb"].astype(np.float32)
-        store = EmbeddingStore.open(scratch, "embeddings", StoreIdentity(
-            model_fingerprint="cached", recipe="quality", dim=emb.shape[1], dtype="float32"))
-        store.insert_missing(pool_ids, emb)
+    with cached_store(pool_ids, arrays) as store:
         for name, changes in RECIPES.items():
             recipe = dataclasses.replace(SelectionRecipe(), num_landmarks=num_landmarks, seed=seed, **changes)
             ctx = SelectionContext(None, None, "cached", datasets.Dataset.from_dict({"sample_id": pool_ids}),

@@ -25,6 +25,7 @@ Run: ``python -m benchmarks.quality.run`` (after ``benchmarks.quality.realdata``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -63,6 +64,63 @@ def exact_selection(pool_ids, sources, grads, target_grads, budget, center: bool
     return select_samples(pool_ids, landmark_values(g, t, aggregate), budget, aggregate, seed=0, method="exact")
 
 
+@contextlib.contextmanager
+def cached_store(pool_ids: list[str], arrays: dict):
+    """A scratch LanceDB embedding store holding the cached pool embeddings (what ``embed_pool`` would write)."""
+    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
+
+    emb = arrays["pool_emb"].astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="idistill-quality-") as scratch:
+        store = EmbeddingStore.open(scratch, "embeddings", StoreIdentity(
+            model_fingerprint="cached", recipe="quality", dim=emb.shape[1], dtype="float32"))
+        store.insert_missing(pool_ids, emb)
+        yield store
+
+
+@dataclasses.dataclass
+class Live:
+    """The default model and the real pool tokenized as the cached features were, for studies that compute
+    gradients live (``live_setup``)."""
+
+    features: Path
+    meta: dict
+    arrays: dict
+    pool_ids: list[str]
+    source_of: dict[str, str]
+    settings: object
+    loaded: object
+    max_length: int
+    pool: object
+
+    def dev(self, data: Path, target: str):
+        from idistill_core.data.chat import tokenize_rows
+        from idistill_core.data.rows import load_rows
+
+        rows = load_rows(str(data / "targets" / target / "dev.jsonl"), fmt="chat")
+        return tokenize_rows(rows, self.loaded.tokenizer, self.max_length).examples
+
+
+def live_setup(work: Path, data: Path) -> Live:
+    """The newest cached features, the default profile's model (one torch thread) and the tokenized pool."""
+    import torch
+
+    from idistill_core.data.chat import tokenize_rows
+    from idistill_core.data.rows import load_rows
+    from idistill_core.models.loading import load_model
+    from idistill_core.project.settings import load_settings
+
+    torch.set_num_threads(1)
+    features = max(work.glob("features-*"), key=lambda p: p.stat().st_mtime)
+    meta, arrays = load_features(features)
+    pool_ids = list(meta["pool_ids"])
+    settings = load_settings("profiles/default.yaml")
+    loaded = load_model(settings.model, attn_implementation="eager", cache_dir=settings.cache_dir)
+    max_length = meta["recipe"]["max_length"]
+    pool = tokenize_rows(load_rows(str(data / "pool.jsonl"), fmt="chat"), loaded.tokenizer, max_length).examples
+    return Live(features, meta, arrays, pool_ids, dict(zip(pool_ids, meta["sources"], strict=True)), settings,
+                loaded, max_length, pool)
+
+
 def share(selected, source_of, task) -> float:
     return float(np.mean([source_of[s] == task for s in selected]))
 
@@ -77,7 +135,6 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
     from idistill_core.methods.rds import rds_scores_from_features
     from idistill_core.pipeline.recipe import SelectionRecipe
     from idistill_core.pipeline.selection import select_samples
-    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
     torch.set_num_threads(1)
     meta, arrays = load_features(features)
@@ -92,13 +149,7 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
         return torch.from_numpy(grads[[row[s] for s in ids]])
 
     results = {"targets": {}, "budget": budget, "landmarks": landmarks, "seeds": seeds}
-    with tempfile.TemporaryDirectory(prefix="idistill-quality-") as scratch:
-        emb = arrays["pool_emb"].astype(np.float32)
-        store = EmbeddingStore.open(
-            scratch, "embeddings", StoreIdentity(model_fingerprint="cached", recipe="quality", dim=emb.shape[1],
-                                                 dtype="float32"),
-        )
-        store.insert_missing(pool_ids, emb)
+    with cached_store(pool_ids, arrays) as store:
         for target in sorted(meta["targets"]):
             t_grads = arrays[f"target_grads/{target}"]
             t_emb = arrays[f"target_emb/{target}"]

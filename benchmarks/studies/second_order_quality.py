@@ -18,59 +18,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
-from benchmarks.quality.run import load_features, share
+from benchmarks.quality.run import cached_store, live_setup, share
 
 
 def run(work: Path, data: Path, targets: list[str], seeds: list[int], num_landmarks: int, budget: int) -> dict:
     import datasets
     import torch
 
-    from idistill_core.data.chat import tokenize_rows
-    from idistill_core.data.rows import load_rows
     from idistill_core.methods.base import SelectionContext
     from idistill_core.methods.id import propagate_and_select
-    from idistill_core.models.loading import load_model
     from idistill_core.pipeline.recipe import resolve_recipe
     from idistill_core.pipeline.second_order import qp_outcome, second_order_terms_for
-    from idistill_core.project.settings import load_settings
-    from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
-    torch.set_num_threads(1)
-    features = max(work.glob("features-*"), key=lambda p: p.stat().st_mtime)
-    meta, arrays = load_features(features)
-    pool_ids = list(meta["pool_ids"])
-    source_of = dict(zip(pool_ids, meta["sources"], strict=True))
-    row = {s: i for i, s in enumerate(pool_ids)}
+    live = live_setup(work, data)
+    pool_ids, source_of, arrays, loaded, pool = live.pool_ids, live.source_of, live.arrays, live.loaded, live.pool
     grads = arrays["pool_grads"]
-    settings = load_settings("profiles/default.yaml")
-    loaded = load_model(settings.model, attn_implementation="eager", cache_dir=settings.cache_dir)
-    max_length = meta["recipe"]["max_length"]
-    pool = tokenize_rows(load_rows(str(data / "pool.jsonl"), fmt="chat"), loaded.tokenizer, max_length).examples
-    steps = settings.finetune.max_steps
+    row = {s: i for i, s in enumerate(pool_ids)}
+    steps = live.settings.finetune.max_steps
 
     def gradients(ids: list[str]) -> torch.Tensor:
         return torch.from_numpy(grads[[row[s] for s in ids]])
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="idistill-second-order-") as scratch:
-        emb = arrays["pool_emb"].astype(np.float32)
-        store = EmbeddingStore.open(scratch, "embeddings", StoreIdentity(
-            model_fingerprint="cached", recipe="quality", dim=emb.shape[1], dtype="float32"))
-        store.insert_missing(pool_ids, emb)
+    with cached_store(pool_ids, arrays) as store:
         for target in targets:
-            dev = tokenize_rows(load_rows(str(data / "targets" / target / "dev.jsonl"), fmt="chat"), loaded.tokenizer,
-                                max_length).examples
+            dev = live.dev(data, target)
             t_grads, t_emb = torch.from_numpy(arrays[f"target_grads/{target}"]), arrays[f"target_emb/{target}"]
             for seed in seeds:
-                recipe = dataclasses.replace(settings.recipe, num_landmarks=num_landmarks, seed=seed,
-                                             max_length=max_length)
+                recipe = dataclasses.replace(live.settings.recipe, num_landmarks=num_landmarks, seed=seed,
+                                             max_length=live.max_length)
                 recipe, _ = resolve_recipe(recipe, loaded.model)
                 ctx = SelectionContext(None, None, "cached", datasets.Dataset.from_dict({"sample_id": pool_ids}),
                                        datasets.Dataset.from_dict({"sample_id": list(dev["sample_id"])}), budget,
@@ -109,7 +91,7 @@ def run(work: Path, data: Path, targets: list[str], seeds: list[int], num_landma
                 rows.append(record)
                 print(record, flush=True)
     print_table(f"on-target share of {budget} picks, L = {num_landmarks}", rows)
-    return {"rows": rows, "features": features.name, "budget": budget, "landmarks": num_landmarks, "seeds": seeds,
+    return {"rows": rows, "features": live.features.name, "budget": budget, "landmarks": num_landmarks, "seeds": seeds,
             "finetune_steps": steps}
 
 
