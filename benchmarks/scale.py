@@ -241,8 +241,8 @@ def figures_from(per_size: dict[str, Any]) -> dict[str, float]:
         figures[f"peak_rss_gib_{key}"] = round(record["target"]["peak_rss_gib"], 3)
         build = record["build"]
         if "reads" in build:
-            for read, record in build["reads"].items():
-                figures[f"{read}_as_committed_over_optimized_{key}"] = record["as_committed_over_optimized"]
+            for read, ratio in build["reads"].items():
+                figures[f"{read}_as_committed_over_optimized_{key}"] = ratio["as_committed_over_optimized"]
             figures[f"optimize_seconds_{key}"] = round(build["optimize_seconds"], 1)
             figures[f"fragments_as_committed_{key}"] = build["layout_as_committed"]["fragments"]
         if key == "1m":
@@ -254,15 +254,22 @@ def figures_from(per_size: dict[str, Any]) -> dict[str, float]:
 
 def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: dict) -> dict:
     """Suite entry (benchmarks/run.py): measure, write ``scale.json``, return its figures."""
-    from benchmarks.common import write_json_atomic
 
     per_size = measure(
         params["sizes"], params["num_landmarks"], params["targets"], params.get("seed", 0), Path(work_dir)
     )
+    return write_scale(per_size, params, results_dir, profile, machine)
+
+
+def write_scale(per_size: dict, params: dict, results_dir: Path, profile: str, machine: dict) -> dict:
+    """Merge one run's sizes and figures into ``scale.json`` (sizes and figures of other runs are kept)."""
+    from benchmarks.common import write_json_atomic
+
     figures = figures_from(per_size)
     path = Path(results_dir, "scale.json")
     # other benchmarks merge their headline figures into scale.json (end_to_end_10k, second_order_memory): keep them
-    previous = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
+    before = json.loads(path.read_text()) if path.exists() else {}
+    previous = before.get("figures", {})
     own = {f"peak_rss_gib_{k}" for k in ("100k", "1m")} | {
         "new_target_seconds_1m", "coefficients_seconds_1m", "read_10k_ids_seconds_1m"
     } | {f"{f}_{k}" for f in ("optimize_seconds", "fragments_as_committed") for k in ("100k", "1m")} | {
@@ -275,9 +282,9 @@ def run(params: dict, results_dir: Path, work_dir: Path, profile: str, machine: 
         "profile": profile,
         "machine": machine,
         "params": params,
-        "sizes": per_size,
+        "sizes": {**before.get("sizes", {}), **per_size},
         "figures": figures_all,
-        "n_reached": max(int(n) for n in per_size),
+        "n_reached": max(int(n) for n in {**before.get("sizes", {}), **per_size}),
     }
     write_json_atomic(path, record)
     return figures
@@ -299,7 +306,7 @@ def main() -> None:
     parser.add_argument("--landmarks", type=int, default=1024)
     parser.add_argument("--targets", type=int, default=3)
     parser.add_argument("--work-dir", default=tempfile.gettempdir())
-    parser.add_argument("--out", default="benchmarks/results/scale.json")
+    parser.add_argument("--out", default="benchmarks/results/scale.json", help="its folder gets scale.json (merged)")
     args = parser.parse_args()
     from benchmarks.common import git_commit, machine_info, utc_now
 
@@ -314,8 +321,6 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = run(params, out.parent, Path(args.work_dir), "cli", machine)
-    if out.name != "scale.json":
-        Path(out.parent, "scale.json").rename(out)
     print(json.dumps(figures, indent=2))
 
 

@@ -181,3 +181,20 @@ def test_hessian_targets_benchmark_compares_each_sampled_hessian_with_all_dev_sa
     assert same["q_relative_distance"] == 0 and set(same["overlap"].values()) == {1.0}
     assert same["first_order_overlap"]["0.001"] == 1.0  # a tiny step: the QP keeps the top-k of p
     assert same["first_order_overlap"]["10"] < 1 and same["overlap_where_q_matters"] == 1.0  # Q decides at η = 10
+
+
+def test_scale_figures_read_the_target_record_after_the_read_ratios_and_merge_sizes(tmp_path):
+    """A 1M record with read ratios (the pipeline-table run) gives every 1M figure, and a second run's sizes and
+    figures are merged into scale.json beside the first's."""
+    from benchmarks.scale import write_scale
+
+    reads = {"read_100_random": {"as_committed_over_optimized": 51.0}}
+    build = {"reads": reads, "optimize_seconds": 18.5, "layout_as_committed": {"fragments": 3907},
+             "coefficients_seconds": 213.3, "read_10k_ids_seconds_cold": 0.17}
+    record = {"build": build, "target": {"peak_rss_gib": 2.27, "new_target_seconds": [6.9, 5.7]}}
+    (tmp_path / "scale.json").write_text(json.dumps({"sizes": {"100000": {"old": 1}}, "figures": {"other": 1.0}}))
+    figures = write_scale({"1000000": record}, {}, tmp_path, "cli", {})
+    assert figures["new_target_seconds_1m"] == 6.9 and figures["read_100_random_as_committed_over_optimized_1m"] == 51.0
+    assert figures["fragments_as_committed_1m"] == 3907 and figures["peak_rss_gib_1m"] == 2.27
+    merged = json.loads((tmp_path / "scale.json").read_text())
+    assert set(merged["sizes"]) == {"100000", "1000000"} and merged["figures"]["other"] == 1.0
