@@ -52,8 +52,9 @@ import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+from idistill_core.data.formats import normalize_number
 
 # ---------------------------------------------------------------------------------------------------------
 # Sources
@@ -227,20 +228,6 @@ _MATH_SUBJECTS = (
 _LETTERS = "ABCDEFGH"
 
 
-def _number(text: str) -> str | None:
-    """Canonical string of one number (``"$1,450.00"`` -> ``"1450"``), as ``idistill_core.data`` writes it."""
-    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
 def _question(text: str) -> str:
     """A lower-case, unpunctuated question (BoolQ, NQ-open) written as a sentence: capitalised, with '?'."""
     text = " ".join(text.split())
@@ -373,7 +360,7 @@ def _read_arithmetic(a: Archives) -> list[dict]:
     for r in a.arrow(OLMO, _HF + "allenai/basic_arithmetic/none/validation" + _ARROW):
         value = r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]
         question = r["question"].strip().rstrip("=").strip()
-        out.append(_row(r["id"], f"{question}. Answer with the number only.", value, _number(value) or value))
+        out.append(_row(r["id"], f"{question}. Answer with the number only.", value, normalize_number(value) or value))
     return out
 
 
@@ -382,7 +369,7 @@ def _gsm8k_docs(a: Archives) -> list[dict]:
 
 
 def _gsm8k_final(doc: dict) -> str:
-    return _number(doc["short_answer"]) or doc["short_answer"].strip()
+    return normalize_number(doc["short_answer"]) or doc["short_answer"].strip()
 
 
 def _read_gsm8k_short(a: Archives) -> list[dict]:

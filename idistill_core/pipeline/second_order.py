@@ -178,7 +178,7 @@ def qp_outcome(
     caps = cap_options(ids, recipe.per_source_cap, source_of)
     # the λ search may not reach exactly k non-zeros (ties, convexity floor): keep the k largest, renormalise
     picked = list(select_top_k(ids, weights, budget, **caps).sample_ids)
-    uncapped = list(select_top_k(ids, weights, budget).sample_ids)
+    uncapped = list(select_top_k(ids, weights, budget).sample_ids) if caps else picked
     keep = np.zeros(len(ids), dtype=bool)
     index = {s: i for i, s in enumerate(ids)}
     keep[[index[s] for s in picked]] = True
