@@ -53,7 +53,8 @@ def measure(
     parts = decoder_parts(net)
     stack = TruncatedStack(parts, num_blocks)
     vocab = parts.embed_tokens.weight.shape[0]
-    base = EmbedConfig(num_blocks=num_blocks, num_tangents=num_tangents, proj_dim=proj_dim, batch_size=1, dtype="float32")
+    base = EmbedConfig(num_blocks=num_blocks, num_tangents=num_tangents, proj_dim=proj_dim, batch_size=1, dtype="float32",
+                       hidden="none")  # the JVP against the forward of the same blocks: no final-hidden forward
     configs = {"jvp": base}
     if "loop" in variants:
         configs["jvp_loop"] = dataclasses.replace(base, vmap_tangents=False)

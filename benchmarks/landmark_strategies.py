@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "target_examples": 8,
     "max_length": 192,
     # the main job's recipe (profiles/default.yaml): float32 is what `auto` picks without native bfloat16
-    "embed": {"num_blocks": 4, "num_tangents": 2, "proj_dim": 1024, "batch_size": 8, "dtype": "float32"},
+    "embed": {"num_blocks": 4, "num_tangents": 2, "proj_dim": 1024, "batch_size": 8, "dtype": "float32", "hidden": "none"},
     "landmarks": [32, 64, 128, 256],
     "gradients": {"param_subset": "down_proj", "proj_type": "srht", "proj_dim": 8192},
     "seeds": [0, 1, 2, 3, 4],

@@ -54,6 +54,8 @@ def compute_features(data: Path, work: Path, profile: Path, max_length: int, pro
     loaded = load_model(settings.model, attn_implementation="eager", cache_dir=settings.cache_dir)
     recipe = dataclasses.replace(settings.recipe, max_length=max_length)
     recipe, precision = resolve_recipe(recipe, loaded.model)
+    # the JVP part alone: the final-hidden part is `pool_rds` (the same feature), composed per recipe by `run`
+    recipe = dataclasses.replace(recipe, embed=dataclasses.replace(recipe.embed, hidden="none"))
     pool_rows = load_rows(str(data / "pool.jsonl"), fmt="chat")
     pool = tokenize_rows(pool_rows, loaded.tokenizer, recipe.max_length)
     pool_ids = list(pool.examples["sample_id"])

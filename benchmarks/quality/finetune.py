@@ -20,11 +20,21 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
-from benchmarks.quality.run import RECIPES, cached_store, exact_selection, load_features, share
+from benchmarks.quality.run import (
+    RECIPES,
+    cached_store,
+    exact_selection,
+    kernel_inputs,
+    load_features,
+    recipe_for,
+    share,
+)
 
 
 def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: int) -> dict[str, list[str]]:
     """The picks of every compared method for one target (library code on the cached arrays)."""
+    import contextlib
+
     import datasets
     import torch
 
@@ -32,29 +42,31 @@ def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: 
     from idistill_core.methods.id import propagate_and_select
     from idistill_core.methods.random import random_scores
     from idistill_core.methods.rds import rds_scores_from_features
-    from idistill_core.pipeline.recipe import SelectionRecipe
     from idistill_core.pipeline.selection import select_samples
 
     meta, arrays = load_features(features)
     pool_ids = list(meta["pool_ids"])
     row = {s: i for i, s in enumerate(pool_ids)}
     grads = arrays["pool_grads"]
-    t_grads, t_emb = arrays[f"target_grads/{target}"], arrays[f"target_emb/{target}"]
+    t_grads = arrays[f"target_grads/{target}"]
     out = {
         "exact": exact_selection(pool_ids, meta["sources"], grads, t_grads, budget, True, "mean").selected,
         "rds": select_samples(pool_ids, rds_scores_from_features(arrays["pool_rds"], arrays[f"target_rds/{target}"]),
                               budget, "rr", seed=0, method="rds", fixed_order=True).selected,
         "random": select_samples(pool_ids, random_scores(pool_ids, seed), budget, method="random").selected,
     }
-    with cached_store(pool_ids, arrays) as store:
+    with contextlib.ExitStack() as stack:
+        stores = {hidden: stack.enter_context(cached_store(pool_ids, arrays, hidden)) for hidden in ("none", "final")}
         for name, changes in RECIPES.items():
-            recipe = dataclasses.replace(SelectionRecipe(), num_landmarks=num_landmarks, seed=seed, **changes)
+            recipe = recipe_for(changes, num_landmarks=num_landmarks, seed=seed)
+            hidden = recipe.embed.hidden
             ctx = SelectionContext(None, None, "cached", datasets.Dataset.from_dict({"sample_id": pool_ids}),
                                    datasets.Dataset.from_dict({"sample_id": meta["targets"][target]["ids"]}), budget,
                                    recipe)
             report = propagate_and_select(
-                ctx, store, torch.from_numpy(t_grads), lambda ids: torch.from_numpy(grads[[row[s] for s in ids]]),
-                t_emb if recipe.refine_landmarks else None,
+                ctx, stores[hidden], torch.from_numpy(t_grads),
+                lambda ids: torch.from_numpy(grads[[row[s] for s in ids]]),
+                kernel_inputs(arrays, hidden, target) if recipe.refine_landmarks else None,
             )
             out[f"id-{name}"] = report.outcome.selected
     return out

@@ -37,11 +37,36 @@ import numpy as np
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
 
 RECIPES = {
-    # the paper's released code: uniform landmarks, plain cosines, no refinement
-    "paper": {"center": False, "refine_landmarks": 0},
+    # the paper's released code: uniform landmarks, plain cosines, no refinement, the JVP embedding alone
+    "paper": {"center": False, "refine_landmarks": 0, "hidden": "none"},
+    # the default with the JVP embedding alone as the kernel's input (the default before the final-hidden part)
+    "jvp-only": {"hidden": "none"},
     # idistill's default recipe (SelectionRecipe defaults)
     "default": {},
 }
+
+
+def recipe_for(changes: dict, **fields):
+    """``SelectionRecipe`` defaults with a ``RECIPES`` entry (``hidden`` goes to ``embed``) and ``fields``."""
+    from idistill_core.pipeline.recipe import SelectionRecipe
+
+    changes = dict(changes)
+    recipe = SelectionRecipe()
+    if "hidden" in changes:
+        changes["embed"] = dataclasses.replace(recipe.embed, hidden=changes.pop("hidden"))
+    return dataclasses.replace(recipe, **changes, **fields)
+
+
+def kernel_inputs(arrays: dict, hidden: str, target: str | None = None) -> np.ndarray:
+    """The embeddings ``embed_pool`` writes for this ``EmbedConfig.hidden`` (``steps.embed``), from the cache: the
+    JVP embedding alone, or the unit JVP embedding beside the unit final-hidden feature (the cached RDS+ feature
+    is that same ``pooled_final_hidden``). ``target``: that target's dev rows instead of the pool's."""
+    jvp = arrays["pool_emb" if target is None else f"target_emb/{target}"].astype(np.float64)
+    if hidden == "none":
+        return jvp.astype(np.float32)
+    final = arrays["pool_rds" if target is None else f"target_rds/{target}"].astype(np.float64)
+    unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (jvp, final)]
+    return np.hstack(unit).astype(np.float32)
 
 
 def load_features(folder: Path) -> tuple[dict, dict]:
@@ -65,11 +90,12 @@ def exact_selection(pool_ids, sources, grads, target_grads, budget, center: bool
 
 
 @contextlib.contextmanager
-def cached_store(pool_ids: list[str], arrays: dict):
-    """A scratch LanceDB embedding store holding the cached pool embeddings (what ``embed_pool`` would write)."""
+def cached_store(pool_ids: list[str], arrays: dict, hidden: str = "none"):
+    """A scratch LanceDB embedding store holding the cached pool embeddings (what ``embed_pool`` would write
+    with ``EmbedConfig.hidden = hidden``)."""
     from idistill_core.store.lance import EmbeddingStore, StoreIdentity
 
-    emb = arrays["pool_emb"].astype(np.float32)
+    emb = kernel_inputs(arrays, hidden)
     with tempfile.TemporaryDirectory(prefix="idistill-quality-") as scratch:
         store = EmbeddingStore.open(scratch, "embeddings", StoreIdentity(
             model_fingerprint="cached", recipe="quality", dim=emb.shape[1], dtype="float32"))
@@ -121,6 +147,25 @@ def live_setup(work: Path, data: Path) -> Live:
                 loaded, max_length, pool)
 
 
+def study_main(argv: list[str] | None, doc: str, run, out_name: str, targets: str, seeds: str) -> int:
+    """The command line of a real-data study (``benchmarks/studies/*_quality.py``): ``run(work, data, targets,
+    seeds, landmarks, budget) -> dict`` recorded with the machine and times in ``RESULTS_DIR / out_name``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path(".idistill/quality"))
+    parser.add_argument("--data", type=Path, default=Path(".idistill/realdata"))
+    parser.add_argument("--targets", default=targets)
+    parser.add_argument("--seeds", default=seeds)
+    parser.add_argument("--landmarks", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=60)
+    args = parser.parse_args(argv)
+    started = utc_now()
+    record = run(args.work, args.data, args.targets.split(","), [int(s) for s in args.seeds.split(",")],
+                 args.landmarks, args.budget)
+    record.update(machine=machine_info(), started_utc=started, finished_utc=utc_now())
+    write_json_atomic(RESULTS_DIR / out_name, record)
+    return 0
+
+
 def share(selected, source_of, task) -> float:
     return float(np.mean([source_of[s] == task for s in selected]))
 
@@ -149,10 +194,10 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
         return torch.from_numpy(grads[[row[s] for s in ids]])
 
     results = {"targets": {}, "budget": budget, "landmarks": landmarks, "seeds": seeds}
-    with cached_store(pool_ids, arrays) as store:
+    with contextlib.ExitStack() as stack:
+        stores = {hidden: stack.enter_context(cached_store(pool_ids, arrays, hidden)) for hidden in ("none", "final")}
         for target in sorted(meta["targets"]):
             t_grads = arrays[f"target_grads/{target}"]
-            t_emb = arrays[f"target_emb/{target}"]
             t_ds = datasets.Dataset.from_dict({"sample_id": meta["targets"][target]["ids"]})
             out: dict = {"exact": {}, "id": {}}
             exact = {}
@@ -172,12 +217,13 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
                 for num in landmarks:
                     runs = []
                     for seed in seeds:
-                        recipe = dataclasses.replace(SelectionRecipe(), num_landmarks=num, seed=seed, **changes)
+                        recipe = recipe_for(changes, num_landmarks=num, seed=seed)
+                        hidden = recipe.embed.hidden
                         ctx = SelectionContext(None, None, "cached", pool_ds, t_ds, budget, recipe)
                         start = time.perf_counter()
                         report = propagate_and_select(
-                            ctx, store, torch.from_numpy(t_grads), gradients,
-                            t_emb if recipe.refine_landmarks else None,
+                            ctx, stores[hidden], torch.from_numpy(t_grads), gradients,
+                            kernel_inputs(arrays, hidden, target) if recipe.refine_landmarks else None,
                         )
                         picked = report.outcome.selected
                         runs.append({
@@ -204,6 +250,10 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
             print(json.dumps({"target": target, "exact": out["exact"], "rds": out["rds"],
                               **{k: round(v["share_mean"], 3) for k, v in out["id"].items()}}), flush=True)
     results["per_gradient_seconds"] = per_gradient_s
+    # the pool passes every target shares: the JVP embedding, and the final-hidden part the default appends (one
+    # decoder forward per sample: the same pass as RDS+'s features)
+    results["pool_pass_seconds"] = {
+        "jvp": meta["timings"].get("embeddings"), "final_hidden": meta["timings"].get("rds_features")}
     return results
 
 

@@ -8,24 +8,18 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from idistill_core.data.batch import TokenBatch, batches_for, in_order
 from idistill_core.errors import DataError, NumericalError
 from idistill_core.methods.base import SelectionContext, SelectionReport
 from idistill_core.pipeline.selection import select_samples
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+from idistill_core.steps.embed import pooled_final_hidden
 
 
 @torch.no_grad()
 def rds_embeddings(model: torch.nn.Module, batches: Iterable[TokenBatch]) -> tuple[list[str], torch.Tensor]:
-    """RDS+ embeddings (paper §9.3): final-layer hidden states, position-weighted mean, unit norm.
-
-    Token ``j`` (0-based, real tokens only) gets weight ``(j + 1) / Σ(j' + 1)``, as in SGPT weighted
-    mean pooling. Right padding is masked out, so padding never changes an embedding.
+    """RDS+ embeddings (paper §9.3): final-layer hidden states, position-weighted mean, unit norm
+    (``steps.embed.pooled_final_hidden``, which the default JVP embedding also appends).
 
     Args:
         model: a HF causal LM whose ``base_model`` is the decoder stack (Llama, Qwen2, ...).
@@ -40,19 +34,8 @@ def rds_embeddings(model: torch.nn.Module, batches: Iterable[TokenBatch]) -> tup
     rows: list[torch.Tensor] = []
     try:
         for batch in batches:
-            batch = batch.to(_device(model))
-            # the decoder alone: its last_hidden_state is the final-normed output, and no lm_head logits
-            # are computed only to be thrown away (a full forward costs 1.21x this one, BENCHMARKS.md)
-            out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            hidden = out.last_hidden_state.float()  # (B, S, H)
-            mask = batch.attention_mask.float()
-            weights = torch.cumsum(mask, dim=1) * mask  # position + 1 on real tokens, 0 on padding
-            weights = weights / weights.sum(dim=1, keepdim=True)
-            pooled = (weights.unsqueeze(-1) * hidden).sum(dim=1)
-            if not bool(torch.isfinite(pooled).all()):
-                bad = int((~torch.isfinite(pooled)).any(dim=1).nonzero()[0])
-                raise NumericalError(f"non-finite RDS embedding for sample '{batch.sample_ids[bad]}'")
-            rows.append(F.normalize(pooled, dim=1).cpu())
+            # the decoder alone: no lm_head logits computed only to be thrown away (a full forward costs 1.21x)
+            rows.append(pooled_final_hidden(model, batch))
             ids.extend(batch.sample_ids)
     finally:
         model.train(was_training)

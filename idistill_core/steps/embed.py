@@ -11,6 +11,14 @@ with ``R`` a ``(m*H, proj_dim)`` Rademacher matrix with entries ±1/sqrt(proj_di
 (``projection.RademacherProjector``). When ``proj_dim`` is None or ``>= m*H`` the raw ``m*H`` vector
 is returned unprojected (a JL map cannot reduce the dimension there; it would only rotate it).
 
+With ``EmbedConfig.hidden = "final"`` (the default) the kernel's input is ``[e(x)/‖e(x)‖ ; r(x)]``: the unit JVP
+embedding beside ``r(x)``, the position-weighted mean of the model's final hidden states at unit norm (the RDS+
+feature, :func:`pooled_final_hidden`), one decoder forward per sample more. On the real benchmark
+(BENCHMARKS.md "Selection quality on real data") the JVP embedding alone propagates influence well where tasks
+differ in gradient geometry (long vs short answers) but not between tasks of one format (multiple-choice
+science vs other multiple choice), where the final hidden state separates them; the two together beat either
+alone on every target. ``"none"`` is the paper's embedding, unnormalised.
+
 Implementation choices:
 - No model copy: the truncated forward runs on the model's own blocks through
   ``torch.func.functional_call``; parameters are only re-cast when ``EmbedConfig.dtype`` differs.
@@ -34,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 from tqdm.auto import tqdm
@@ -51,11 +60,12 @@ from idistill_core.models.precision import PrecisionDecision, PrecisionResolver
 from idistill_core.steps.projection import RademacherProjector
 from idistill_core.store.hashing import config_fingerprint
 
-__all__ = ["EmbedConfig", "JvpEmbedder", "draw_tangents", "embed_samples", "jvp_parameters"]
+__all__ = ["EmbedConfig", "JvpEmbedder", "draw_tangents", "embed_samples", "jvp_parameters", "pooled_final_hidden"]
 
 logger = logging.getLogger("idistill")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+HIDDEN = ("final", "none")
 EMBED_NAME = "embed_tokens.weight"
 
 
@@ -79,6 +89,9 @@ class EmbedConfig:
     vmap_tangents: bool = True
     """Batch the ``m`` tangents with ``vmap`` (one shared primal pass) instead of a loop over tangents.
     On SmolLM2-135M (CPU, k=4, m=2, batch 8, ~100 tokens) vmap was 1.2-2.8x faster than the loop."""
+    hidden: str = "final"
+    """``final``: append the unit final-hidden-state feature (:func:`pooled_final_hidden`, ``H`` entries) to the
+    unit JVP embedding (module docstring); ``none``: the paper's JVP embedding alone."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= 2**32 - 1:
@@ -93,6 +106,8 @@ class EmbedConfig:
             raise ConfigError(f"EmbedConfig.batch_size must be >= 1; got {self.batch_size}")
         if self.dtype not in _DTYPES and self.dtype != "auto":
             raise ConfigError(f"EmbedConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}; got {self.dtype!r}")
+        if self.hidden not in HIDDEN:
+            raise ConfigError(f"EmbedConfig.hidden must be one of {list(HIDDEN)}; got {self.hidden!r}")
 
     def fingerprint(self) -> str:
         return config_fingerprint(self)
@@ -109,9 +124,10 @@ class EmbedConfig:
         return dataclasses.replace(self, dtype=decision.dtype), decision
 
     def output_dim(self, hidden_size: int) -> int:
-        """``D`` for a model of hidden size ``H``."""
+        """``D`` for a model of hidden size ``H`` (the JVP part, plus ``H`` with ``hidden='final'``)."""
         raw = self.num_tangents * hidden_size
-        return raw if self.proj_dim is None or self.proj_dim >= raw else self.proj_dim
+        jvp_dim = raw if self.proj_dim is None or self.proj_dim >= raw else self.proj_dim
+        return jvp_dim + (hidden_size if self.hidden == "final" else 0)
 
 
 def jvp_parameters(model: nn.Module, num_blocks: int) -> dict[str, nn.Parameter]:
@@ -176,8 +192,9 @@ class JvpEmbedder:
         self.tangents = tangents
         raw_dim = config.num_tangents * self.parts.hidden_size
         self.dim = config.output_dim(self.parts.hidden_size)
+        jvp_dim = dataclasses.replace(config, hidden="none").output_dim(self.parts.hidden_size)
         self.projector = (
-            RademacherProjector(raw_dim, self.dim, seed=config.seed) if self.dim < raw_dim else None
+            RademacherProjector(raw_dim, jvp_dim, seed=config.seed) if jvp_dim < raw_dim else None
         )
 
     @contextlib.contextmanager
@@ -229,7 +246,11 @@ class JvpEmbedder:
             part = batch if len(rows) == len(batch) else batch.select(rows)
             raw = self.raw(part)
             flat = raw.reshape(len(rows), -1).float()  # tangent-major: [J V_1, J V_2, ...]
-            chunks.append(flat if self.projector is None else self.projector.project(flat))
+            jvp_part = flat if self.projector is None else self.projector.project(flat)
+            if self.config.hidden == "final":
+                # each half at unit norm, so neither outweighs the other in the kernel's distances
+                jvp_part = torch.cat([F.normalize(jvp_part, dim=1), pooled_final_hidden(self.model, part)], dim=1)
+            chunks.append(jvp_part)
         out = torch.cat(chunks)
         bad = ~torch.isfinite(out).all(dim=1)
         if bad.any():
@@ -237,6 +258,28 @@ class JvpEmbedder:
                 f"sample {batch.sample_ids[int(bad.nonzero()[0])]!r}: non-finite JVP embedding"
             )
         return out.cpu().numpy()
+
+
+@torch.no_grad()
+def pooled_final_hidden(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """``(B, H)`` float32: the position-weighted mean of the final-normed last hidden states, unit norm (the
+    RDS+ feature, paper §9.3; SGPT weighted mean pooling).
+
+    Token ``j`` (0-based, real tokens only) gets weight ``(j + 1) / Σ(j' + 1)``; right padding is masked out, so
+    padding never changes a feature. Runs the decoder alone (no LM head logits) in the model's own dtype.
+    """
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    hidden = out.last_hidden_state.float()  # (B, S, H)
+    mask = batch.attention_mask.float()
+    weights = torch.cumsum(mask, dim=1) * mask  # position + 1 on real tokens, 0 on padding
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    pooled = (weights.unsqueeze(-1) * hidden).sum(dim=1)
+    if not bool(torch.isfinite(pooled).all()):
+        bad = int((~torch.isfinite(pooled)).any(dim=1).nonzero()[0])
+        raise NumericalError(f"non-finite final hidden state for sample '{batch.sample_ids[bad]}'")
+    return F.normalize(pooled, dim=1).cpu()
 
 
 def embed_samples(

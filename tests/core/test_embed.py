@@ -56,7 +56,7 @@ def _embed_all(model, config, batch_size):
 
 
 def _raw_and_tangents(model, num_blocks, seed):
-    config = EmbedConfig(num_blocks=num_blocks, num_tangents=2, proj_dim=None, dtype="float64", seed=seed)
+    config = EmbedConfig(hidden="none", num_blocks=num_blocks, num_tangents=2, proj_dim=None, dtype="float64", seed=seed)
     batch = collate(_examples(), pad_token_id=0)
     embedder = JvpEmbedder(model, config)
     with embedder.session():
@@ -108,7 +108,7 @@ def test_jvp_matches_reverse_mode_adjoint_identity():
 
 def test_batched_equals_one_at_a_time_float64():
     model = _tiny()
-    config = EmbedConfig(num_blocks=2, proj_dim=16, dtype="float64", batch_size=4)
+    config = EmbedConfig(hidden="none", num_blocks=2, proj_dim=16, dtype="float64", batch_size=4)
     ids_batched, batched = _embed_all(model, config, batch_size=4)
     ids_single, single = _embed_all(model, config, batch_size=1)
     assert ids_batched == ids_single == [f"s{i}" for i in range(len(LENGTHS))]
@@ -120,10 +120,10 @@ def test_batched_equals_one_at_a_time_float64():
 
 def test_batched_equals_one_at_a_time_float32_and_loop_over_tangents():
     model = _tiny(torch.float32)
-    config = EmbedConfig(num_blocks=3, proj_dim=None, batch_size=4)
+    config = EmbedConfig(hidden="none", num_blocks=3, proj_dim=None, batch_size=4)
     _, batched = _embed_all(model, config, batch_size=4)
     _, single = _embed_all(model, config, batch_size=1)
-    _, looped = _embed_all(model, EmbedConfig(num_blocks=3, proj_dim=None, vmap_tangents=False), 4)
+    _, looped = _embed_all(model, EmbedConfig(hidden="none", num_blocks=3, proj_dim=None, vmap_tangents=False), 4)
     scale = np.abs(single).max()
     np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(looped, batched, rtol=0, atol=1e-5 * scale)
@@ -131,8 +131,8 @@ def test_batched_equals_one_at_a_time_float32_and_loop_over_tangents():
 
 def test_projection_is_rademacher_of_concatenated_tangents():
     model = _tiny()
-    raw_cfg = EmbedConfig(num_blocks=2, proj_dim=None, dtype="float64", seed=9)
-    proj_cfg = EmbedConfig(num_blocks=2, proj_dim=24, dtype="float64", seed=9)
+    raw_cfg = EmbedConfig(hidden="none", num_blocks=2, proj_dim=None, dtype="float64", seed=9)
+    proj_cfg = EmbedConfig(hidden="none", num_blocks=2, proj_dim=24, dtype="float64", seed=9)
     _, raw = _embed_all(model, raw_cfg, 4)
     _, projected = _embed_all(model, proj_cfg, 4)
     assert raw.shape == (4, 2 * 32)
@@ -142,10 +142,10 @@ def test_projection_is_rademacher_of_concatenated_tangents():
 
 def test_embeddings_are_deterministic_per_seed_and_tangents_are_shared_across_batches():
     model = _tiny()
-    config = EmbedConfig(num_blocks=2, proj_dim=16, dtype="float64", seed=1)
+    config = EmbedConfig(hidden="none", num_blocks=2, proj_dim=16, dtype="float64", seed=1)
     _, a = _embed_all(model, config, 2)
     _, b = _embed_all(model, config, 2)
-    _, other = _embed_all(model, EmbedConfig(num_blocks=2, proj_dim=16, dtype="float64", seed=2), 2)
+    _, other = _embed_all(model, EmbedConfig(hidden="none", num_blocks=2, proj_dim=16, dtype="float64", seed=2), 2)
     np.testing.assert_array_equal(a, b)  # bitwise: same process, same batches and shapes, same kernels
     assert np.abs(a - other).max() > 1e-3
     # A sample's embedding does not depend on which batch (hence which pass) it came in.
@@ -160,7 +160,7 @@ def test_model_is_left_as_it_was():
     model = _tiny(attn="sdpa")
     model.train()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    _embed_all(model, EmbedConfig(num_blocks=1, proj_dim=8, dtype="float64"), 4)
+    _embed_all(model, EmbedConfig(hidden="none", num_blocks=1, proj_dim=8, dtype="float64"), 4)
     assert model.config._attn_implementation == "sdpa"
     assert model.training
     for n, p in model.named_parameters():
@@ -175,3 +175,28 @@ def test_invalid_config_and_model_are_rejected():
     with pytest.raises(ModelError, match="num_blocks"):
         list(embed_samples(_tiny(), [collate(_examples(), 0)], EmbedConfig(num_blocks=4)))
     assert EmbedConfig().fingerprint() != EmbedConfig(seed=1).fingerprint()
+
+
+def test_default_embedding_is_the_unit_jvp_beside_the_unit_weighted_mean_final_hidden_state():
+    """``hidden='final'``: ``[e/‖e‖ ; r]`` with ``r`` the position-weighted (j+1) mean of the final-normed last
+    hidden states at unit norm, checked against a one-sample-at-a-time loop over HF's own hidden states."""
+    model = _tiny()
+    jvp_only = EmbedConfig(hidden="none", num_blocks=2, proj_dim=16, dtype="float64", batch_size=4)
+    both = EmbedConfig(num_blocks=2, proj_dim=16, dtype="float64", batch_size=4)
+    assert both.hidden == "final" and both.output_dim(32) == 16 + 32
+    _, e = _embed_all(model, jvp_only, batch_size=4)
+    _, got = _embed_all(model, both, batch_size=4)  # padded batches: padding must not move the feature
+    assert got.shape == (4, 48)
+    np.testing.assert_allclose(got[:, :16], e / np.linalg.norm(e, axis=1, keepdims=True), atol=1e-5)
+    for row, ex in zip(got, _examples(), strict=True):
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([ex["input_ids"]]), output_hidden_states=True).hidden_states[-1][0]
+        w = torch.arange(1, h.shape[0] + 1, dtype=h.dtype)
+        r = (w[:, None] * h).sum(0) / w.sum()
+        np.testing.assert_allclose(row[16:], (r / r.norm()).numpy(), atol=1e-5)
+    assert not np.allclose(got[:, 16:], got[0, 16:])  # the samples differ (a constant feature would pass the norm)
+
+
+def test_hidden_must_be_final_or_none():
+    with pytest.raises(ConfigError, match="EmbedConfig.hidden"):
+        EmbedConfig(hidden="last")

@@ -14,7 +14,7 @@ def test_jvp_embedding_is_the_directional_derivative_at_the_last_real_token():
     ids = torch.tensor([[3, 9, 4, 7, 11, 5], [8, 2, 6, 0, 0, 0]])
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
     batch = TokenBatch(["a", "b"], ids, mask, ids.clone())
-    config = EmbedConfig(num_blocks=2, num_tangents=2, proj_dim=None, dtype="float64")
+    config = EmbedConfig(hidden="none", num_blocks=2, num_tangents=2, proj_dim=None, dtype="float64")
     embedder = JvpEmbedder(model, config)
     with embedder.session():
         raw = embedder.raw(batch)  # (B, m, H)

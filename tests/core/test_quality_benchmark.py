@@ -11,13 +11,17 @@ import numpy as np
 from benchmarks.quality.run import evaluate, summary_rows
 
 
-def _planted_features(folder, n_per_source: int = 40, dim: int = 64, emb_dim: int = 16, seed: int = 0):
+def _planted_features(folder, n_per_source: int = 40, dim: int = 64, emb_dim: int = 16, seed: int = 0,
+                      emb_separates: bool = True):
     """Three sources, each a cluster in gradient, embedding and RDS space sharing one direction per source;
-    the target 'b' is 4 fresh draws of source b."""
+    the target 'b' is 4 fresh draws of source b. ``emb_separates=False``: every source has the same JVP-embedding
+    direction (only the final-hidden/RDS feature tells them apart)."""
     rng = np.random.default_rng(seed)
     sources = ["a", "b", "c"]
     grad_dirs, emb_dirs, rds_dirs = (rng.normal(size=(3, d)) for d in (dim, emb_dim, emb_dim))
     common = rng.normal(size=dim)  # what every gradient shares (centring removes it)
+    if not emb_separates:
+        emb_dirs[:] = emb_dirs[0]
 
     def draw(k: int, s: int):
         g = common + 2.0 * grad_dirs[s] + 0.6 * rng.normal(size=(k, dim))
@@ -57,3 +61,13 @@ def test_quality_comparison_finds_the_planted_source_and_random_does_not(tmp_pat
     assert out["id"]["default/L16"]["runs"][0]["gradients"] > out["id"]["paper/L16"]["runs"][0]["gradients"]
     (row,) = summary_rows({**results, "targets": {"b": out}})
     assert row["rds"] == 1.0 and row["exact centred"] == 1.0
+
+
+def test_default_kernel_input_separates_sources_the_jvp_embedding_alone_cannot(tmp_path):
+    """When the JVP embeddings of the sources coincide, the default (the unit final-hidden feature beside the JVP
+    embedding) still propagates the target's influence to its own source; the JVP embedding alone cannot."""
+    features = _planted_features(tmp_path / "features-test", emb_separates=False)
+    out = evaluate(features, landmarks=[16], seeds=[0, 1, 2], budget=20)["targets"]["b"]
+    assert out["exact"]["centred-mean"] == 1.0
+    assert out["id"]["default/L16"]["share_min"] >= 0.9, out["id"]["default/L16"]
+    assert out["id"]["jvp-only/L16"]["share_mean"] <= out["id"]["default/L16"]["share_mean"] - 0.2, out["id"]
