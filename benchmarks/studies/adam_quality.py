@@ -13,13 +13,12 @@ writes ``benchmarks/results/adam_quality.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
-from benchmarks.quality.run import cached_store, live_setup, share
+from benchmarks.common import print_table
+from benchmarks.quality.run import cached_store, live_setup, share, study_main
 
 
 def run(work: Path, data: Path, targets: list[str], seeds: list[int], num_landmarks: int, budget: int) -> dict:
@@ -80,20 +79,7 @@ def run(work: Path, data: Path, targets: list[str], seeds: list[int], num_landma
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path(".idistill/quality"))
-    parser.add_argument("--data", type=Path, default=Path(".idistill/realdata"))
-    parser.add_argument("--targets", default="arc,math")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--landmarks", type=int, default=64)
-    parser.add_argument("--budget", type=int, default=60)
-    args = parser.parse_args(argv)
-    started = utc_now()
-    record = run(args.work, args.data, args.targets.split(","), [int(s) for s in args.seeds.split(",")],
-                 args.landmarks, args.budget)
-    record.update(machine=machine_info(), started_utc=started, finished_utc=utc_now())
-    write_json_atomic(RESULTS_DIR / "adam_quality.json", record)
-    return 0
+    return study_main(argv, __doc__, run, "adam_quality.json", targets="arc,math", seeds="0")
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ writes ``benchmarks/results/second_order_quality.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
-from benchmarks.quality.run import cached_store, live_setup, share
+from benchmarks.common import print_table
+from benchmarks.quality.run import cached_store, live_setup, share, study_main
 
 
 def run(work: Path, data: Path, targets: list[str], seeds: list[int], num_landmarks: int, budget: int) -> dict:
@@ -108,20 +107,7 @@ def _coefficients_of(store, pool_ids, report, recipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path(".idistill/quality"))
-    parser.add_argument("--data", type=Path, default=Path(".idistill/realdata"))
-    parser.add_argument("--targets", default="arc,math,gsm8k_cot")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--landmarks", type=int, default=64)
-    parser.add_argument("--budget", type=int, default=60)
-    args = parser.parse_args(argv)
-    started = utc_now()
-    record = run(args.work, args.data, args.targets.split(","), [int(s) for s in args.seeds.split(",")],
-                 args.landmarks, args.budget)
-    record.update(machine=machine_info(), started_utc=started, finished_utc=utc_now())
-    write_json_atomic(RESULTS_DIR / "second_order_quality.json", record)
-    return 0
+    return study_main(argv, __doc__, run, "second_order_quality.json", targets="arc,math,gsm8k_cot", seeds="0,1")
 
 
 if __name__ == "__main__":

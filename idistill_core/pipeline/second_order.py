@@ -199,25 +199,31 @@ def qp_outcome(
     }
     config = qp or PoolQPConfig()
     if len(ids) * terms.q.shape[0] * 4 <= config.memory_limit_mib * 2**20:
-        details["budget_curve"] = budget_curve(coefficients, terms, budget, config)
+        details["budget_curve"] = budget_curve(coefficients, terms, budget, config, p_pool)
     else:  # each budget is another solve; streamed from the table, that is passes over N·L per point
         logger.info("budget curve skipped: the coefficients (%d x %d) do not fit PoolQPConfig.memory_limit_mib",
                     len(ids), terms.q.shape[0])
     return SelectionOutcome(ids, weights, weights, picked, "id-second-order", details)
 
 
-def budget_curve(coefficients, terms: SecondOrderTerms, budget: int, qp: PoolQPConfig) -> list[dict]:
+def budget_curve(
+    coefficients, terms: SecondOrderTerms, budget: int, qp: PoolQPConfig, p_pool: torch.Tensor | None = None
+) -> list[dict]:
     """``steps.qp.budget_curve`` on the pool: the model's predicted target-loss change at the pool QP's best
     weights for each budget of ``CURVE_FRACTIONS`` of the pool (and ``budget``), beside first order's prediction
     at its own top-k weights (``BudgetPoint`` fields and ``fraction``). The caller keeps this to pools whose
-    coefficients fit in memory: every budget is a full QP over ``Q_pool = C M Cᵀ``.
+    coefficients fit in memory: every budget is a full QP over ``Q_pool = C M Cᵀ``. ``p_pool``: the lifted linear
+    term when the caller has it (the pool QP returns it), so ``C`` is not multiplied again.
     """
     import dataclasses
 
-    from idistill_core.steps.pool_qp import pool_terms
+    from idistill_core.steps.pool_qp import PoolQuadratic, pool_terms
     from idistill_core.steps.qp import budget_curve as curve_of
 
-    p_pool, quad = pool_terms(coefficients, terms, qp)
+    if p_pool is None:
+        p_pool, quad = pool_terms(coefficients, terms, qp)
+    else:
+        quad = PoolQuadratic(coefficients, terms, qp)
     n = quad.n
     p_first = p_pool if terms.p_first is None else quad.matvec(terms.p_first.detach().to(torch.float64))
     budgets = sorted({max(1, min(n, round(f * n))) for f in CURVE_FRACTIONS} | {min(budget, n)})

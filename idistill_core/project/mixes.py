@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from idistill_core.errors import ConfigError
-from idistill_core.project.targets import check_cap, read_named_yaml
+from idistill_core.project.targets import check_cap, load_yaml_specs, read_named_yaml
 from idistill_core.store.hashing import stable_hash
 
 MIXES_SUBDIR = "mixes"
@@ -97,20 +97,7 @@ def load_mixes(
     An invalid file raises its one-line ConfigError; with ``errors`` it is skipped instead and its line recorded
     there under the file's stem (what the mix registry sensor reports as a failed check, never a crash).
     """
-    folder = mixes_dir(targets_dir)
-    if not folder.is_dir():
-        return {}
-    specs = {}
-    for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-        try:
-            spec = load_mix_spec(path, known_targets)
-        except ConfigError as error:
-            if errors is None:
-                raise
-            errors[path.stem] = str(error)
-            continue
-        specs[spec.name] = spec
-    return specs
+    return load_yaml_specs(mixes_dir(targets_dir), lambda path: load_mix_spec(path, known_targets), errors)
 
 
 def mix_selection(

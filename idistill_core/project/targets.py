@@ -27,11 +27,15 @@ Paths may not escape the configured data roots (no absolute paths outside them, 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from idistill_core.errors import ConfigError
 from idistill_core.store.hashing import file_hash, stable_hash
+
+Spec = TypeVar("Spec")
 
 METRICS = ("em-number", "squad", "mc", "nll")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -213,13 +217,18 @@ def load_registry(
     An invalid file raises its one-line ConfigError; with ``errors`` it is skipped instead and its line recorded
     there under the file's stem (what the registry sensor reports as a failed check, never a crash).
     """
-    folder = Path(targets_dir)
+    return load_yaml_specs(Path(targets_dir), lambda path: load_target_spec(path, data_roots), errors)
+
+
+def load_yaml_specs(folder: Path, load: Callable[[Path], Spec], errors: dict[str, str] | None) -> dict[str, Spec]:
+    """``load`` every ``*.yaml``/``*.yml`` file of ``folder`` (none when it does not exist), by spec name; a file's
+    ConfigError is raised, or with ``errors`` recorded under the file's stem and the file skipped."""
     if not folder.is_dir():
         return {}
     specs = {}
     for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
         try:
-            spec = load_target_spec(path, data_roots)
+            spec = load(path)
         except ConfigError as error:
             if errors is None:
                 raise

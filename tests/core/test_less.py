@@ -9,25 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idistill_core.data.batch import iter_batches
-from idistill_core.methods.less import LessConfig, adam_features, less_scores, lora_warmup
+from idistill_core.methods.less import adam_features, less_scores
 from idistill_core.pipeline.recipe import SelectionRecipe
 from idistill_core.pipeline.run import run_selection
 from idistill_core.steps.projection import RademacherProjector
 from tests.conftest import TINY_MAX_LENGTH
+from tests.core.conftest import LESS_CFG, less_rows
 
-CFG = LessConfig(warmup_fraction=0.1, epochs=2, lora_rank=2, lr=1e-3, batch_size=3, proj_dim=64, seed=3)
-
-
-def _rows(examples, tokenizer, n):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return list(iter_batches(examples.select(range(n)), 1, int(pad)))
-
-
-@pytest.fixture(scope="module")
-def warm(tiny, data):
-    pool, _ = data
-    return lora_warmup(tiny.model, _rows(pool, tiny.tokenizer, 6), CFG)
+CFG = LESS_CFG
+_rows = less_rows
 
 
 def test_warmup_trains_lora_only_and_keeps_one_checkpoint_per_epoch(tiny, warm):
