@@ -244,7 +244,7 @@ class KernelRidge:
             values: ``(L, T)`` landmark values (e.g. ``P_L``; one column is ``(L, 1)``).
             emb_chunks: iterable of ``(n_i, D)`` pool embedding blocks (numpy or torch).
         """
-        vals = torch.as_tensor(values)
+        vals = _as_float64(values, "values")  # a Python list read as float32 first would lose its float64 digits
         parts = list(self.iter_predict(vals, emb_chunks))
         if not parts:
             return torch.empty(0, vals.shape[1], dtype=torch.float64)
