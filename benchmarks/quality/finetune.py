@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(".idistill/quality"))
     parser.add_argument("--data", type=Path, default=Path(".idistill/realdata"))
-    parser.add_argument("--targets", default="math,arc,gsm8k_cot")
+    parser.add_argument("--targets", default="arc,math,gsm8k_cot")
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--landmarks", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -108,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             return float(torch.cat([sample_losses(model, b) for b in batches_for(examples, loaded.tokenizer, 8)]).mean())
 
     rows = []
+    started = utc_now()
+
+    def record(finished: bool) -> None:
+        write_json_atomic(RESULTS_DIR / "quality_finetune.json", {
+            "rows": rows, "features": features.name, "budget": args.budget, "landmarks": args.landmarks,
+            "seed": args.seed, "finetune": dataclasses.asdict(settings.finetune), "machine": machine_info(),
+            "started_utc": started, "finished_utc": utc_now() if finished else None,
+        })
+
     for target in args.targets.split(","):
         test = tokenize_rows(load_rows(str(args.data / "targets" / target / "test.jsonl"), fmt="chat", limit=args.test_rows),
                              loaded.tokenizer, max_length).examples
@@ -122,13 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["change"] = rows[-1]["test_loss"] - base
             print(json.dumps(rows[-1]), flush=True)
             del tuned
+            record(finished=False)  # every finished fine-tune is kept if the run is stopped
     print_table(f"mean test loss after the main job's fine-tune on {args.budget} picks (lower is better)", rows,
                 ["target", "method", "on_target", "base_test_loss", "test_loss", "change"])
-    write_json_atomic(RESULTS_DIR / "quality_finetune.json", {
-        "rows": rows, "features": features.name, "budget": args.budget, "landmarks": args.landmarks,
-        "seed": args.seed, "finetune": dataclasses.asdict(settings.finetune), "machine": machine_info(),
-        "finished_utc": utc_now(),
-    })
+    record(finished=True)
     return 0
 
 
