@@ -4,6 +4,8 @@ data (pool of 120, small arith dev set) tokenized for it."""
 import pytest
 
 TINY_MAX_LENGTH = 192
+TINY_HIDDEN = 32
+"""``hidden_size`` of ``tiny_llama``: the width of the final-hidden part of its embeddings."""
 """Long enough that no built-in sample is truncated with the tiny byte-level tokenizer."""
 
 
@@ -39,7 +41,7 @@ def tiny_llama(seed: int = 0, fork_rng: bool = False, **overrides):
 
     fields = {
         "vocab_size": 64,
-        "hidden_size": 32,
+        "hidden_size": TINY_HIDDEN,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,

@@ -133,6 +133,6 @@ def test_embedding_table_of_another_recipe_is_refused_and_left_untouched(built, 
         "StoreError",
         f"LanceDB table '{settings.embeddings_table}'",
         "another model or recipe",
-        "dim=64 (run asks 32)",
+        "dim=96 (run asks 64)",  # proj_dim 64 / 32 beside the tiny model's 32-wide final hidden state
     )
     assert store_rows(settings.lancedb_uri) == rows

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from idistill_core.errors import OutputError
+from idistill_core.steps.embed import EmbedConfig
+from tests.conftest import TINY_HIDDEN
 
-from .cli import assert_one_line, dump, finish, micro_data, select_argv, snapshot, start
+from .cli import MICRO, assert_one_line, dump, finish, micro_data, select_argv, snapshot, start
 
 GOOD = {
     "sample_id": "a",
@@ -174,7 +176,9 @@ def test_a_disk_too_small_for_the_run_is_refused_with_the_estimate(tmp_path, mon
     code = main(select_argv(data, tmp_path / "out" / "sel.parquet", tmp_path / "store"))
     line = assert_one_line(capsys.readouterr().err, "idistill: error: OutputError: ")
     assert code == 2
-    dim = 16 * 1 * 1  # proj_dim x tangents x blocks of the micro recipe
+    # the micro recipe's stored width: its JVP part (proj_dim 16) beside the tiny model's final hidden state
+    dim = EmbedConfig(**MICRO["recipe"]["embed"]).output_dim(TINY_HIDDEN)
+    assert dim == 16 + 32
     expected = validate.embedding_bytes(16, dim)
     assert f"embeddings 16x{dim}x2 B {expected / 2**20:.1f} MiB" in line and "only 0.0 MiB is free" in line, (
         line
