@@ -22,10 +22,10 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, machine_info, print_table, utc_now, write_json_atomic
 from benchmarks.quality.run import (
     RECIPES,
-    cached_store,
+    cached_stores,
     exact_selection,
-    kernel_inputs,
     load_features,
+    propagate_cached,
     recipe_for,
     share,
 )
@@ -33,13 +33,10 @@ from benchmarks.quality.run import (
 
 def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: int) -> dict[str, list[str]]:
     """The picks of every compared method for one target (library code on the cached arrays)."""
-    import contextlib
-
     import datasets
     import torch
 
     from idistill_core.methods.base import SelectionContext
-    from idistill_core.methods.id import propagate_and_select
     from idistill_core.methods.random import random_scores
     from idistill_core.methods.rds import rds_scores_from_features
     from idistill_core.pipeline.selection import select_samples
@@ -55,19 +52,13 @@ def subsets(features: Path, target: str, budget: int, num_landmarks: int, seed: 
                               budget, "rr", seed=0, method="rds", fixed_order=True).selected,
         "random": select_samples(pool_ids, random_scores(pool_ids, seed), budget, method="random").selected,
     }
-    with contextlib.ExitStack() as stack:
-        stores = {hidden: stack.enter_context(cached_store(pool_ids, arrays, hidden)) for hidden in ("none", "final")}
+    with cached_stores(pool_ids, arrays) as stores:
         for name, changes in RECIPES.items():
             recipe = recipe_for(changes, num_landmarks=num_landmarks, seed=seed)
-            hidden = recipe.embed.hidden
             ctx = SelectionContext(None, None, "cached", datasets.Dataset.from_dict({"sample_id": pool_ids}),
                                    datasets.Dataset.from_dict({"sample_id": meta["targets"][target]["ids"]}), budget,
                                    recipe)
-            report = propagate_and_select(
-                ctx, stores[hidden], torch.from_numpy(t_grads),
-                lambda ids: torch.from_numpy(grads[[row[s] for s in ids]]),
-                kernel_inputs(arrays, hidden, target) if recipe.refine_landmarks else None,
-            )
+            report = propagate_cached(ctx, stores, arrays, target, lambda ids: torch.from_numpy(grads[[row[s] for s in ids]]))
             out[f"id-{name}"] = report.outcome.selected
     return out
 

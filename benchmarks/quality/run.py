@@ -69,6 +69,27 @@ def kernel_inputs(arrays: dict, hidden: str, target: str | None = None) -> np.nd
     return np.hstack(unit).astype(np.float32)
 
 
+@contextlib.contextmanager
+def cached_stores(pool_ids: list[str], arrays: dict):
+    """``{hidden: cached_store}`` for both ``EmbedConfig.hidden`` values, so recipes of either kind share them."""
+    with contextlib.ExitStack() as stack:
+        yield {hidden: stack.enter_context(cached_store(pool_ids, arrays, hidden)) for hidden in ("none", "final")}
+
+
+def propagate_cached(ctx, stores: dict, arrays: dict, target: str, gradients):
+    """``methods.id.propagate_and_select`` on the cache: the store of ``ctx.recipe``'s embedding kind, and the
+    target's dev embeddings of that kind for its refinement landmarks."""
+    import torch
+
+    from idistill_core.methods.id import propagate_and_select
+
+    hidden = ctx.recipe.embed.hidden
+    return propagate_and_select(
+        ctx, stores[hidden], torch.from_numpy(arrays[f"target_grads/{target}"]), gradients,
+        kernel_inputs(arrays, hidden, target) if ctx.recipe.refine_landmarks else None,
+    )
+
+
 def load_features(folder: Path) -> tuple[dict, dict]:
     meta = json.loads((folder / "meta.json").read_text())
     arrays = dict(np.load(folder / "features.npz"))
@@ -175,7 +196,6 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
     import torch
 
     from idistill_core.methods.base import SelectionContext
-    from idistill_core.methods.id import propagate_and_select
     from idistill_core.methods.random import random_scores
     from idistill_core.methods.rds import rds_scores_from_features
     from idistill_core.pipeline.recipe import SelectionRecipe
@@ -194,8 +214,7 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
         return torch.from_numpy(grads[[row[s] for s in ids]])
 
     results = {"targets": {}, "budget": budget, "landmarks": landmarks, "seeds": seeds}
-    with contextlib.ExitStack() as stack:
-        stores = {hidden: stack.enter_context(cached_store(pool_ids, arrays, hidden)) for hidden in ("none", "final")}
+    with cached_stores(pool_ids, arrays) as stores:
         for target in sorted(meta["targets"]):
             t_grads = arrays[f"target_grads/{target}"]
             t_ds = datasets.Dataset.from_dict({"sample_id": meta["targets"][target]["ids"]})
@@ -218,13 +237,9 @@ def evaluate(features: Path, landmarks: list[int], seeds: list[int], budget: int
                     runs = []
                     for seed in seeds:
                         recipe = recipe_for(changes, num_landmarks=num, seed=seed)
-                        hidden = recipe.embed.hidden
                         ctx = SelectionContext(None, None, "cached", pool_ds, t_ds, budget, recipe)
                         start = time.perf_counter()
-                        report = propagate_and_select(
-                            ctx, stores[hidden], torch.from_numpy(t_grads), gradients,
-                            kernel_inputs(arrays, hidden, target) if recipe.refine_landmarks else None,
-                        )
+                        report = propagate_cached(ctx, stores, arrays, target, gradients)
                         picked = report.outcome.selected
                         runs.append({
                             "seed": seed, "share": share(picked, source_of, target),
