@@ -198,7 +198,7 @@ def _harness_metadata(harness: dict) -> dict:
 def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
     """Target metric on the test set for the base model, the ID-tuned model and the random-tuned model, beside the
     card id of the exported subset the ID-tuned model trained on."""
-    from idistill_core.training.evaluate import EvalConfig
+    from idistill_core.training.evaluate import EvalConfig, paired_gap
 
     s = idistill.settings
     spec = target_spec_for(idistill, context.partition_key)
@@ -228,6 +228,9 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
     version, folder = idistill.commit(staging)
     id_score, random_score = results["influence_distillation"].score, results["random"].score
     beats = id_score < random_score if spec.metric == "nll" else id_score > random_score  # nll: lower is better
+    gap = paired_gap(results["influence_distillation"], results["random"])
+    noise = {"id_minus_random": gap["mean"], "id_minus_random_ci95_low": gap["ci95_low"],
+             "id_minus_random_ci95_high": gap["ci95_high"], "gap_within_noise": gap["within_noise"]}
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -240,13 +243,14 @@ def eval_scores(context: dg.AssetExecutionContext, idistill: IdistillResource):
             **{f"score_{k}": float(r.score) for k, r in results.items()},
             **_harness_metadata(harness),
             "precision": str(results["base"].details.get("precision", "")),
+            **noise,
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name="id_beats_random",
                 passed=bool(beats),
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"influence_distillation": float(id_score), "random": float(random_score)},
+                metadata={"influence_distillation": float(id_score), "random": float(random_score), **noise},
             )
         ],
     )

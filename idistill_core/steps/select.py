@@ -40,7 +40,7 @@ class Selection:
         return {sid: i for i, sid in enumerate(self.sample_ids)}
 
 
-def _to_numpy(x: torch.Tensor | np.ndarray | Sequence[float], name: str) -> np.ndarray:
+def _to_numpy(x: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
@@ -90,7 +90,7 @@ def select_top_k(
     Raises:
         ConfigError: bad ``k``/cap, or the cap leaves fewer than ``k`` eligible samples.
     """
-    s = _to_numpy(scores, "scores").reshape(-1)
+    s = _to_numpy(scores).reshape(-1)
     _check(sample_ids, s, k)
     order = _order(s, _id_rank(sample_ids))
     if per_source_cap is None:
@@ -150,7 +150,7 @@ def round_robin(
     Raises:
         ConfigError: bad cap/quotas, or caps leave fewer than ``k`` eligible samples.
     """
-    s = _to_numpy(scores, "scores")
+    s = _to_numpy(scores)
     if s.ndim == 1:
         s = s[:, None]
     _check(sample_ids, s, k)
@@ -255,7 +255,7 @@ def select_mix(
     """
     if not target_scores:
         raise ConfigError("select_mix needs at least one target")
-    columns = np.stack([_to_numpy(t, "target scores").reshape(-1) for t in target_scores], axis=1)
+    columns = np.stack([_to_numpy(t).reshape(-1) for t in target_scores], axis=1)
     quotas = mix_budgets(k, [1.0] * columns.shape[1] if weights is None else weights)
     if len(quotas) != columns.shape[1]:
         raise ConfigError(f"{len(quotas)} target weights for {columns.shape[1]} targets")
@@ -275,7 +275,7 @@ def select_from_weights(sample_ids: Sequence[str], weights: torch.Tensor | np.nd
     Raises:
         DataError: a weight is negative or not finite, or fewer than ``k`` weights are non-zero.
     """
-    w = _to_numpy(weights, "weights").reshape(-1)
+    w = _to_numpy(weights).reshape(-1)
     _check(sample_ids, w, k, "weights")
     if (w < 0).any():
         row = int(np.argmax(w < 0))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -162,6 +163,37 @@ def evaluate(
     result.details["num_truncated_prompts"] = sum(len(ids) > config.max_length for ids in full_prompt_ids)
     result.details["precision"] = decision.summary()
     return result
+
+
+def item_scores(result: EvalResult) -> np.ndarray:
+    """One number per test row, in row order: 1/0 correctness (``mc``, ``em-number``), else the row's score
+    (``squad`` F1, ``nll``)."""
+    return np.array([float(p["correct"]) if "correct" in p else float(p["score"]) for p in result.predictions])
+
+
+def paired_interval(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of ``diff.mean()``, resampling rows: for two models scored on the same
+    rows, ``diff`` is their per-row difference, and an interval that holds 0 says the gap is within the noise
+    of that many rows."""
+    diff = np.asarray(diff, dtype=np.float64).reshape(-1)
+    if diff.size == 0:
+        raise DataError("paired_interval() got no rows")
+    means = diff[np.random.default_rng(seed).integers(0, diff.size, size=(draws, diff.size))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def paired_gap(a: EvalResult, b: EvalResult) -> dict[str, float | bool]:
+    """``a``'s score minus ``b``'s, row by row on the same test rows, with its 95% bootstrap interval and whether
+    that interval holds 0 (the gap is then within the noise of this many rows).
+
+    Raises:
+        DataError: the two results were not scored on the same rows in the same order.
+    """
+    if [p["sample_id"] for p in a.predictions] != [p["sample_id"] for p in b.predictions]:
+        raise DataError("paired_gap() needs two results on the same test rows in the same order")
+    diff = item_scores(a) - item_scores(b)
+    low, high = paired_interval(diff)
+    return {"mean": float(diff.mean()), "ci95_low": low, "ci95_high": high, "within_noise": bool(low <= 0.0 <= high)}
 
 
 # --- number and SQuAD normalisation ------------------------------------------------------------------
@@ -464,9 +496,13 @@ def _eval_mc(model, tokenizer, rows, prompt_ids, references, config, progress) -
             }
         )
     n = len(rows)
-    return EvalResult(
-        "mc", correct / n, n, {"accuracy": correct / n, "continuation": config.mc_template}, predictions
-    )
+    # A model that cannot do the task answers by a letter prior: its accuracy is then the test's share of that
+    # letter, so these two numbers say whether an accuracy (or a gap between two models) is more than that.
+    top_pick = max(Counter(p["prediction"] for p in predictions).values()) / n
+    majority = max(Counter(p["answer"] for p in predictions).values()) / n
+    details = {"accuracy": correct / n, "continuation": config.mc_template, "top_pick_share": top_pick,
+               "majority_letter_accuracy": majority}
+    return EvalResult("mc", correct / n, n, details, predictions)
 
 
 def _eval_nll(model, tokenizer, rows, prompt_ids, references, config, progress) -> EvalResult:

@@ -81,6 +81,13 @@ def test_whole_graph_materializes_with_consistent_outputs(project, instance):
     assert (subset["weight"] > 0).all()
     eval_rows = {row["model"] for row in __import__("json").loads((res.current("eval_scores", "arith") / "eval_scores.json").read_text())["rows"]}
     assert eval_rows == {"base", "influence_distillation", "random"}
+    # the paired gap over test rows: for an accuracy its mean is the two scores' difference, inside its interval
+    meta = instance.get_latest_materialization_event(key("eval_scores")).asset_materialization.metadata
+    gap = meta["score_influence_distillation"].value - meta["score_random"].value
+    assert meta["id_minus_random"].value == pytest.approx(gap, abs=1e-12)
+    assert meta["id_minus_random_ci95_low"].value <= gap <= meta["id_minus_random_ci95_high"].value
+    low, high = meta["id_minus_random_ci95_low"].value, meta["id_minus_random_ci95_high"].value
+    assert meta["gap_within_noise"].value == (low <= 0 <= high)
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(key("selected_subset"), "subset_valid"), dg.AssetCheckKey(key("embeddings"), "embeddings_valid")]
     )

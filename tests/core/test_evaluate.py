@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,11 +14,15 @@ from idistill_core.errors import ConfigError, DataError
 from idistill_core.models.loading import load_model
 from idistill_core.training.evaluate import (
     EvalConfig,
+    EvalResult,
     evaluate,
     extract_number,
     generate_greedy,
+    item_scores,
     normalize_number,
     normalize_squad,
+    paired_gap,
+    paired_interval,
     squad_em,
     squad_f1,
     stop_token_ids,
@@ -245,6 +251,39 @@ def test_mc_picks_the_choice_with_the_highest_independent_loglikelihood():
         got = [pred["choice_logprobs"][x] for x in "ABCD"]
         assert got == pytest.approx(r["expected_scores"], rel=1e-6, abs=1e-6)
     assert "answer_nll" in result.details
+    picks, answers = Counter(best), Counter(r["answer"] for r in rows)
+    assert result.details["top_pick_share"] == max(picks.values()) / 5
+    assert result.details["majority_letter_accuracy"] == max(answers.values()) / 5
+    assert item_scores(result).tolist() == [float(b == r["answer"]) for b, r in zip(best, rows)]
+
+
+def test_paired_interval_matches_the_normal_approximation_and_is_degenerate_for_a_constant_gap():
+    rng = np.random.default_rng(7)
+    diff = rng.choice([-1.0, 0.0, 1.0], size=900, p=[0.2, 0.5, 0.3])
+    low, high = paired_interval(diff)
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(diff.size)  # independent: the CLT interval
+    assert (low + high) / 2 == pytest.approx(diff.mean(), abs=0.01)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert paired_interval(np.full(50, 0.25)) == (0.25, 0.25)
+    assert paired_interval(diff, seed=1) != (low, high)  # the resampling really is random
+    with pytest.raises(DataError, match="no rows"):
+        paired_interval(np.array([]))
+
+
+def test_paired_gap_is_the_first_results_rows_minus_the_seconds_and_refuses_other_rows():
+    def result(correct):
+        return EvalResult("mc", 0.0, len(correct), predictions=[
+            {"sample_id": f"t{i}", "correct": c} for i, c in enumerate(correct)])
+
+    better, worse = result([True] * 30 + [False] * 10), result([True] * 10 + [False] * 30)
+    gap = paired_gap(better, worse)
+    assert gap["mean"] == pytest.approx(0.5)  # 20 of 40 rows right only in the first
+    assert (gap["ci95_low"], gap["ci95_high"]) == paired_interval(np.array([0.0] * 10 + [1.0] * 20 + [0.0] * 10))
+    assert gap["ci95_low"] > 0 and not gap["within_noise"]
+    assert paired_gap(worse, better)["mean"] == pytest.approx(-0.5)
+    assert paired_gap(better, better)["within_noise"]
+    with pytest.raises(DataError, match="same test rows"):
+        paired_gap(better, result([True] * 39))
 
 
 def test_nll_is_the_token_pooled_teacher_forced_loss_of_the_reference():
