@@ -501,8 +501,27 @@ def _eval_mc(model, tokenizer, rows, prompt_ids, references, config, progress) -
     top_pick = max(Counter(p["prediction"] for p in predictions).values()) / n
     majority = max(Counter(p["answer"] for p in predictions).values()) / n
     details = {"accuracy": correct / n, "continuation": config.mc_template, "top_pick_share": top_pick,
-               "majority_letter_accuracy": majority}
+               "majority_letter_accuracy": majority,
+               "letter_calibrated_accuracy": _letter_calibrated_accuracy(predictions)}
     return EvalResult("mc", correct / n, n, details, predictions)
+
+
+def _letter_calibrated_accuracy(predictions: list[dict]) -> float:
+    """Accuracy of the argmax of each choice's log-likelihood minus that letter's mean over the scored rows: what
+    is left once the model's preference for a letter is removed (contextual calibration, Zhao et al. 2021, with
+    the rows themselves as the content-free estimate). Needs many rows per letter to mean anything. Each
+    prediction gets its ``calibrated_prediction``."""
+    by_letter: dict[str, list[float]] = {}
+    for pred in predictions:
+        for letter, logp in pred["choice_logprobs"].items():
+            by_letter.setdefault(letter, []).append(logp)
+    prior = {letter: sum(v) / len(v) for letter, v in by_letter.items()}
+    hits = 0
+    for pred in predictions:
+        shifted = {letter: logp - prior[letter] for letter, logp in pred["choice_logprobs"].items()}
+        pred["calibrated_prediction"] = max(shifted, key=shifted.__getitem__)
+        hits += pred["calibrated_prediction"] == pred["answer"]
+    return hits / len(predictions)
 
 
 def _eval_nll(model, tokenizer, rows, prompt_ids, references, config, progress) -> EvalResult:

@@ -255,6 +255,10 @@ def test_mc_picks_the_choice_with_the_highest_independent_loglikelihood():
     assert result.details["top_pick_share"] == max(picks.values()) / 5
     assert result.details["majority_letter_accuracy"] == max(answers.values()) / 5
     assert item_scores(result).tolist() == [float(b == r["answer"]) for b, r in zip(best, rows)]
+    scores = np.array([r["expected_scores"] for r in rows])
+    calibrated = np.argmax(scores - scores.mean(axis=0), axis=1)  # letter columns centred over the rows
+    expected = np.mean(["ABCD"[c] == r["answer"] for c, r in zip(calibrated, rows)])
+    assert result.details["letter_calibrated_accuracy"] == pytest.approx(expected)
 
 
 def test_paired_interval_matches_the_normal_approximation_and_is_degenerate_for_a_constant_gap():
