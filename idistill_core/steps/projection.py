@@ -463,8 +463,8 @@ class RademacherProjector(_Projector):
         in_dim: input dimension.
         out_dim: output dimension (any size; up-projection is allowed).
         seed: seeds the matrix.
-        chunk: input coordinates per generated chunk; part of the matrix's definition together
-            with the seed.
+        chunk: input coordinates per generated chunk: bounds the memory of a chunked projection; the
+            generator's draws form one stream, so the matrix is the same for any chunk (a test pins it).
         cache_limit: keep ``R`` resident when ``in_dim * out_dim`` is at most this many entries.
     """
 

@@ -114,9 +114,10 @@ def test_srht_sign_of_the_coordinate_whose_hash_is_zero_is_plus_one():
 
 
 def test_block_srht_with_blocks_longer_than_a_hash_chunk_equals_its_definition():
-    """Two blocks of 2^17 coordinates (each hashed in two 2^16 chunks), assembled here from numpy signs, the
-    orthonormal FWHT (checked against scipy's Hadamard above) and the sampled positions."""
-    k, p, d = 1 << 17, 32, (1 << 17) + 100
+    """Two blocks of 2^17 coordinates, the second holding 70,000 (hashed in two 2^16 chunks from an offset),
+    assembled here from numpy signs, the orthonormal FWHT (checked against scipy's Hadamard above) and the sampled
+    positions."""
+    k, p, d = 1 << 17, 32, (1 << 17) + 70_000
     proj = SRHTProjector(d, p, seed=6, block_log2=17)
     assert (proj.block, proj.num_blocks) == (k, 2)
     x = torch.randn(2, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -149,11 +150,11 @@ def test_pieces_equal_the_concatenation_and_mismatched_pieces_are_refused_with_t
         proj.project(torch.zeros(2, 99))
 
 
-def test_rademacher_matrix_is_drawn_1024_rows_at_a_time_from_the_seed_by_default():
+def test_rademacher_matrix_is_the_seeds_int8_draws_in_row_order_whatever_the_chunk():
     gen = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, 2, (n, 8), generator=gen, dtype=torch.int8) for n in (1024, 976)]
-    expected = (torch.cat(rows).float() * 2 - 1) / np.sqrt(8)
+    expected = (torch.randint(0, 2, (2000, 8), generator=gen, dtype=torch.int8).float() * 2 - 1) / np.sqrt(8)
     assert torch.equal(RademacherProjector(2000, 8).matrix(), expected)
+    assert torch.equal(RademacherProjector(2000, 8, chunk=300).matrix(), expected)  # chunk bounds memory only
     one_row = RademacherProjector(3, 2, seed=4, chunk=1)  # the smallest chunk is allowed
     gen = torch.Generator().manual_seed(4)
     expected = torch.cat([torch.randint(0, 2, (1, 2), generator=gen, dtype=torch.int8) for _ in range(3)])
