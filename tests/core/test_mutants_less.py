@@ -9,6 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from idistill_core.errors import ConfigError
 from idistill_core.methods.less import LessConfig, less_outcome, less_select
@@ -92,3 +93,42 @@ def test_less_config_fingerprint_changes_with_every_field_it_holds():
     assert base.fingerprint() == LessConfig().fingerprint()
     assert base.fingerprint() != dataclasses.replace(base, seed=base.seed + 1).fingerprint()
     assert base.fingerprint() != dataclasses.replace(base, lora_rank=base.lora_rank + 1).fingerprint()
+
+
+def test_warmup_builds_the_configured_lora_and_adamw_and_applies_the_schedule_to_the_optimizer(tiny, data):
+    """Every field reaches peft and AdamW (non-default values), and the optimizer really runs the warm-up schedule:
+    4 steps with ``ceil(0.5 · 4) = 2`` warm-up steps give lrs ``[0, 0.5, 1, 0.5] × lr`` (HF's linear schedule)."""
+    from idistill_core.methods.less import lora_warmup
+    from tests.core.conftest import less_rows
+
+    pool, _ = data
+    config = dataclasses.replace(LESS_CFG, epochs=2, batch_size=1, warmup_ratio=0.5, lora_rank=2, lora_alpha=None,
+                                 lora_dropout=0.05, target_modules=("q_proj", "v_proj"), lr=1e-3,
+                                 betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)
+    warm = lora_warmup(tiny.model, less_rows(pool, tiny.tokenizer, 2), config)
+    lora = warm.model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (2, 8, 0.05)  # alpha defaults to 4 × rank
+    assert sorted(lora.target_modules) == ["q_proj", "v_proj"] and str(lora.task_type).endswith("CAUSAL_LM")
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in warm.names} == {"q_proj", "v_proj"}
+    group = warm.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.01)
+    lrs = [0.0, 0.5e-3, 1e-3, 0.5e-3]
+    assert [c.mean_lr for c in warm.checkpoints] == pytest.approx([np.mean(lrs[:2]), np.mean(lrs[2:])])
+    assert group["lr"] == pytest.approx(lrs[-1])  # the last step's scheduled lr, not the configured peak
+
+
+def test_warmup_takes_a_row_supervised_from_its_second_token_and_names_a_row_with_none(tiny, data):
+    from idistill_core.errors import DataError
+    from idistill_core.methods.less import lora_warmup
+    from tests.core.conftest import less_rows
+
+    pool, _ = data
+    first, second = less_rows(pool, tiny.tokenizer, 2)
+    full = dataclasses.replace(first, labels=first.input_ids.clone())  # every token supervised
+    late = dataclasses.replace(second, labels=torch.full_like(second.labels, -100))
+    late.labels[0, 1] = late.input_ids[0, 1]  # the only supervised token is the second one
+    config = dataclasses.replace(LESS_CFG, epochs=1, lora_rank=1, proj_dim=8)
+    assert len(lora_warmup(tiny.model, [full, late], config).checkpoints) == 1
+    none = dataclasses.replace(second, labels=torch.full_like(second.labels, -100))
+    with pytest.raises(DataError, match=f"LESS warm-up sample '{second.sample_ids[0]}' has no supervised token"):
+        lora_warmup(tiny.model, [full, none], config)
