@@ -132,3 +132,76 @@ def test_warmup_takes_a_row_supervised_from_its_second_token_and_names_a_row_wit
     none = dataclasses.replace(second, labels=torch.full_like(second.labels, -100))
     with pytest.raises(DataError, match=f"LESS warm-up sample '{second.sample_ids[0]}' has no supervised token"):
         lora_warmup(tiny.model, [full, none], config)
+
+
+def test_one_warmup_step_averages_the_per_sample_mean_token_loss_gradients(tiny, data):
+    """After one unclipped step from ``B = 0`` (where ``A`` gets no gradient and stays at its init), the LoRA B
+    moments are ``(1 − β1) · mean_i g_i`` with ``g_i`` each row's own mean-token-loss gradient at the init."""
+    import copy
+
+    from idistill_core.methods.less import lora_warmup
+    from idistill_core.steps.gradients import mean_token_loss
+    from tests.core.conftest import less_rows
+
+    pool, _ = data
+    rows = less_rows(pool, tiny.tokenizer, 2)
+    config = dataclasses.replace(LESS_CFG, epochs=1, batch_size=2, max_grad_norm=None, lora_rank=2, lora_dropout=0.0)
+    warm = lora_warmup(tiny.model, rows, config)
+    init = copy.deepcopy(warm.model)
+    params = dict(init.named_parameters())
+    for name in warm.names:
+        if "lora_B" in name:
+            params[name].data.zero_()
+    b_names = [n for n in warm.names if "lora_B" in n]
+    per_row = []
+    for row in rows:
+        loss = mean_token_loss(init(input_ids=row.input_ids, attention_mask=row.attention_mask).logits, row.labels)[0]
+        per_row.append(torch.autograd.grad(loss, [params[n] for n in b_names]))
+    beta1 = config.betas[0]
+    for k, name in enumerate(b_names):
+        expected = (1 - beta1) * (per_row[0][k] + per_row[1][k]) / 2
+        torch.testing.assert_close(warm.checkpoints[0].exp_avg[name], expected, rtol=1e-4, atol=1e-7)
+
+
+def _fake_per_sample(values):
+    """A stand-in for ``steps.gradients._per_sample`` returning fixed per-row gradients for every LoRA tensor."""
+    def per_sample(model, batch, names, chunk):
+        params = dict(model.named_parameters())
+        return {n: torch.stack([torch.full_like(params[n], v) for v in values]) for n in names}
+    return per_sample
+
+
+@pytest.mark.parametrize("values, message", [
+    ([1.0, float("nan"), 1.0], "non-finite LESS feature"),
+    ([1.0, 0.0, 1.0], "zero LESS feature cannot be normalised"),
+])
+def test_a_bad_feature_is_refused_naming_its_own_sample(tiny, data, warm, monkeypatch, values, message):
+    from idistill_core.errors import NumericalError
+    from idistill_core.methods import less
+
+    pool, _ = data
+    batch = next(iter(less.iter_batches(pool.select(range(3)), 3, less.pad_id(tiny.tokenizer))))
+    monkeypatch.setattr(less, "_per_sample", _fake_per_sample(values))
+    with pytest.raises(NumericalError, match=f"sample '{batch.sample_ids[1]}': {message}"):
+        list(less.adam_features(warm, [batch], LESS_CFG, kind="sgd"))
+
+
+def test_features_of_a_batch_are_each_rows_own_features(tiny, data, warm):
+    from idistill_core.methods.less import adam_features, iter_batches, pad_id
+    from tests.core.conftest import less_rows
+
+    pool, _ = data
+    together = next(iter(iter_batches(pool.select(range(2)), 2, pad_id(tiny.tokenizer))))
+    (_, both), = list(adam_features(warm, [together], LESS_CFG))
+    alone = torch.cat([f for _, f in adam_features(warm, less_rows(pool, tiny.tokenizer, 2), LESS_CFG)])
+    torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both.norm(dim=2), torch.ones(2, LESS_CFG.epochs), rtol=1e-5, atol=1e-5)
+
+
+def test_less_outcome_spreads_the_pool_size_evenly_over_the_picks(tiny, data):
+    pool, targets = data
+    pool, targets = pool.select(range(6)), targets.select(range(1))
+    outcome = less_outcome(tiny.model, tiny.tokenizer, pool, targets, 2,
+                           dataclasses.replace(LESS_CFG, warmup_fraction=0.3))
+    expected = [3.0 if s in outcome.selected else 0.0 for s in outcome.sample_ids]
+    assert list(outcome.weights) == expected
