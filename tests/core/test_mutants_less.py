@@ -205,3 +205,20 @@ def test_less_outcome_spreads_the_pool_size_evenly_over_the_picks(tiny, data):
                            dataclasses.replace(LESS_CFG, warmup_fraction=0.3))
     expected = [3.0 if s in outcome.selected else 0.0 for s in outcome.sample_ids]
     assert list(outcome.weights) == expected
+
+
+@pytest.mark.parametrize("field, accepted, refused, message", [
+    ("seed", [0, 2**32 - 1], [-1, 2**32], r"seed must be in \[0, 2\*\*32 - 1\]"),
+    ("weight_decay", [0.0, 0.5], [-1.0, float("inf")], "weight_decay must be finite and >= 0"),
+    ("warmup_fraction", [1e-9, 1.0], [0.0, 1.5], r"warmup_fraction must be in \(0, 1\]"),
+    ("lora_alpha", [None, 0.5, 2.0], [0.0, -1.0], "lora_alpha must be > 0 or None"),
+    ("lora_dropout", [0.0, 0.99], [1.0, 1.5, -0.1], r"lora_dropout must be in \[0, 1\)"),
+    ("lr", [1e-9], [0.0, -1.0], "lr must be > 0"),
+    ("warmup_ratio", [0.0, 0.99], [1.0, -0.1], r"warmup_ratio must be in \[0, 1\)"),
+])
+def test_less_config_accepts_the_edges_of_each_range_and_refuses_just_outside(field, accepted, refused, message):
+    for value in accepted:
+        assert getattr(LessConfig(**{field: value}), field) == value
+    for value in refused:
+        with pytest.raises(ConfigError, match=rf"^LessConfig\.{message}; got "):
+            LessConfig(**{field: value})
