@@ -215,6 +215,9 @@ def test_less_outcome_spreads_the_pool_size_evenly_over_the_picks(tiny, data):
     ("lora_dropout", [0.0, 0.99], [1.0, 1.5, -0.1], r"lora_dropout must be in \[0, 1\)"),
     ("lr", [1e-9], [0.0, -1.0], "lr must be > 0"),
     ("warmup_ratio", [0.0, 0.99], [1.0, -0.1], r"warmup_ratio must be in \[0, 1\)"),
+    ("betas", [(0.0, 0.5)], [(0.9,), (0.9, 1.0)], r"betas must be two values in \[0, 1\)"),
+    ("eps", [1e-12], [0.0], "eps must be > 0"),
+    ("max_grad_norm", [None, 0.1], [0.0], "max_grad_norm must be > 0 or None"),
 ])
 def test_less_config_accepts_the_edges_of_each_range_and_refuses_just_outside(field, accepted, refused, message):
     for value in accepted:
