@@ -103,12 +103,12 @@ def test_warmup_builds_the_configured_lora_and_adamw_and_applies_the_schedule_to
     from tests.core.conftest import less_rows
 
     pool, _ = data
-    config = dataclasses.replace(LESS_CFG, epochs=2, batch_size=1, warmup_ratio=0.5, lora_rank=2, lora_alpha=None,
+    config = dataclasses.replace(LESS_CFG, epochs=2, batch_size=1, warmup_ratio=0.5, lora_rank=3, lora_alpha=None,
                                  lora_dropout=0.05, target_modules=("k_proj", "o_proj"), lr=1e-3,
                                  betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)
     warm = lora_warmup(tiny.model, less_rows(pool, tiny.tokenizer, 2), config)
     lora = warm.model.peft_config["default"]
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (2, 8, 0.05)  # alpha defaults to 4 × rank
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (3, 12, 0.05)  # 4 × rank, not peft's default 8
     # not peft's own default for Llama (q_proj, v_proj)
     assert sorted(lora.target_modules) == ["k_proj", "o_proj"] and str(lora.task_type).endswith("CAUSAL_LM")
     assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in warm.names} == {"k_proj", "o_proj"}
