@@ -105,7 +105,7 @@ def test_warmup_builds_the_configured_lora_and_adamw_and_applies_the_schedule_to
     pool, _ = data
     config = dataclasses.replace(LESS_CFG, epochs=2, batch_size=1, warmup_ratio=0.5, lora_rank=3, lora_alpha=None,
                                  lora_dropout=0.05, target_modules=("k_proj", "o_proj"), lr=1e-3,
-                                 betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)
+                                 betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02)
     warm = lora_warmup(tiny.model, less_rows(pool, tiny.tokenizer, 2), config)
     lora = warm.model.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (3, 12, 0.05)  # 4 × rank, not peft's default 8
@@ -113,7 +113,7 @@ def test_warmup_builds_the_configured_lora_and_adamw_and_applies_the_schedule_to
     assert sorted(lora.target_modules) == ["k_proj", "o_proj"] and str(lora.task_type).endswith("CAUSAL_LM")
     assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in warm.names} == {"k_proj", "o_proj"}
     group = warm.optimizer.param_groups[0]
-    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.01)
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.02)  # not AdamW's 0.01
     lrs = [0.0, 0.5e-3, 1e-3, 0.5e-3]
     assert [c.mean_lr for c in warm.checkpoints] == pytest.approx([np.mean(lrs[:2]), np.mean(lrs[2:])])
     assert group["lr"] == pytest.approx(lrs[-1])  # the last step's scheduled lr, not the configured peak
