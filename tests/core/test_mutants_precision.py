@@ -183,3 +183,25 @@ def test_a_device_without_a_bf16_check_stays_float32_and_is_cached_apart_from_th
     other = resolver.resolve("auto", "meta", (576, 1536))
     assert other == PrecisionDecision("float32", "auto", "no native bfloat16", "meta", "meta (bf16 not probed)")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cuda_device_is_judged_by_native_bf16_and_its_compute_capability_not_the_cpu_flags(native, monkeypatch):
+    """No GPU needed: ``torch.device("cuda")`` is only a name until a tensor goes there, and the two CUDA queries are
+    replaced. Emulated bf16 (``including_emulation=True``, true on every CUDA device) must not count as native."""
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"amx_bf16", "avx512_bf16"})  # the host CPU would say yes
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or (8, 6))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    calls = _probe_returning(monkeypatch, 10.0, 3.0)
+    decision = PrecisionResolver().resolve("auto", "cuda:1", (576, 1536))
+    assert asked == [torch.device("cuda:1")]
+    if native:
+        assert (decision.dtype, decision.capability, decision.device) == ("bfloat16", "cuda sm_86 bf16", "cuda:1")
+        assert [device for device, *_ in calls] == [torch.device("cuda:1")]
+    else:
+        assert decision == PrecisionDecision(
+            "float32", "auto", "no native bfloat16", "cuda:1", "cuda sm_86 no native bf16"
+        )
+        assert calls == []
