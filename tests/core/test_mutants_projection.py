@@ -187,6 +187,7 @@ def test_splitmix64_matches_the_reference_generators_published_outputs():
     (128, 64, 3, [1, 3, 5, 8, 9, 10]),  # 2P = K: still the draw branch
     (100, 50, 3, [1, 3, 5, 8, 14, 18]),  # K = 128: 2P < K < 3P
     (100, 100, 3, [0, 3, 4, 5, 6, 7]),  # 2P > K: a permutation of the block
+    (6, 3, 0, [4, 6, 7]),  # the 6 draws from K = 8 hold exactly P = 3 distinct values: kept, not drawn again
 ])
 def test_srht_sampled_positions_are_pinned_per_seed(in_dim, out_dim, seed, first):
     """The sketch is a fixed map per (in_dim, out_dim, seed) revision: gradients stored by one version are
