@@ -165,7 +165,6 @@ def test_bfloat16_wins_at_exactly_the_margin_and_loses_just_above_it(native_cpu,
     assert above == PrecisionDecision("float32", "auto", reason, "cpu", NATIVE_TEXT, 10.0, 8.001, "gradients")
 
 
-
 def test_explicit_requests_record_the_whole_decision_and_float64_passes_through(native_cpu):
     resolver = PrecisionResolver()
     decision = resolver.resolve("bfloat16", "cpu", workload="gradients")
