@@ -22,13 +22,6 @@ from idistill_core.models.precision import PrecisionDecision, PrecisionResolver
 NATIVE_TEXT = "cpu AVX512 amx_bf16,avx512_bf16"
 
 
-@pytest.fixture
-def native_cpu(monkeypatch):
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fpu", "avx512_bf16", "amx_bf16", "sse2"})
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-
-
 def _probe_returning(monkeypatch, fp32_ms: float, bf16_ms: float) -> list[tuple]:
     """``probe_ms`` returning fixed timings; records ``(device, shapes, tokens, repeats, workload)`` per call."""
     calls = []

@@ -10,12 +10,6 @@ from idistill_core.models import precision
 from idistill_core.models.precision import PrecisionResolver, finetune_precision
 
 
-@pytest.fixture
-def native_cpu(monkeypatch):
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fpu", "amx_bf16", "avx512_bf16"})
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-
-
 def _fake_probe(monkeypatch, fp32_ms, bf16_ms, gradients=None):
     """``probe_ms`` returning fixed timings (``gradients``: other timings for that workload); records the calls."""
     calls = []
